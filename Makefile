@@ -1,0 +1,39 @@
+# hybrid-NAS: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NAS := $(VENV)/bin/nas
+# CPU machines pin torch to the local CPU wheel; on a GPU box run `make install CONSTRAINTS=`.
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install -q $(PIP_C) -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(NAS) spaces
+	$(NAS) sample --space hybrid_vit --seed 0 --n 3
+	$(NAS) sample --space hybrid_vit --seed 7 --json > .demo_spec.json
+	$(NAS) describe --space hybrid_vit --spec .demo_spec.json --img-size 32
+	$(NAS) describe --space hybrid_vit --preset deit_tiny --img-size 224
+	$(NAS) sample --space nb201 --seed 0 --n 3
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .demo_spec.json
