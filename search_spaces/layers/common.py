@@ -1,0 +1,74 @@
+"""Small shared pieces used by several blocks: layout conversion, conv+BN, StarReLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def to_nlc(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); a (B, N, C) tensor is returned unchanged."""
+    if x.ndim == 3:
+        return x
+    return x.flatten(2).transpose(1, 2)
+
+
+def to_nchw(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W); a 4-d tensor is returned unchanged."""
+    if x.ndim == 4:
+        return x
+    b, n, c = x.shape
+    h, w = hw
+    if n != h * w:
+        raise ValueError(f"cannot view {n} tokens as a {h}x{w} grid (prefix tokens need an 'nlc' block)")
+    return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+def to_layout(x: torch.Tensor, layout: str, hw: tuple[int, int]) -> torch.Tensor:
+    """Convert ``x`` to ``layout`` ("nchw", "nlc"; "any" keeps it as it is)."""
+    if layout == "nlc":
+        return to_nlc(x)
+    if layout == "nchw":
+        return to_nchw(x, hw)
+    return x
+
+
+def linear_any(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A linear map over channels for either layout: F.linear on (B, N, C), a 1x1 conv on NCHW."""
+    if x.ndim == 4:
+        return F.conv2d(x, weight[:, :, None, None], bias)
+    return F.linear(x, weight, bias)
+
+
+class ConvBN(nn.Sequential):
+    """Conv2d (no bias) followed by BatchNorm2d, as in LeViT / EfficientViT / SHViT."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bn_weight_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.add_module("c", nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False))
+        bn = nn.BatchNorm2d(out_chs)
+        nn.init.constant_(bn.weight, bn_weight_init)
+        nn.init.zeros_(bn.bias)
+        self.add_module("bn", bn)
+
+
+class StarReLU(nn.Module):
+    """StarReLU: s * relu(x)^2 + b with learnable scalars (Yu et al. 2023, MetaFormer Baselines)."""
+
+    def __init__(self, scale: float = 1.0, bias: float = 0.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([scale]))
+        self.bias = nn.Parameter(torch.tensor([bias]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.relu(x) ** 2 + self.bias
