@@ -1,0 +1,120 @@
+"""Bidirectional selective state-space token mixer (Mamba block as used by Vision Mamba).
+
+Mamba: Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces".
+Bidirectional ("bimamba v2"): Zhu et al. 2024, "Vision Mamba: Efficient Visual Representation
+Learning with Bidirectional State Space Model". Related: Hwang et al. 2024, "Hydra:
+Bidirectional State Space Models Through Generalized Matrix Mixers".
+
+Pure PyTorch: the selective scan runs through the O(N) parallel scan in ``_scan.py`` in float32
+(float64 stays float64) whatever the input or autocast dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from search_spaces.layers._scan import linear_recurrence
+from search_spaces.registry import token_mixer
+
+
+def _no_reinit(p: nn.Parameter) -> nn.Parameter:
+    """Mark a parameter the model assembly must not re-initialise (Mamba's ``_no_reinit``)."""
+    p._no_reinit = True
+    return p
+
+
+class SelectiveScanBranch(nn.Module):
+    """One direction of the Mamba block: causal depthwise conv1d, SiLU, input-dependent
+    (Δ, B, C) projections and the selective scan ``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t``,
+    ``y_t = C_t · h_t + D x_t`` (Gu & Dao 2023, Algorithm 2), with Mamba's initialisation."""
+
+    def __init__(
+        self,
+        d_inner: int,
+        dt_rank: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.d_inner, self.dt_rank, self.d_state = d_inner, dt_rank, d_state
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        with torch.no_grad():
+            # Δ projection: weight ~ U(±dt_rank^-0.5); bias = softplus^-1(dt), dt log-uniform in
+            # [dt_min, dt_max] so that softplus(bias) starts in that range.
+            std = dt_rank**-0.5
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+            dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        _no_reinit(self.dt_proj.bias)
+        # S4D-real initialisation A = -[1, ..., d_state] per channel, stored as log(-A); skip D = 1.
+        a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+        self.A_log = _no_reinit(nn.Parameter(torch.log(a)))
+        self.D = _no_reinit(nn.Parameter(torch.ones(d_inner)))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, d_inner) -> y (B, N, d_inner) in the compute dtype (at least float32)."""
+        n = x.shape[1]
+        u = F.silu(self.conv1d(x.transpose(1, 2))[..., :n]).transpose(1, 2)  # causal: drop the tail
+        dt, b, c = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            u, b, c = u.to(dtype), b.to(dtype), c.to(dtype)
+            delta = F.softplus(F.linear(dt.to(dtype), self.dt_proj.weight.to(dtype)) + self.dt_proj.bias.to(dtype))
+            a = -torch.exp(self.A_log.to(dtype))  # (d_inner, d_state)
+            decay = torch.exp(delta[..., None] * a)  # (B, N, d_inner, d_state)
+            h = linear_recurrence(decay, (delta * u)[..., None] * b[:, :, None, :], dim=1)
+            return torch.einsum("blds,bls->bld", h, c) + self.D.to(dtype) * u
+
+
+@token_mixer("ssm")
+class BidirectionalMamba(nn.Module):
+    """Vision Mamba's bidirectional Mamba block ("bimamba v2"): shared in/out projections and
+    gate z; forward and backward branches each with their own conv1d, x_proj, dt_proj, A, D;
+    ``y = (y_fwd + flip(y_bwd(flip(x)))) * silu(z)`` (Zhu et al. 2024; Gu & Dao 2023).
+
+    Sequence-only: works on any token count, class tokens included; ``hw`` is not used.
+    """
+
+    layout: ClassVar[str] = "nlc"
+    uses_heads: ClassVar[bool] = False
+    supports_prefix: ClassVar[bool] = True
+    complexity: ClassVar[str] = "linear"
+    paper: ClassVar[str] = (
+        "Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces; "
+        "Zhu et al. 2024, Vision Mamba: Efficient Visual Representation Learning with Bidirectional "
+        "State Space Model"
+    )
+
+    expand: ClassVar[int] = 2  # d_inner = expand * dim
+    d_state: ClassVar[int] = 16
+    d_conv: ClassVar[int] = 4
+
+    def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
+        super().__init__()
+        self.dim = dim
+        self.d_inner = self.expand * dim
+        self.dt_rank = math.ceil(dim / 16)
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        self.fwd = SelectiveScanBranch(self.d_inner, self.dt_rank, self.d_state, self.d_conv)
+        self.bwd = SelectiveScanBranch(self.d_inner, self.dt_rank, self.d_state, self.d_conv)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        xi, z = self.in_proj(x).chunk(2, dim=-1)
+        y = self.fwd(xi) + self.bwd(xi.flip(1)).flip(1)
+        with torch.autocast(x.device.type, enabled=False):
+            y = (y * F.silu(z.to(y.dtype))).to(z.dtype)
+        return self.out_proj(y)

@@ -1,0 +1,235 @@
+"""Exactness tests for the linear-time mixers: the parallel scan, the bidirectional Mamba mixer
+("ssm") and ViG's bidirectional gated linear attention ("gated_linear"), each against a plain
+Python loop over time. Shape/gradient/bf16/grid tests for every mixer live in the shared suite."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from search_spaces import count_ops
+from search_spaces.layers._scan import linear_recurrence
+from search_spaces.layers.gated_linear import BidirectionalGLA, gla_chunked
+from search_spaces.layers.ssm import BidirectionalMamba
+from search_spaces.registry import get_token_mixer
+
+# ---------------------------------------------------------------------------------------------
+# linear_recurrence
+
+
+def loop_recurrence(a: torch.Tensor, b: torch.Tensor, dim: int, h0: torch.Tensor | None = None) -> torch.Tensor:
+    a, b = a.movedim(dim, 0), b.movedim(dim, 0)
+    h = torch.zeros_like(b[0]) if h0 is None else h0
+    out = []
+    for t in range(a.shape[0]):
+        h = a[t] * h + b[t]
+        out.append(h)
+    return torch.stack(out).movedim(0, dim)
+
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 300])
+def test_scan_matches_loop(n: int, with_h0: bool, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(n)
+    a = (0.5 + 0.5 * torch.rand(3, n, 5, generator=g, dtype=dtype)).requires_grad_()
+    b = torch.randn(3, n, 5, generator=g, dtype=dtype).requires_grad_()
+    h0 = torch.randn(3, 5, generator=g, dtype=dtype).requires_grad_() if with_h0 else None
+    got, want = linear_recurrence(a, b, 1, h0), loop_recurrence(a, b, 1, h0)
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+    w = torch.randn(got.shape, generator=g, dtype=dtype)
+    inputs = [a, b] + ([h0] if with_h0 else [])
+    # a_0 does not reach the output without h0: its gradient is zero (materialised).
+    grads = torch.autograd.grad((got * w).sum(), inputs, materialize_grads=True)
+    ref = torch.autograd.grad((want * w).sum(), inputs)
+    for x, y in zip(grads, ref):  # reverse-time sums: looser by the length for fp32
+        torch.testing.assert_close(x, y, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
+
+
+def test_scan_other_dim_and_broadcast() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 1, 40, generator=g, dtype=torch.float64)  # broadcasts over dim 1
+    b = torch.randn(4, 6, 40, generator=g, dtype=torch.float64)
+    h0 = torch.randn(6, 1, generator=g, dtype=torch.float64)  # broadcasts to (4, 6)
+    got = linear_recurrence(a, b, dim=-1, h0=h0.T.expand(4, 6))
+    want = loop_recurrence(a.expand_as(b), b, -1, h0.T.expand(4, 6))
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(linear_recurrence(a, b, dim=0), loop_recurrence(a.expand_as(b), b, 0))
+
+
+def scan_ops(n: int, backward: bool) -> int:
+    a = torch.rand(2, n, 3, requires_grad=backward)
+    b = torch.randn(2, n, 3, requires_grad=backward)
+
+    def run() -> None:
+        h = linear_recurrence(a, b, dim=1)
+        if backward:
+            h.sum().backward()
+
+    return count_ops(run)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("n", [256, 1000])
+def test_scan_work_is_linear(n: int, backward: bool) -> None:
+    """Elements of every op + matmul FLOPs (search_spaces.count_ops): 4x the length, ~4x the work."""
+    ratio = scan_ops(4 * n, backward) / scan_ops(n, backward)
+    assert abs(ratio - 4) < 0.4, ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# ssm: bidirectional Mamba
+
+
+def perturb(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def naive_mamba_branch(br: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One direction, (B, N, d_inner) -> (B, N, d_inner), everything as a loop over time."""
+    bsz, n, d = x.shape
+    w, bias = br.conv1d.weight[:, 0], br.conv1d.bias  # (d, K)
+    k = w.shape[1]
+    a = -torch.exp(br.A_log)  # (d, S)
+    h = torch.zeros(bsz, d, a.shape[1])
+    ys = []
+    for t in range(n):
+        u = bias.expand(bsz, d).clone()
+        for j in range(k):  # causal: taps on x_{t-K+1..t}
+            if t - (k - 1) + j >= 0:
+                u = u + w[:, j] * x[:, t - (k - 1) + j]
+        u = F.silu(u)
+        dt, bm, cm = br.x_proj(u).split([br.dt_rank, br.d_state, br.d_state], dim=-1)
+        delta = F.softplus(br.dt_proj(dt))  # (B, d)
+        h = torch.exp(delta[..., None] * a) * h + (delta * u)[..., None] * bm[:, None, :]
+        ys.append((h * cm[:, None, :]).sum(-1) + br.D * u)
+    return torch.stack(ys, 1)
+
+
+def naive_mamba(m: BidirectionalMamba, x: torch.Tensor) -> torch.Tensor:
+    xi, z = m.in_proj(x).chunk(2, dim=-1)
+    y = naive_mamba_branch(m.fwd, xi) + naive_mamba_branch(m.bwd, xi.flip(1)).flip(1)
+    return m.out_proj(y * F.silu(z))
+
+
+@pytest.mark.parametrize("n", [1, 23])
+def test_ssm_matches_loop(n: int) -> None:
+    torch.manual_seed(0)
+    m = BidirectionalMamba(20)  # dt_rank 2, d_inner 40
+    perturb(m, 1)
+    x = torch.randn(2, n, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, (1, n)), naive_mamba(m, x), atol=1e-5, rtol=1e-5)
+
+
+def test_ssm_flip_with_swapped_branches() -> None:
+    torch.manual_seed(0)
+    m, swapped = BidirectionalMamba(16), BidirectionalMamba(16)
+    perturb(m, 2)
+    sd = m.state_dict()
+    swap = {"fwd.": "bwd.", "bwd.": "fwd."}
+    swapped.load_state_dict({(swap[k[:4]] + k[4:] if k[:4] in swap else k): v for k, v in sd.items()})
+    x = torch.randn(2, 1 + 20, 16)  # a class token and a 4x5 grid
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x.flip(1), (4, 5)), m(x, (4, 5)).flip(1), atol=1e-5, rtol=1e-5)
+
+
+def test_ssm_init() -> None:
+    m = BidirectionalMamba(40)
+    assert m.dt_rank == 3 and m.d_inner == 80
+    for br in (m.fwd, m.bwd):
+        dt = F.softplus(br.dt_proj.bias)
+        assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6
+        assert br.dt_proj.bias._no_reinit and br.A_log._no_reinit and br.D._no_reinit
+        torch.testing.assert_close(-torch.exp(br.A_log[0]), -torch.arange(1.0, 17.0))
+        assert torch.equal(br.D, torch.ones(80))
+    assert get_token_mixer("ssm") is BidirectionalMamba
+
+
+# ---------------------------------------------------------------------------------------------
+# gated_linear: ViG bidirectional GLA
+
+
+def naive_gla(m: BidirectionalGLA, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    bsz, n, c = x.shape
+    nh, hd = m.heads, m.head_dim
+    xl = F.silu(m.local(x.transpose(1, 2).reshape(bsz, c, *hw))).flatten(2).transpose(1, 2)
+    q, k, v = (t.reshape(bsz, n, nh, hd) for t in m.qkv(xl).chunk(3, dim=-1))
+    q = q * hd**-0.5
+    alpha_f = torch.sigmoid(m.gate_fwd(xl)).pow(1 / 16).reshape(bsz, n, nh, hd)
+    alpha_b = torch.sigmoid(m.gate_bwd(xl)).pow(1 / 16).reshape(bsz, n, nh, hd)
+    o = torch.zeros(bsz, n, nh, hd)
+    for alpha, order in ((alpha_f, range(n)), (alpha_b, range(n - 1, -1, -1))):
+        s = torch.zeros(bsz, nh, hd, hd)
+        for t in order:
+            s = alpha[:, t, :, :, None] * s + k[:, t, :, :, None] * v[:, t, :, None, :]
+            o[:, t] += (q[:, t, :, :, None] * s).sum(-2)
+
+    def rms(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+
+    o = rms(o, m.o_norm.weight).reshape(bsz, n, c)
+    local = rms(xl.reshape(bsz, n, nh, hd), m.l_norm.weight).reshape(bsz, n, c)
+    gate = torch.sigmoid(m.g_proj(xl))
+    return m.o_proj(gate * o + (1 - gate) * local)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (3, 7)])
+def test_gated_linear_matches_loop(hw: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    m = BidirectionalGLA(12, heads=3)
+    perturb(m, 3, scale=0.3)
+    x = torch.randn(2, hw[0] * hw[1], 12)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, hw), naive_gla(m, x, hw), atol=1e-5, rtol=1e-5)
+
+
+def test_gla_chunked_strong_gates_float64() -> None:
+    """Gates near 0 (log alpha = -60 on one step) must not overflow the chunked form."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 40, 8, generator=g, dtype=torch.float64).unbind(0)
+    log_alpha = F.logsigmoid(3 * torch.randn(2, 40, 8, generator=g, dtype=torch.float64)) / 16
+    log_alpha[:, 20] = -60.0
+    s = torch.zeros(2, 8, 8, dtype=torch.float64)
+    want = []
+    for t in range(40):
+        s = log_alpha[:, t, :, None].exp() * s + k[:, t, :, None] * v[:, t, None, :]
+        want.append((q[:, t, :, None] * s).sum(-2))
+    torch.testing.assert_close(gla_chunked(q, k, v, log_alpha), torch.stack(want, 1), atol=1e-10, rtol=1e-10)
+
+
+def test_gated_linear_errors() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        BidirectionalGLA(10, heads=3)
+    with pytest.raises(ValueError, match="class tokens"):
+        BidirectionalGLA(12, heads=2)(torch.randn(1, 10, 12), (3, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 autocast stays close to fp32
+
+BF16_REL_TOL = 3e-2  # ||y_bf16 - y_fp32|| / ||y_fp32||; bf16 keeps 8 mantissa bits (~4e-3 per op)
+
+
+@pytest.mark.parametrize("name", ["ssm", "gated_linear"])
+def test_bf16_autocast_close_to_fp32(name: str) -> None:
+    torch.manual_seed(0)
+    m = get_token_mixer(name)(32, heads=2)
+    x, hw = torch.randn(2, 49, 32), (7, 7)
+    with torch.no_grad():
+        ref = m(x, hw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, hw)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < BF16_REL_TOL, float(rel)
+    assert math.isfinite(float(rel))
