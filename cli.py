@@ -1,0 +1,226 @@
+"""The `nas` command line: spaces, sample, describe.
+
+Bad input (an unknown space, bad JSON, an invalid spec, a wrong flag) gets one line on stderr
+and exit code 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """A user error: reported as one line, exit code 2."""
+
+
+def _click_exc(name: str) -> tuple[type[BaseException], ...]:
+    """Exception classes of click and of typer's vendored copy of it (typer >= 0.20 vendors click)."""
+    found: list[type[BaseException]] = []
+    for mod in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError):
+            continue
+        if cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_EXIT, _ABORT = _click_exc("Exit"), _click_exc("Abort")
+_NO_ARGS, _USAGE, _CLICK = _click_exc("NoArgsIsHelpError"), _click_exc("UsageError"), _click_exc("ClickException")
+
+
+class _App(typer.Typer):
+    """Typer app whose usage errors are one line on stderr with exit code 2."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("prog_name", "nas")
+        try:
+            rv = typer.main.get_command(self).main(*args, standalone_mode=False, **kwargs)
+        except _EXIT as e:
+            sys.exit(getattr(e, "exit_code", 0))
+        except _ABORT:
+            _fail("aborted", code=1)
+        except _NO_ARGS as e:
+            print(e.format_message())  # type: ignore[attr-defined]
+            sys.exit(0)
+        except _USAGE as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see 'nas {ctx.info_name} --help')" if ctx is not None and ctx.parent else " (see 'nas --help')"
+            _fail(e.format_message().replace("\n", " ") + hint)  # type: ignore[attr-defined]
+        except _CLICK as e:
+            _fail(e.format_message().replace("\n", " "))  # type: ignore[attr-defined]
+        except BadInput as e:
+            _fail(str(e))
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    print(f"nas: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+app = _App(
+    help="hybrid-NAS: neural-architecture search for efficient hybrid vision backbones.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    no_args_is_help=True,
+)
+console = Console(highlight=False)
+
+
+def _space(name: str) -> Any:
+    from search_spaces import get_space
+
+    try:
+        return get_space(name)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
+
+def _read_spec(space: Any, spec: str | None, preset: str | None) -> Any:
+    if (spec is None) == (preset is None):
+        raise BadInput("give exactly one of --spec FILE|- or --preset NAME")
+    if preset is not None:
+        from search_spaces.hybrid_vit import PRESETS
+
+        if space.name != "hybrid_vit" or preset not in PRESETS:
+            names = ", ".join(sorted(PRESETS)) if space.name == "hybrid_vit" else "none for this space"
+            raise BadInput(f"unknown preset {preset!r} for space {space.name!r}; presets: {names}")
+        return PRESETS[preset]
+    if spec == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise BadInput(f"spec file {spec!r} not found; pass a JSON file from 'nas sample --json' or - for stdin")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"cannot read spec file {spec!r}: {e}") from None
+    text = text.strip()
+    if space.name == "nb201" and text.startswith("|"):
+        text = json.dumps({"space": "nb201", "version": 1, "arch": text})
+    try:
+        return space.spec_from_json(text)
+    except ValueError as e:
+        raise BadInput(f"invalid spec: {e}") from None
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise BadInput(f"{name} must be at least 1, got {value}")
+
+
+@app.command()
+def spaces(json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the search spaces and the registered token and channel mixers."""
+    from search_spaces import list_spaces
+    from search_spaces.registry import CHANNEL_MIXERS, TOKEN_MIXERS, token_mixer_names
+
+    token_mixer_names()
+    spaces_info = []
+    for name in list_spaces():
+        sp = _space(name)
+        spaces_info.append({"name": name, "doc": (sp.__doc__ or "").strip().splitlines()[0],
+                            "img_size": sp.default_img_size, "num_classes": sp.default_num_classes})
+    mixers = [
+        {"kind": kind, "name": n, "layout": cls.layout, "complexity": getattr(cls, "complexity", ""),
+         "paper": cls.paper}
+        for kind, table in (("token", TOKEN_MIXERS), ("channel", CHANNEL_MIXERS))
+        for n, cls in sorted(table.items())
+    ]
+    if json_out:
+        print(json.dumps({"spaces": spaces_info, "mixers": mixers}, indent=2))
+        return
+    t = Table(title="search spaces")
+    for col in ("space", "default input", "description"):
+        t.add_column(col)
+    for s in spaces_info:
+        t.add_row(s["name"], f"{s['img_size']}px, {s['num_classes']} classes", s["doc"])
+    console.print(t)
+    t = Table(title="mixers")
+    for col in ("kind", "name", "layout", "tokens", "paper"):
+        t.add_column(col, overflow="fold")
+    for m in mixers:
+        t.add_row(m["kind"], m["name"], m["layout"], m["complexity"], m["paper"])
+    console.print(t)
+
+
+@app.command()
+def sample(
+    space: str = typer.Option("hybrid_vit", "--space", help="Search space name (see 'nas spaces')."),
+    seed: int = typer.Option(0, "--seed", help="First seed; spec i uses seed + i."),
+    n: int = typer.Option(1, "--n", help="How many specs."),
+    json_out: bool = typer.Option(False, "--json", help="One canonical spec JSON per line."),
+) -> None:
+    """Draw random architectures from a space and print their specs."""
+    sp = _space(space)
+    _positive("--n", n)
+    specs = [sp.random(seed + i) for i in range(n)]
+    if json_out:
+        for s in specs:
+            print(s.to_json())
+        return
+    from search_spaces import count_params
+
+    t = Table(title=f"{n} random {space} architectures (params at {sp.default_img_size}px, "
+                    f"{sp.default_num_classes} classes)")
+    for col in ("seed", "hash", "params", "architecture"):
+        t.add_column(col, overflow="fold")
+    for i, s in enumerate(specs):
+        params = count_params(sp.build(s))
+        t.add_row(str(seed + i), s.hash[:12], f"{params:,}", s.short())
+    console.print(t)
+
+
+@app.command()
+def describe(
+    space: str = typer.Option("hybrid_vit", "--space", help="Search space name."),
+    spec: str | None = typer.Option(None, "--spec", help="Spec JSON file, or - for stdin."),
+    preset: str | None = typer.Option(None, "--preset", help="A named preset instead of --spec (hybrid_vit)."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input resolution (default: the space's)."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="Classifier size (default: the space's)."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Parameters, FLOPs and a per-stage table of one architecture."""
+    sp = _space(space)
+    s = _read_spec(sp, spec, preset)
+    if img_size is not None:
+        _positive("--img-size", img_size)
+    if num_classes is not None:
+        _positive("--num-classes", num_classes)
+    try:
+        info = sp.describe(s, img_size=img_size, num_classes=num_classes)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if json_out:
+        print(json.dumps({**info, "spec": s.to_dict()}, indent=2))
+        return
+    console.print(f"[bold]{info['short']}[/bold]")
+    console.print(f"hash {info['hash']}")
+    console.print(f"params {info['params']:,}   FLOPs {info['flops'] / 1e6:,.1f}M (MACs {info['macs'] / 1e6:,.1f}M) "
+                  f"at {info['img_size']}x{info['img_size']}, {info['num_classes']} classes"
+                  + (f", precision {info['precision']}" if "precision" in info else ""))
+    rows = info["stages"]
+    t = Table()
+    for col in rows[0]:
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(*[f"{v:,}" if isinstance(v, int) and k == "params" else str(v) for k, v in r.items()])
+    console.print(t)
+
+
+if __name__ == "__main__":
+    app()

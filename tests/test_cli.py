@@ -1,0 +1,143 @@
+"""The `nas` CLI: spaces, sample, describe; bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli import app
+from search_spaces import ArchSpec, get_space
+from search_spaces.nb201 import NB201Spec
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str], stdin: str | None = None,
+        monkeypatch: pytest.MonkeyPatch | None = None) -> tuple[int, str, str]:
+    if stdin is not None:
+        assert monkeypatch is not None
+        import io
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as info:
+        app(args)
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+def test_spaces_lists_both_spaces_and_every_mixer(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["spaces", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert [s["name"] for s in data["spaces"]] == ["hybrid_vit", "nb201"]
+    assert len([m for m in data["mixers"] if m["kind"] == "token"]) == 10
+    assert len([m for m in data["mixers"] if m["kind"] == "channel"]) == 4
+
+
+def test_sample_json_lines_are_valid_specs_matching_random(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["sample", "--space", "hybrid_vit", "--seed", "5", "--n", "3", "--json"], capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 3
+    space = get_space("hybrid_vit")
+    for i, line in enumerate(lines):
+        assert ArchSpec.from_json(line) == space.random(5 + i)
+        assert line == space.random(5 + i).to_json()
+
+
+def test_sample_table_shows_hash_and_params(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["sample", "--space", "nb201", "--seed", "0", "--n", "2"], capsys)
+    assert code == 0
+    spec = get_space("nb201").random(0)
+    assert spec.hash[:12] in out
+
+
+def test_describe_preset_and_piped_spec(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(["describe", "--preset", "poolformer_s12", "--img-size", "224", "--num-classes", "1000",
+                        "--json"], capsys)
+    assert code == 0
+    info = json.loads(out)
+    assert info["params"] == 11_915_176 and len(info["stages"]) == 5
+    spec = get_space("hybrid_vit").random(11)
+    code, out, _ = run(["describe", "--spec", "-", "--img-size", "32"], capsys, stdin=spec.to_json(),
+                       monkeypatch=monkeypatch)
+    assert code == 0 and spec.hash in out and "params" in out
+
+
+def test_describe_nb201_from_arch_string_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arch = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
+    f = tmp_path / "cell.txt"
+    f.write_text(arch + "\n")
+    code, out, _ = run(["describe", "--space", "nb201", "--spec", str(f), "--json"], capsys)
+    assert code == 0
+    info = json.loads(out)
+    assert info["params"] == 1_073_466 and info["hash"] == NB201Spec.from_string(arch).hash
+
+
+BAD_INPUTS = [
+    (["sample", "--space", "resnet"], "unknown search space 'resnet'"),
+    (["sample", "--n", "0"], "--n must be at least 1"),
+    (["sample", "--seed", "abc"], "Invalid value for '--seed'"),
+    (["sample", "--bogus"], "No such option: --bogus"),
+    (["frobnicate"], "No such command"),
+    (["describe", "--spec", "/nonexistent/spec.json"], "not found"),
+    (["describe"], "exactly one of --spec"),
+    (["describe", "--preset", "resnet50"], "unknown preset 'resnet50'"),
+    (["describe", "--space", "nb201", "--preset", "deit_tiny"], "unknown preset"),
+    (["describe", "--preset", "deit_tiny", "--img-size", "0"], "--img-size must be at least 1"),
+    (["describe", "--preset", "deit_tiny", "--img-size", "8"], "too small"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(args, capsys)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("nas: error: ")
+    assert message in err
+
+
+BAD_SPECS = [
+    ("{not json", "not valid JSON"),
+    ('{"stem": {"kind": "conv", "stride": 4}, "stages": [{"depth": 0, "width": 8}]}', "depth must be in"),
+    ('{"stem": {"kind": "conv", "stride": 4}, "stages": [{"depth": 1, "width": 30, "token_mixer": "attention", '
+     '"heads": 4}]}', "not divisible by heads"),
+    ('{"stem": {"kind": "conv", "stride": 4}, "stages": [{"depth": 1, "width": 32, "token_mixer": "mamba"}]}',
+     "unknown token mixer 'mamba'"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_SPECS, ids=[m for _, m in BAD_SPECS])
+def test_bad_spec_files_are_one_line_exit_2(text: str, message: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "spec.json"
+    f.write_text(text)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run(["describe", "--spec", str(f)], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_installed_console_script_runs_in_a_fresh_process() -> None:
+    exe = Path(sys.executable).with_name("nas")
+    if not exe.exists():
+        pytest.skip("console script not installed in this environment")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([str(exe), "sample", "--seed", "1", "--json"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ArchSpec.from_json(ok.stdout) == get_space("hybrid_vit").random(1)
+    bad = subprocess.run([str(exe), "sample", "--space", "nope"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown search space" in bad.stderr
+
+
+def test_timm_imports_after_search_spaces_in_a_fresh_process() -> None:
+    """The one compat module makes `import timm` work even with a torchvision whose ops cannot load."""
+    pytest.importorskip("timm")
+    code = ("import search_spaces, timm; m = timm.create_model('resnet18'); "
+            "print(sum(p.numel() for p in m.parameters()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert int(out.stdout.strip()) == 11_689_512
