@@ -222,5 +222,93 @@ def describe(
     console.print(t)
 
 
+def _spec_from_arch(space: Any, arch: str) -> Any:
+    text = arch.strip()
+    if space.name == "nb201" and text.startswith("|"):
+        text = json.dumps({"space": "nb201", "version": 1, "arch": text})
+    try:
+        return space.spec_from_json(text)
+    except ValueError as e:
+        raise BadInput(f"invalid --arch: {e}") from None
+
+
+def build_for_data(space: Any, spec: Any, num_classes: int, in_chans: int, img_size: int) -> Any:
+    """Build ``spec`` for a dataset's classes, channels and resolution."""
+    if space.name == "hybrid_vit":
+        from search_spaces.hybrid_vit import build
+
+        return build(spec, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+    return space.build(spec, num_classes=num_classes, img_size=img_size)
+
+
+@app.command()
+def proxies(
+    space: str = typer.Option("hybrid_vit", "--space", help="Search space name (hybrid_vit or nb201)."),
+    spec: str | None = typer.Option(None, "--spec", help="Spec JSON file, or - for stdin."),
+    arch: str | None = typer.Option(None, "--arch", help="Inline spec: JSON, or an NB201 cell string."),
+    preset: str | None = typer.Option(None, "--preset", help="A hybrid_vit preset instead of --spec."),
+    data: str = typer.Option("digits", "--data", help="digits | cifar10:PATH | imagefolder:PATH | npz:PATH"),
+    names: str | None = typer.Option(None, "--names", help="Comma-separated proxies (default: all)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images in the (class-balanced) batch."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input resolution (default: the space's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the batch and of random-input proxies."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Also print node-wise (per-layer) values."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Zero-cost proxy scores of one architecture on one batch of real data."""
+    sp = _space(space)
+    given = [v is not None for v in (spec, arch, preset)]
+    if sum(given) != 1:
+        raise BadInput("give exactly one of --spec FILE|-, --arch STR or --preset NAME")
+    s = _spec_from_arch(sp, arch) if arch is not None else _read_spec(sp, spec, preset)
+    _positive("--batch-size", batch_size)
+    size = img_size or sp.default_img_size
+    _positive("--img-size", size)
+    from predictors.zero_cost import PROXIES, compute
+
+    wanted = [n.strip() for n in names.split(",") if n.strip()] if names else list(PROXIES)
+    bad = [n for n in wanted if n not in PROXIES]
+    if bad or not wanted:
+        raise BadInput(f"unknown proxy {bad[0] if bad else names!r}; choose from: {', '.join(PROXIES)}")
+    from nas.data import load, one_batch
+
+    try:
+        ds = load(data, split="train", limit=batch_size, img_size=size, seed=seed)
+    except (ValueError, OSError) as e:
+        raise BadInput(str(e).splitlines()[0]) from None
+    x, y = one_batch(ds, batch_size, seed=seed)
+    in_chans = ds.in_chans
+    if space == "nb201" and in_chans != 3:  # the benchmark's stem is RGB
+        x, in_chans = x.expand(-1, 3, -1, -1).contiguous(), 3
+    try:
+        model = build_for_data(sp, s, ds.num_classes, in_chans, size)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    import torch
+
+    torch.manual_seed(seed)
+    result = compute(model, x, y, names=wanted, per_layer=per_layer)
+    if json_out:
+        print(json.dumps({"space": space, "hash": s.hash, "data": data, "batch_size": int(x.shape[0]),
+                          "img_size": size, "scores": {k: v for k, v in result.items() if k != "per_layer"},
+                          **({"per_layer": result["per_layer"]} if per_layer else {})}, indent=2))
+        return
+    console.print(f"[bold]{s.short()}[/bold]  hash {s.hash[:12]}  data {data}  batch {x.shape[0]}  {size}px")
+    t = Table()
+    t.add_column("proxy")
+    t.add_column("score", justify="right")
+    for n in wanted:
+        t.add_row(n, f"{result[n]:.6g}")
+    console.print(t)
+    if per_layer:
+        for n, layers in result.get("per_layer", {}).items():
+            t = Table(title=f"{n} per layer")
+            t.add_column("layer", overflow="fold")
+            t.add_column("value", justify="right")
+            for layer, v in layers.items():
+                t.add_row(layer, f"{v:.4g}")
+            console.print(t)
+
+
 if __name__ == "__main__":
     app()
