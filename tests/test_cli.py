@@ -141,3 +141,41 @@ def test_timm_imports_after_search_spaces_in_a_fresh_process() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-500:]
     assert int(out.stdout.strip()) == 11_689_512
+
+
+def test_proxies_on_digits_for_nb201_and_hybrid_vit(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    arch = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
+    code, out, _ = run(["proxies", "--space", "nb201", "--arch", arch, "--names", "synflow,nwot,params",
+                        "--batch-size", "16", "--json"], capsys)
+    assert code == 0
+    res = json.loads(out)
+    assert set(res["scores"]) == {"synflow", "nwot", "params"}
+    assert res["scores"]["params"] == 802_426 and res["batch_size"] == 16
+    assert res["scores"]["synflow"] > 0 and res["scores"]["nwot"] > 0
+    code, out, _ = run(["proxies", "--preset", "hybrid_tiny", "--names", "grad_norm,snip", "--batch-size", "8",
+                        "--img-size", "16", "--per-layer", "--json"], capsys)
+    assert code == 0
+    res = json.loads(out)
+    assert res["scores"]["grad_norm"] > 0
+    layers = res["per_layer"]["snip"]
+    assert len(layers) > 10 and abs(sum(layers.values()) - res["scores"]["snip"]) <= 1e-6 * res["scores"]["snip"]
+
+
+PROXY_BAD_INPUTS = [
+    (["proxies", "--preset", "deit_tiny", "--names", "synflow,magic"], "unknown proxy 'magic'"),
+    (["proxies", "--preset", "deit_tiny", "--data", "mnist"], "unknown"),
+    (["proxies", "--preset", "deit_tiny", "--data", "cifar10:/nonexistent"], "nonexistent"),
+    (["proxies", "--space", "nb201", "--arch", "|bad~0|"], "invalid --arch"),
+    (["proxies", "--preset", "deit_tiny", "--arch", "{}"], "exactly one of"),
+    (["proxies", "--preset", "deit_tiny", "--batch-size", "0"], "--batch-size must be at least 1"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), PROXY_BAD_INPUTS, ids=[" ".join(a[1:]) for a, _ in PROXY_BAD_INPUTS])
+def test_proxies_bad_input_is_one_line_exit_2(args: list[str], message: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
