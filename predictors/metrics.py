@@ -1,7 +1,8 @@
 """Ranking and multi-objective metrics: Kendall tau, Spearman, Pareto front, hypervolume.
 
 - :func:`kendall_tau`, :func:`spearman`: rank correlations through ``scipy.stats`` (Kendall's
-  tau-b, Spearman's rho), NaN-safe: pairs with a non-finite value are dropped, and a constant or
+  tau-b, Spearman's rho; scipy is imported on first use, so importing this module needs only
+  numpy), NaN-safe: pairs with a non-finite value are dropped, and a constant or
   too-short input gives 0.0 without a warning.
 - :func:`pareto_front`: indices of the non-dominated points, any number of objectives, each
   minimised or maximised.
@@ -16,7 +17,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["hypervolume", "kendall_tau", "pareto_front", "spearman"]
 
@@ -47,6 +47,8 @@ def kendall_tau(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from scipy import stats  # lazy: predictors stay importable with torch + numpy alone
+
         tau = stats.kendalltau(x, y).statistic
     return 0.0 if not np.isfinite(tau) else float(tau)
 
@@ -60,6 +62,8 @@ def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from scipy import stats
+
         rho = stats.spearmanr(x, y).statistic
     return 0.0 if not np.isfinite(rho) else float(rho)
 
@@ -88,11 +92,23 @@ def _front_minimised(p: np.ndarray, keep_duplicates: bool = False) -> np.ndarray
 
     Rows are visited in lexicographic order (ties by index): a row can only be dominated by a row
     that comes before it, and if it is dominated at all then it is dominated by a front member
-    (transitivity), so each row is compared with the front found so far: O(n * |front| * m)."""
+    (transitivity), so each row is compared with the front found so far: O(n * |front| * m);
+    with two objectives it is enough to track the best second objective so far: O(n log n)."""
     n, m = p.shape
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.lexsort(tuple(p[:, k] for k in reversed(range(m))))  # stable: equal rows keep index order
+    if m == 2:  # sweep: O(n log n). A row survives iff its y beats every earlier row's y
+        kept: list[int] = []
+        best_y = np.inf
+        for i in order:
+            x, y = p[i]
+            if not kept or y < best_y:
+                kept.append(int(i))
+                best_y = y
+            elif keep_duplicates and kept and p[kept[-1], 0] == x and p[kept[-1], 1] == y:
+                kept.append(int(i))
+        return np.sort(np.asarray(kept, dtype=np.int64))
     front: list[int] = []
     fvals = np.empty((n, m), dtype=np.float64)
     for i in order:
