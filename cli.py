@@ -109,13 +109,18 @@ def _read_spec(space: Any, spec: str | None, preset: str | None) -> Any:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"cannot read spec file {spec!r}: {e}") from None
+    return _parse_spec(space, text, "spec")
+
+
+def _parse_spec(space: Any, text: str, what: str) -> Any:
+    """A spec from JSON text (or, for nb201, a bare cell string); BadInput naming ``what`` if invalid."""
     text = text.strip()
     if space.name == "nb201" and text.startswith("|"):
         text = json.dumps({"space": "nb201", "version": 1, "arch": text})
     try:
         return space.spec_from_json(text)
     except ValueError as e:
-        raise BadInput(f"invalid spec: {e}") from None
+        raise BadInput(f"invalid {what}: {e}") from None
 
 
 def _positive(name: str, value: int) -> None:
@@ -222,16 +227,6 @@ def describe(
     console.print(t)
 
 
-def _spec_from_arch(space: Any, arch: str) -> Any:
-    text = arch.strip()
-    if space.name == "nb201" and text.startswith("|"):
-        text = json.dumps({"space": "nb201", "version": 1, "arch": text})
-    try:
-        return space.spec_from_json(text)
-    except ValueError as e:
-        raise BadInput(f"invalid --arch: {e}") from None
-
-
 def build_for_data(space: Any, spec: Any, num_classes: int, in_chans: int, img_size: int) -> Any:
     """Build ``spec`` for a dataset's classes, channels and resolution."""
     if space.name == "hybrid_vit":
@@ -260,7 +255,7 @@ def proxies(
     given = [v is not None for v in (spec, arch, preset)]
     if sum(given) != 1:
         raise BadInput("give exactly one of --spec FILE|-, --arch STR or --preset NAME")
-    s = _spec_from_arch(sp, arch) if arch is not None else _read_spec(sp, spec, preset)
+    s = _parse_spec(sp, arch, "--arch") if arch is not None else _read_spec(sp, spec, preset)
     _positive("--batch-size", batch_size)
     size = img_size or sp.default_img_size
     _positive("--img-size", size)

@@ -90,6 +90,11 @@ def test_pareto_front_hand_example_with_ties() -> None:
     assert pareto_front(np.ones((4, 3)), [True, False, True]).tolist() == [0]
     assert pareto_front(np.ones((4, 3)), [True, False, True], keep_duplicates=True).tolist() == [0, 1, 2, 3]
     assert pareto_front(np.zeros((0, 2)), [True, True]).tolist() == []
+    # infinities are ordinary worst / best values
+    assert pareto_front([[0.0, np.inf]], [True, True]).tolist() == [0]
+    assert pareto_front([[0.0, np.inf], [0.0, np.inf], [1.0, 5.0]], [True, True]).tolist() == [0, 2]
+    assert pareto_front([[0.0, np.inf], [1.0, -np.inf]], [True, True]).tolist() == [0, 1]
+    assert pareto_front([[0.0, np.inf, 1.0], [0.0, np.inf, 1.0]], [True] * 3).tolist() == [0]
 
 
 def test_pareto_front_maximize_mixture() -> None:
