@@ -28,6 +28,7 @@ demo: install
 	$(NAS) describe --space hybrid_vit --spec .demo_spec.json --img-size 32
 	$(NAS) describe --space hybrid_vit --preset deit_tiny --img-size 224
 	$(NAS) sample --space nb201 --seed 0 --n 3
+	$(NAS) proxies --space hybrid_vit --spec .demo_spec.json --data digits --batch-size 32
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
