@@ -37,11 +37,8 @@ def _degenerate(x: np.ndarray, y: np.ndarray) -> bool:
     return x.size < 2 or bool(np.all(x == x[0])) or bool(np.all(y == y[0]))
 
 
-def kendall_tau(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Kendall's tau-b between ``a`` and ``b`` (``scipy.stats.kendalltau``).
-
-    Pairs where either value is NaN or infinite are dropped. Fewer than two pairs left, or a
-    constant sequence, gives 0.0 (no rank information), with no warning."""
+def _rank_correlation(name: str, a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """``scipy.stats.<name>`` on the finite pairs; 0.0 (no warning) for degenerate input."""
     x, y = _paired(a, b)
     if _degenerate(x, y):
         return 0.0
@@ -49,23 +46,23 @@ def kendall_tau(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
         warnings.simplefilter("ignore")
         from scipy import stats  # lazy: predictors stay importable with torch + numpy alone
 
-        tau = stats.kendalltau(x, y).statistic
-    return 0.0 if not np.isfinite(tau) else float(tau)
+        value = getattr(stats, name)(x, y).statistic
+    return 0.0 if not np.isfinite(value) else float(value)
+
+
+def kendall_tau(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Kendall's tau-b between ``a`` and ``b`` (``scipy.stats.kendalltau``).
+
+    Pairs where either value is NaN or infinite are dropped. Fewer than two pairs left, or a
+    constant sequence, gives 0.0 (no rank information), with no warning."""
+    return _rank_correlation("kendalltau", a, b)
 
 
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Spearman's rank correlation rho between ``a`` and ``b`` (``scipy.stats.spearmanr``).
 
     Same NaN and constant-input rules as :func:`kendall_tau`."""
-    x, y = _paired(a, b)
-    if _degenerate(x, y):
-        return 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from scipy import stats
-
-        rho = stats.spearmanr(x, y).statistic
-    return 0.0 if not np.isfinite(rho) else float(rho)
+    return _rank_correlation("spearmanr", a, b)
 
 
 # ------------------------------------------------------------------------------ Pareto front

@@ -315,46 +315,8 @@ def _presets() -> dict[str, ArchSpec]:
     }
 
 
-class _LazyPresets(dict):
-    """PRESETS is filled on first use so that importing this module does not need the mixers."""
-
-    def _fill(self) -> None:
-        if not super().__len__():
-            super().update(_presets())
-
-    def __getitem__(self, key: str) -> ArchSpec:
-        self._fill()
-        try:
-            return super().__getitem__(key)
-        except KeyError:
-            raise KeyError(f"unknown preset {key!r}; choose one of: {', '.join(sorted(self))}") from None
-
-    def __iter__(self):  # type: ignore[override]
-        self._fill()
-        return super().__iter__()
-
-    def __len__(self) -> int:
-        self._fill()
-        return super().__len__()
-
-    def __contains__(self, key: object) -> bool:
-        self._fill()
-        return super().__contains__(key)
-
-    def keys(self):  # type: ignore[override]
-        self._fill()
-        return super().keys()
-
-    def items(self):  # type: ignore[override]
-        self._fill()
-        return super().items()
-
-    def values(self):  # type: ignore[override]
-        self._fill()
-        return super().values()
-
-
-PRESETS: dict[str, ArchSpec] = _LazyPresets()
+# the mixers are registered by now: importing search_spaces.layers above registers them
+PRESETS: dict[str, ArchSpec] = _presets()
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,8 +108,6 @@ class StageSpec:
         _check_choice(where, "downsample", self.downsample, DOWNSAMPLES)
         if self.layer_scale is not None and not 0.0 < self.layer_scale <= 10.0:
             raise ValueError(f"{where}.layer_scale must be None or in (0, 10], got {self.layer_scale}")
-        if self.blocks and len(self.blocks) != self.depth:
-            raise ValueError(f"{where}.blocks has {len(self.blocks)} entries but depth is {self.depth}")
         for i, (tm, cm) in enumerate(self.mixers()):
             try:
                 tm_cls = get_token_mixer(tm)

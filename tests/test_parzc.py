@@ -22,16 +22,6 @@ from predictors.parzc import (
     tokenize,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Zero-cost passes on tiny nets: one thread is faster, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 LABELS_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nb201_cifar10.csv"
 FAST = {"steps": 60, "mc_samples": 16, "warmup_steps": 5}
 

@@ -52,14 +52,6 @@ def _hybrid_net() -> nn.Module:
     return search_spaces.get_space("hybrid_vit").build(spec, num_classes=10, img_size=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small nets: one intra-op thread is faster (and steadier on a shared machine) than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def nets() -> dict[str, nn.Module]:
