@@ -10,6 +10,7 @@ timm's ``poolformer_s12`` count.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,23 @@ from search_spaces.spec import PRECISIONS, ArchSpec, BlockSpec, HeadSpec, StageS
 
 def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
     return (n + 2 * padding - kernel) // stride + 1
+
+
+def stem_grid(kind: str, stride: int, h: int, w: int) -> tuple[int, int]:
+    """Token grid after a stem of ``kind`` and ``stride`` on an h x w image."""
+    if kind == "patch":
+        return h // stride, w // stride
+    if kind == "overlap":
+        k = stride + 3
+        return _conv_out(h, k, stride, 2), _conv_out(w, k, stride, 2)
+    for _ in range(int(math.log2(stride))):
+        h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
+    return h, w
+
+
+def downsample_grid(kind: str, h: int, w: int) -> tuple[int, int]:
+    """Token grid after a between-stage downsampling of ``kind``."""
+    return (h, w) if kind == "none" else ((h + 1) // 2, (w + 1) // 2)
 
 
 class Stem(nn.Module):
@@ -58,14 +76,7 @@ class Stem(nn.Module):
         self.norm = make_norm(spec.norm, width)
 
     def out_grid(self, h: int, w: int) -> tuple[int, int]:
-        if self.kind == "patch":
-            return h // self.stride, w // self.stride
-        if self.kind == "overlap":
-            k = self.stride + 3
-            return _conv_out(h, k, self.stride, 2), _conv_out(w, k, self.stride, 2)
-        for _ in range(int(math.log2(self.stride))):
-            h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
-        return h, w
+        return stem_grid(self.kind, self.stride, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x))
@@ -88,9 +99,7 @@ class Downsample(nn.Module):
             self.proj = nn.Identity()
 
     def out_grid(self, h: int, w: int) -> tuple[int, int]:
-        if self.kind == "none":
-            return h, w
-        return (h + 1) // 2, (w + 1) // 2
+        return downsample_grid(self.kind, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "patch2" and (x.shape[-2] % 2 or x.shape[-1] % 2):
@@ -161,10 +170,19 @@ class Stage(nn.Module):
             for (tm, cm), dp in zip(spec.mixers(), drop_paths)
         )
 
+    @property
+    def has_downsample(self) -> bool:
+        """False when the stage is entered without any layer (same width, no downsampling)."""
+        return not isinstance(self.downsample.proj, nn.Identity)
+
+    def forward_downsample(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        if not self.has_downsample:
+            return x, hw
+        x = self.downsample(to_layout(x, "nchw", hw))
+        return x, (x.shape[-2], x.shape[-1])
+
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
-        if not isinstance(self.downsample.proj, nn.Identity):
-            x = self.downsample(to_layout(x, "nchw", hw))
-            hw = (x.shape[-2], x.shape[-1])
+        x, hw = self.forward_downsample(x, hw)
         for blk in self.blocks:
             x = blk(x, hw)
         return x, hw
@@ -227,15 +245,36 @@ class HybridViT(nn.Module):
             pos = torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, hw[0] * hw[1], c)], dim=1)
         return x + pos
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of the last stage: (B, C, H, W) or (B, P + H*W, C), as its last block left them."""
+    def forward_stem(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Stem, then (as tokens) the class token and position embedding if the spec has them."""
         x = self.stem(x)
         hw = (x.shape[-2], x.shape[-1])
         if self.num_prefix or self.pos_embed is not None:
             x = self._pos_embed(x.flatten(2).transpose(1, 2), hw)
+        return x, hw
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of the last stage: (B, C, H, W) or (B, P + H*W, C), as its last block left them."""
+        x, hw = self.forward_stem(x)
         for stage in self.stages:
             x, hw = stage(x, hw)
         return x
+
+    def pieces(self, x: torch.Tensor) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
+        """The forward pass cut into the pieces a latency table measures: ``(name, fn, args)`` for
+        the stem, each stage's downsampling, each block and the head, in order, with the inputs
+        each piece gets on ``x`` (the pass is run once to collect them)."""
+        out: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = [("stem", self.forward_stem, (x,))]
+        x, hw = self.forward_stem(x)
+        for i, stage in enumerate(self.stages):
+            if stage.has_downsample:
+                out.append((f"s{i}.down", stage.forward_downsample, (x, hw)))
+                x, hw = stage.forward_downsample(x, hw)
+            for j, blk in enumerate(stage.blocks):
+                out.append((f"s{i}.b{j}", blk, (x, hw)))
+                x = blk(x, hw)
+        out.append(("head", self.forward_head, (x,)))
+        return out
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if x.ndim == 4:

@@ -1,7 +1,7 @@
 """Channel mixers (the FFN half of a block): MLP, SwiGLU, conv-FFN (PVT v2), nested FFN (MatFormer).
 
 Every mixer is ``cls(dim, *, mlp_ratio)`` with ``forward(x, hw)``. The ``"any"``-layout ones keep
-their weights in ``nn.Linear`` modules and apply them with :func:`linear_any`, i.e. as a linear map
+their weights in ``nn.Linear`` modules and apply them with :func:`apply_fc`, i.e. as a linear map
 on (B, N, C) and as the equivalent 1x1 convolution on (B, C, H, W), with the same parameters.
 """
 
@@ -25,6 +25,21 @@ def _hidden(dim: int, mlp_ratio: float, kind: str) -> int:
     if hidden < 1:
         raise ValueError(f"{kind}: dim * mlp_ratio = {dim * mlp_ratio} gives no hidden units; raise mlp_ratio")
     return hidden
+
+
+def apply_fc(layer: nn.Module, x: Tensor, rows: int | None = None, cols: int | None = None) -> Tensor:
+    """``layer`` (an ``nn.Linear``) over the channels of ``x`` in either layout, using its first ``rows``
+    outputs / ``cols`` inputs (MatFormer slices). A low-precision stand-in for ``nn.Linear`` (see
+    ``predictors.precision``) provides ``channel_forward(x, rows, cols)`` and is called through it."""
+    channel_forward = getattr(layer, "channel_forward", None)
+    if channel_forward is not None:
+        return channel_forward(x, rows, cols)
+    weight, bias = layer.weight, layer.bias
+    if rows is not None:
+        weight, bias = weight[:rows], None if bias is None else bias[:rows]
+    if cols is not None:
+        weight = weight[:, :cols]
+    return linear_any(x, weight, bias)
 
 
 def _channel_dim(x: Tensor) -> int:
@@ -53,8 +68,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(self.hidden, dim)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        x = self.act(linear_any(x, self.fc1.weight, self.fc1.bias))
-        return linear_any(x, self.fc2.weight, self.fc2.bias)
+        x = self.act(apply_fc(self.fc1, x))
+        return apply_fc(self.fc2, x)
 
 
 def glu_hidden(dim: int, mlp_ratio: float) -> int:
@@ -93,8 +108,8 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(self.hidden, dim)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        gate, value = linear_any(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=_channel_dim(x))
-        return linear_any(F.silu(gate) * value, self.fc2.weight, self.fc2.bias)
+        gate, value = apply_fc(self.fc1, x).chunk(2, dim=_channel_dim(x))
+        return apply_fc(self.fc2, F.silu(gate) * value)
 
 
 @channel_mixer("conv_ffn")
@@ -122,8 +137,8 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(self.hidden, dim)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        x = self.act(self.dwconv(linear_any(x, self.fc1.weight, self.fc1.bias)))
-        return linear_any(x, self.fc2.weight, self.fc2.bias)
+        x = self.act(self.dwconv(apply_fc(self.fc1, x)))
+        return apply_fc(self.fc2, x)
 
 
 @channel_mixer("nested")
@@ -167,11 +182,11 @@ class NestedMlp(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         m = self.active_hidden
-        x = self.act(linear_any(x, self.fc1.weight[:m], self.fc1.bias[:m]))
-        return linear_any(x, self.fc2.weight[:, :m], self.fc2.bias)
+        x = self.act(apply_fc(self.fc1, x, rows=m))
+        return apply_fc(self.fc2, x, cols=m)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, active_hidden={self.active_hidden}"
 
 
-__all__ = ["ConvFFN", "Mlp", "NestedMlp", "SwiGLU", "glu_hidden"]
+__all__ = ["ConvFFN", "Mlp", "NestedMlp", "SwiGLU", "apply_fc", "glu_hidden"]

@@ -57,6 +57,7 @@ class SelectiveScanBranch(nn.Module):
             dt = dt.clamp(min=dt_init_floor)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         _no_reinit(self.dt_proj.bias)
+        self.dt_proj._keep_float = True  # its weight is read directly (in float32): never quantize it
         # S4D-real initialisation A = -[1, ..., d_state] per channel, stored as log(-A); skip D = 1.
         a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
         self.A_log = _no_reinit(nn.Parameter(torch.log(a)))
