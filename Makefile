@@ -29,6 +29,8 @@ demo: install
 	$(NAS) describe --space hybrid_vit --preset deit_tiny --img-size 224
 	$(NAS) sample --space nb201 --seed 0 --n 3
 	$(NAS) proxies --space hybrid_vit --spec .demo_spec.json --data digits --batch-size 32
+	$(NAS) device --threads 1
+	$(NAS) latency --space hybrid_vit --n 3 --seed 0 --batch 8 --threads 1 --repeats 20
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The `nas` command line: spaces, sample, describe.
+"""The `nas` command line: spaces, sample, describe, proxies, latency, device.
 
 Bad input (an unknown space, bad JSON, an invalid spec, a wrong flag) gets one line on stderr
 and exit code 2; nothing is written.
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -99,17 +100,20 @@ def _read_spec(space: Any, spec: str | None, preset: str | None) -> Any:
             names = ", ".join(sorted(PRESETS)) if space.name == "hybrid_vit" else "none for this space"
             raise BadInput(f"unknown preset {preset!r} for space {space.name!r}; presets: {names}")
         return PRESETS[preset]
+    return _parse_spec(space, _read_text(spec), "spec")
+
+
+def _read_text(spec: str) -> str:
+    """The text of a spec file, or of stdin for ``-``."""
     if spec == "-":
-        text = sys.stdin.read()
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise BadInput(f"spec file {spec!r} not found; pass a JSON file from 'nas sample --json' or - for stdin")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise BadInput(f"cannot read spec file {spec!r}: {e}") from None
-    return _parse_spec(space, text, "spec")
+        return sys.stdin.read()
+    path = Path(spec)
+    if not path.is_file():
+        raise BadInput(f"spec file {spec!r} not found; pass a JSON file from 'nas sample --json' or - for stdin")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read spec file {spec!r}: {e}") from None
 
 
 def _parse_spec(space: Any, text: str, what: str) -> Any:
@@ -303,6 +307,138 @@ def proxies(
             for layer, v in layers.items():
                 t.add_row(layer, f"{v:.4g}")
             console.print(t)
+
+
+def _read_specs(space: Any, spec: str | None, preset: str | None) -> list[Any]:
+    """One spec (``--preset``, or a JSON file/stdin), or several: a file of JSON lines as
+    ``nas sample --json`` writes them."""
+    if spec is not None and preset is None:
+        text = _read_text(spec)
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if len(lines) > 1 and all(ln.lstrip().startswith("{") and ln.rstrip().endswith("}") for ln in lines):
+            return [_parse_spec(space, ln, f"spec on line {i + 1}") for i, ln in enumerate(lines)]
+        return [_parse_spec(space, text, "spec")]
+    return [_read_spec(space, spec, preset)]
+
+
+def _fingerprint_line(fp: dict[str, Any]) -> str:
+    if fp["kind"] == "cuda":
+        extra = [f"cc {fp.get('compute_capability')}", f"{fp.get('memory_mb')} MiB"]
+        extra += [f"driver {fp['driver']}"] if "driver" in fp else []
+        extra += [f"{fp['power_limit_w']} W"] if "power_limit_w" in fp else []
+        extra += [f"SM {fp['sm_clock_max_mhz']} MHz"] if "sm_clock_max_mhz" in fp else []
+    else:
+        extra = [f"cores {fp['usable_cores']}", f"torch threads {fp['torch_threads']}", fp["isa"]]
+    return f"{fp['name']} ({', '.join(str(e) for e in extra)})  key {fp['key']}"
+
+
+@app.command()
+def device(
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU: torch threads to report (default: current)."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """The device fingerprint latency tables are keyed by (NVML on NVIDIA GPUs, the CPU otherwise)."""
+    from predictors.latency import device_fingerprint
+    from predictors.precision import supported_precisions
+
+    if threads is not None:
+        _positive("--threads", threads)
+    fp = device_fingerprint(device, threads=threads)
+    fp["precisions"] = list(supported_precisions(device if fp["kind"] == "cuda" else "cpu"))
+    if json_out:
+        print(json.dumps(fp, indent=2, sort_keys=True))
+        return
+    if "requested" in fp:
+        console.print(f"no CUDA device visible for {fp['requested']!r}: this is the CPU")
+    t = Table(title=_fingerprint_line(fp))
+    t.add_column("field")
+    t.add_column("value", overflow="fold")
+    for k, v in fp.items():
+        t.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+    console.print(t)
+
+
+@app.command()
+def latency(
+    space: str = typer.Option("hybrid_vit", "--space", help="Search space name."),
+    spec: str | None = typer.Option(None, "--spec", help="Spec JSON file (one spec, or JSON lines), or - for stdin."),
+    preset: str | None = typer.Option(None, "--preset", help="A hybrid_vit preset instead of --spec."),
+    n: int | None = typer.Option(None, "--n", help="Measure N random architectures of the space instead."),
+    seed: int = typer.Option(0, "--seed", help="First seed of the random architectures."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
+    precision: str | None = typer.Option(None, "--precision",
+                                         help="fp32|bf16|fp16|int8|fp8 (default: each spec's own)."),
+    batch: int = typer.Option(1, "--batch", help="Batch size."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input resolution (default: the space's)."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="Classifier outputs (default: the space's)."),
+    warmup: int = typer.Option(10, "--warmup", help="Warm-up calls at least (then until stable)."),
+    repeats: int = typer.Option(50, "--repeats", help="Timed calls."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's current count)."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay a captured CUDA graph (GPU only)."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Measured latency (median, p10/p90, CV, peak memory) of architectures on a device."""
+    sp = _space(space)
+    if (n is not None) + (spec is not None) + (preset is not None) != 1:
+        raise BadInput("give exactly one of --spec FILE|-, --preset NAME or --n N")
+    for name, value in (("--batch", batch), ("--repeats", repeats), ("--n", n), ("--threads", threads),
+                        ("--img-size", img_size), ("--num-classes", num_classes)):
+        if value is not None:
+            _positive(name, value)
+    if warmup < 0:
+        raise BadInput(f"--warmup must be at least 0, got {warmup}")
+    from predictors.latency import LatencyError, measure, parse_device
+    from predictors.precision import PrecisionError, check_precision, supported_precisions
+    from search_spaces.counting import count_params
+
+    try:
+        dev = parse_device(device)
+        if precision is not None:
+            check_precision(precision, dev)
+    except (LatencyError, PrecisionError) as e:
+        raise BadInput(str(e)) from None
+    if n is not None:
+        if sp.name == "hybrid_vit" and precision is None:  # draw only what this device runs
+            from dataclasses import replace
+
+            sp = type(sp)(replace(sp.choices, precisions=supported_precisions(dev)))
+        specs = [sp.random(seed + i) for i in range(n)]
+    else:
+        specs = _read_specs(sp, spec, preset)
+    size = img_size or sp.default_img_size
+    classes = num_classes or sp.default_num_classes
+    rows = []
+    for s in specs:
+        prec = precision or getattr(s, "precision", "fp32")
+        try:
+            model = build_for_data(sp, s, classes, 3, size)
+            r = measure(model, (3, size, size), dev, prec, batch_size=batch, warmup=warmup, repeats=repeats,
+                        threads=threads, cuda_graph=cuda_graph, seed=seed)
+        except (LatencyError, PrecisionError, ValueError) as e:
+            raise BadInput(f"{s.short()}: {e}") from None
+        rows.append((s, count_params(model), r))
+    fp = rows[0][2].fingerprint
+    if json_out:
+        out = []
+        for s, params, r in rows:
+            d = r.to_dict()
+            d.pop("fingerprint")
+            out.append({"hash": s.hash, "short": s.short(), "spec": s.to_dict(), "params": params, **d})
+        print(json.dumps({"fingerprint": fp, "img_size": size, "num_classes": classes, "results": out}, indent=2))
+        return
+    t = Table(title=f"{_fingerprint_line(fp)}\nbatch {batch}, {size}px, {classes} classes, {repeats} timed calls, "
+                    "times in ms", box=box.SIMPLE)
+    for col in ("hash", "params", "prec", "median", "p10", "p90", "cv %", "peak MiB", "img/s"):
+        t.add_column(col, justify="left" if col in ("hash", "prec") else "right",
+                     no_wrap=col in ("hash", "prec", "median"))
+    for s, params, r in rows:
+        t.add_row(s.hash[:8], f"{params / 1e6:.2f}M", r.precision, f"{r.median_ms:.3f}",
+                  f"{r.p10_ms:.3f}", f"{r.p90_ms:.3f}", f"{100 * r.cv:.1f}",
+                  "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}", f"{r.throughput:.0f}")
+    console.print(t)
+    for s, _, _ in rows:
+        console.print(f"  {s.hash[:8]}  {s.short()}", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,56 @@ def test_proxies_bad_input_is_one_line_exit_2(args: list[str], message: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(args, capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_device_prints_the_cpu_fingerprint(capsys: pytest.CaptureFixture[str]) -> None:
+    from predictors.latency import device_fingerprint
+
+    code, out, _ = run(["device", "--threads", "1", "--json"], capsys)
+    assert code == 0
+    fp = json.loads(out)
+    assert fp["kind"] == "cpu" and fp["torch_threads"] == 1
+    assert fp["key"] == device_fingerprint("cpu", threads=1)["key"]
+    assert "fp32" in fp["precisions"] and "fp8" not in fp["precisions"]
+    code, out, _ = run(["device"], capsys)
+    assert code == 0 and fp["name"] in out
+
+
+def test_latency_of_random_archs_and_a_spec_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["latency", "--n", "2", "--seed", "3", "--batch", "2", "--repeats", "5", "--warmup", "2",
+                        "--threads", "1", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["fingerprint"]["kind"] == "cpu" and data["fingerprint"]["torch_threads"] == 1
+    assert len(data["results"]) == 2
+    for r in data["results"]:
+        assert r["repeats"] == 5 and r["input_shape"] == [2, 3, 32, 32]
+        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["precision"] in ("fp32", "bf16", "int8")  # drawn from what this CPU runs natively
+        assert ArchSpec.from_dict(r["spec"]).hash == r["hash"]
+    # JSON lines from `nas sample --json` measure one row per line, at the precision asked for
+    code, lines, _ = run(["sample", "--n", "2", "--seed", "9", "--json"], capsys)
+    f = tmp_path / "specs.jsonl"
+    f.write_text(lines)
+    code, out, _ = run(["latency", "--spec", str(f), "--precision", "fp32", "--batch", "1", "--repeats", "3",
+                        "--warmup", "1"], capsys)
+    assert code == 0
+    hashes = [ArchSpec.from_json(ln).hash for ln in lines.splitlines()]
+    assert all(h[:8] in out for h in hashes) and out.count(" fp32 ") == 2
+
+
+LATENCY_BAD_INPUTS = [
+    (["latency", "--preset", "deit_tiny", "--device", "cuda"], "--device cpu"),
+    (["latency", "--preset", "deit_tiny", "--precision", "fp8"], "compute capability >= 8.9"),
+    (["latency", "--preset", "deit_tiny", "--precision", "fp4"], "unknown precision 'fp4'"),
+    (["latency", "--preset", "deit_tiny", "--n", "2"], "exactly one of"),
+    (["latency", "--preset", "deit_tiny", "--batch", "0"], "--batch must be at least 1"),
+    (["latency", "--preset", "deit_tiny", "--img-size", "8"], "too small"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), LATENCY_BAD_INPUTS, ids=[" ".join(a[3:]) for a, _ in LATENCY_BAD_INPUTS])
+def test_latency_bad_input_is_one_line_exit_2(args: list[str], message: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
