@@ -76,6 +76,8 @@ def check_precision(precision: str, device: str | torch.device = "cpu") -> None:
     if precision == "int8":
         raise PrecisionError("int8 is dynamic quantization for CPUs; on a GPU use fp8 (compute capability "
                              ">= 8.9), bf16 or fp16")
+    if not torch.cuda.is_available():
+        raise PrecisionError(f"no CUDA GPU is visible to torch for {precision} on {str(dev)!r}; use --device cpu")
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise PrecisionError("this GPU has no bf16 support (compute capability < 8.0); use fp16 or fp32")
     if precision == "fp8":
@@ -241,7 +243,7 @@ def to_precision(model: nn.Module, precision: str, device: str | torch.device = 
     elif precision == "fp8":
         model.to(torch.bfloat16)
         _replace_linears(model, lambda m: Fp8Linear.from_float(m) if Fp8Linear.fits(m) else None)
-    return model
+    return model.eval()  # the swapped-in layers too
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:
