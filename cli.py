@@ -400,9 +400,7 @@ def latency(
         raise BadInput(str(e)) from None
     if n is not None:
         if sp.name == "hybrid_vit" and precision is None:  # draw only what this device runs
-            from dataclasses import replace
-
-            sp = type(sp)(replace(sp.choices, precisions=supported_precisions(dev)))
+            sp = sp.with_choices(precisions=supported_precisions(dev))
         specs = [sp.random(seed + i) for i in range(n)]
     else:
         specs = _read_specs(sp, spec, preset)

@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +56,7 @@ def main() -> None:
     img = args.img_size or (224 if gpu else 32)
     threads = None if gpu else args.threads
     torch.set_num_threads(args.threads if not gpu else torch.get_num_threads())
-    space = get_space("hybrid_vit")
-    space = type(space)(replace(space.choices, precisions=(precision,)))
+    space = get_space("hybrid_vit").with_choices(precisions=(precision,))
     calib = [space.random(args.seed + i) for i in range(args.calib)]
     test = [space.random(args.seed + 100_000 + i) for i in range(args.test)]
     fp = device_fingerprint(dev, threads=threads)

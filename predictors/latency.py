@@ -27,7 +27,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -713,7 +713,7 @@ def build_lut(space: Any, device: str = "cpu", precision: str | None = "fp32", i
                             threads=threads, warmup=warmup, repeats=repeats, min_time_s=min_time_s)
     if specs is None:
         if precision is None:
-            space = type(space)(replace(space.choices, precisions=supported_precisions(device)))
+            space = space.with_choices(precisions=supported_precisions(device))
         specs = [space.random(seed + i) for i in range(n_archs)]
     pred.add(specs, progress=progress)
     return pred

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -399,6 +399,10 @@ class HybridViTSpace(SearchSpace):
 
     def __init__(self, choices: HybridViTChoices | None = None) -> None:
         self.choices = choices or HybridViTChoices()
+
+    def with_choices(self, **changes: Any) -> HybridViTSpace:
+        """This space with some choices replaced, e.g. ``with_choices(precisions=("bf16",))``."""
+        return type(self)(replace(self.choices, **changes))
 
     def sample(self, trial: Trial) -> ArchSpec:
         """Define-by-run; parameter names are hierarchical (``s2.token_mixer``, ``s1.b0.channel_mixer``)."""
