@@ -51,6 +51,17 @@ def downsample_grid(kind: str, h: int, w: int) -> tuple[int, int]:
     return (h, w) if kind == "none" else ((h + 1) // 2, (w + 1) // 2)
 
 
+def init_weights(module: nn.Module) -> None:
+    """The assembly's initialisation (ViT/DeiT): Linear and Conv2d weights ~ trunc-normal(0.02),
+    biases zero, except parameters a block marks ``_no_reinit`` (Mamba's Δ bias, A, D)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if not getattr(m.weight, "_no_reinit", False):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                nn.init.zeros_(m.bias)
+
+
 class Stem(nn.Module):
     """Patch embedding ("patch", ViT), overlapping patch embedding ("overlap", PoolFormer) or a
     stack of 3x3 stride-2 conv-BN layers with GELU between them ("conv", LeViT/EfficientViT)."""
@@ -206,7 +217,7 @@ class HybridViT(nn.Module):
         self.pos_embed = (nn.Parameter(torch.zeros(1, self.num_prefix + grid[0] * grid[1], widths[0]))
                           if spec.pos_embed == "learned" else None)
         total = sum(s.depth for s in spec.stages)
-        rates = torch.linspace(0, drop_path, total).tolist() if total > 1 else [drop_path] * total
+        rates = torch.linspace(0, drop_path, total, device="cpu").tolist() if total > 1 else [drop_path] * total
         stages, c_in, k = [], widths[0], 0
         for st in spec.stages:
             stage = Stage(st, c_in, grid, rates[k:k + st.depth])
@@ -219,12 +230,7 @@ class HybridViT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                if not getattr(m.weight, "_no_reinit", False):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None and not getattr(m.bias, "_no_reinit", False):
-                    nn.init.zeros_(m.bias)
+        init_weights(self)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
