@@ -14,7 +14,7 @@ def test_search_spaces_and_predictors_import_with_torch_and_numpy_only() -> None
         "import sys\n"
         "import search_spaces, search_spaces.hybrid_vit, search_spaces.nb201\n"
         "import predictors, predictors.zero_cost, predictors.parzc, predictors.metrics, predictors.latency\n"
-        "import predictors.precision\n"
+        "import predictors.precision, predictors.supernet, search_spaces.supernet\n"
         "search_spaces.get_space('hybrid_vit'); search_spaces.token_mixer_names()\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     )

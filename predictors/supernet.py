@@ -1,0 +1,452 @@
+"""Training a weight-sharing supernet and reading subnet accuracies from it.
+
+- :func:`train_supernet`: the sandwich rule (Yu et al. 2019, "Universally Slimmable Networks and
+  Improved Training Techniques"; BigNAS, Yu et al. 2020): every step trains the largest subnet,
+  the smallest and ``n_random`` random ones, accumulating their gradients into one update, with
+  optional in-place distillation (the largest subnet's soft predictions teach the others).
+  Checkpoints are atomic and resume exactly: all randomness of a step (its subnets, its
+  augmentation) derives from ``(seed, step)`` and the data order from ``(seed, epoch)``.
+- :func:`evaluate_subnet`: extract the subnet, recalibrate its BatchNorm statistics on training
+  images (shared statistics are wrong for any one subnet; OFA/BigNAS do the same), convert it
+  to the precision its spec carries, and measure top-1 accuracy.
+- :func:`train_standalone`: the same recipe for one plain model (the reference the supernet's
+  ranking is judged against).
+
+``data`` is anything with ``x`` (N, C, H, W float tensor) and ``y`` (N int64) attributes, such as
+``nas.data.ImageDataset``. Imports torch and the project only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from predictors.precision import activation_dtype, to_precision
+from search_spaces.hybrid_vit import build
+from search_spaces.spec import ArchSpec
+from search_spaces.supernet import Supernet, SupernetFrame
+
+CKPT_NAME = "supernet.pt"
+CKPT_FORMAT = 1
+
+__all__ = [
+    "CKPT_NAME",
+    "SupernetError",
+    "TrainConfig",
+    "accuracy",
+    "evaluate_subnet",
+    "load_checkpoint",
+    "recalibrate_bn",
+    "train_standalone",
+    "train_supernet",
+]
+
+
+class SupernetError(ValueError):
+    """A checkpoint or configuration problem the user can fix (one line)."""
+
+
+class Data(Protocol):
+    x: Tensor
+    y: Tensor
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe, shared by the supernet and by standalone training.
+
+    AdamW with linear warm-up then cosine decay, label smoothing, random-crop (zero padding of
+    ``img/8``) and horizontal-flip augmentation, gradient clipping."""
+
+    batch_size: int = 128
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 5.0
+    augment: bool = True
+    flip: bool = True
+    n_random: int = 2  # sandwich: random subnets per step besides the largest and the smallest
+    distill: bool = True  # in-place distillation from the largest subnet
+    distill_temperature: float = 1.0
+    distill_weight: float = 0.5  # student loss = w * KD + (1 - w) * CE on the labels
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.lr <= 0 or self.n_random < 0 or self.warmup_epochs < 0:
+            raise SupernetError("batch_size and lr must be positive, n_random and warmup_epochs >= 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------
+# pieces of the recipe
+# --------------------------------------------------------------------------------------------
+
+
+def _generator(*key: int) -> torch.Generator:
+    seed = 0
+    for k in key:
+        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def augment(x: Tensor, gen: torch.Generator, flip: bool = True) -> Tensor:
+    """Random crop after zero padding by ``max(1, H // 8)`` pixels, and a random horizontal flip,
+    per image (the standard CIFAR recipe of He et al. 2016)."""
+    b, _, h, w = x.shape
+    pad = max(1, h // 8)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    out = xp[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(b, generator=gen) < 0.5
+        out = torch.where(mask[:, None, None, None], out.flip(3), out)
+    return out.contiguous()
+
+
+def _lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def _order(n: int, seed: int, epoch: int) -> Tensor:
+    return torch.randperm(n, generator=_generator(seed, epoch, 0xDA7A))
+
+
+def _check_data(data: Data, what: str) -> None:
+    x, y = getattr(data, "x", None), getattr(data, "y", None)
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.ndim != 4 or len(x) != len(y) or len(x) == 0:
+        raise SupernetError(f"{what} data must have x (N, C, H, W) and y (N,) tensors with N >= 1")
+
+
+def _check_frame_data(frame: SupernetFrame, data: Data) -> None:
+    _check_data(data, "training")
+    _, c, h, w = data.x.shape
+    if c != frame.in_chans or h != frame.img_size or w != frame.img_size:
+        raise SupernetError(f"the frame takes {frame.in_chans}x{frame.img_size}x{frame.img_size} images but the data "
+                            f"has {c}x{h}x{w}; resize the data (--img-size) or use a frame that matches")
+    top = int(data.y.max())
+    if top >= frame.num_classes:
+        raise SupernetError(f"the data has class index {top} but the frame has {frame.num_classes} classes")
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# the supernet
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where a supernet run is: counted in optimizer steps."""
+
+    step: int = 0
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, float]] | None = None
+
+
+def sandwich(frame: SupernetFrame, cfg: TrainConfig, step: int) -> list[ArchSpec]:
+    """The subnets of ``step``: largest, smallest and ``cfg.n_random`` random ones (mixers random)."""
+    rng = random.Random(f"{cfg.seed}:{step}")
+    specs = [frame.largest(rng), frame.smallest(rng)]
+    specs += [frame.random(rng.randrange(2**31)) for _ in range(cfg.n_random)]
+    return [s.with_precision(frame.precisions[0]) for s in specs]
+
+
+def _kd(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
+
+
+def supernet_step(net: Supernet, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, specs: list[ArchSpec],
+                  cfg: TrainConfig) -> float:
+    """One sandwich update: the first spec learns from the labels, the others from the labels or
+    (with ``cfg.distill``) from the first one's soft predictions. Returns the first spec's loss."""
+    opt.zero_grad(set_to_none=True)
+    teacher_loss = 0.0
+    teacher: Tensor | None = None
+    for k, spec in enumerate(specs):
+        logits = net(x, spec)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if k > 0 and cfg.distill:
+            w = cfg.distill_weight
+            loss = w * _kd(logits, teacher, cfg.distill_temperature) + (1 - w) * loss  # type: ignore[arg-type]
+        if k == 0:
+            teacher = logits.detach()
+            teacher_loss = float(loss.detach())
+        loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], cfg.grad_clip)
+    opt.step()
+    return teacher_loss
+
+
+def _ckpt_payload(net: Supernet, opt: torch.optim.Optimizer, cfg: TrainConfig, st: TrainState, epochs: int,
+                  meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": CKPT_FORMAT, "frame": net.frame.to_dict(), "config": asdict(cfg), "epochs": epochs,
+        "step": st.step, "total_steps": st.total_steps, "steps_per_epoch": st.steps_per_epoch,
+        "seconds": st.seconds, "history": st.history or [], "meta": meta,
+        "model": net.state_dict(), "optimizer": opt.state_dict(),
+    }
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Supernet, dict[str, Any]]:
+    """The supernet saved under ``path`` (a directory or the file) and the checkpoint's metadata."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CKPT_NAME
+    if not p.is_file():
+        raise SupernetError(f"no supernet checkpoint at {path}; train one with `nas supernet train --out DIR`")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # any unreadable file is the same user error
+        raise SupernetError(f"{p} is not a readable supernet checkpoint ({type(e).__name__}); retrain or restore it") \
+            from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise SupernetError(f"{p} is not a supernet checkpoint of format {CKPT_FORMAT}")
+    frame = SupernetFrame.from_dict(ckpt["frame"])
+    net = Supernet(frame, seed=int(ckpt["config"].get("seed", 0)))
+    net.load_state_dict(ckpt["model"])
+    return net, ckpt
+
+
+def train_supernet(
+    frame: SupernetFrame,
+    data: Data,
+    epochs: int,
+    *,
+    config: TrainConfig | None = None,
+    out: str | Path | None = None,
+    ckpt_every: int = 200,
+    max_steps: int | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: Callable[[TrainState, float], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> Supernet:
+    """Train a supernet of ``frame`` on ``data`` for ``epochs`` with the sandwich rule.
+
+    With ``out`` the run is checkpointed there (atomically, every ``ckpt_every`` steps, at each
+    epoch end and at the end) and an existing checkpoint is resumed exactly; a checkpoint made
+    with another frame, recipe or epoch count is refused. ``max_steps`` stops early (after a
+    checkpoint), e.g. to split a run. ``progress(state, loss)`` is called after every step."""
+    cfg = config or TrainConfig()
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise SupernetError(f"epochs must be a positive integer, got {epochs!r}")
+    _check_frame_data(frame, data)
+    n = len(data.x)
+    bs = min(cfg.batch_size, n)
+    spe = n // bs
+    st = TrainState(step=0, total_steps=spe * epochs, steps_per_epoch=spe, history=[])
+    ckpt_path = Path(out) / CKPT_NAME if out is not None else None
+    dev = torch.device(device)
+    net = Supernet(frame, seed=cfg.seed).to(dev)
+    opt = _optimizer(net, cfg)
+    if ckpt_path is not None and ckpt_path.exists():
+        net, ckpt = load_checkpoint(ckpt_path)
+        net.to(dev)
+        if ckpt["frame"] != frame.to_dict():
+            raise SupernetError(f"{out} holds a supernet of another frame; pass the same frame or a new --out")
+        if ckpt["config"] != asdict(cfg) or ckpt["epochs"] != epochs or ckpt["steps_per_epoch"] != spe:
+            raise SupernetError(f"{out} was trained with another recipe ({ckpt['epochs']} epochs, "
+                                f"{ckpt['steps_per_epoch']} steps an epoch); pass the same settings or a new --out")
+        opt = _optimizer(net, cfg)
+        opt.load_state_dict(ckpt["optimizer"])
+        st = TrainState(step=ckpt["step"], total_steps=ckpt["total_steps"], steps_per_epoch=spe,
+                        seconds=ckpt["seconds"], history=list(ckpt["history"]))
+    meta = dict(meta or {}, n_train=n)
+
+    def save() -> None:
+        if ckpt_path is not None:
+            _atomic_save(_ckpt_payload(net, opt, cfg, st, epochs, meta), ckpt_path)
+            (ckpt_path.parent / "frame.json").write_text(frame.to_json(indent=2) + "\n")
+
+    net.train()
+    stop = st.total_steps if max_steps is None else min(st.total_steps, max_steps)
+    epoch_loss, epoch_n = 0.0, 0
+    while st.step < stop:
+        epoch, k = divmod(st.step, spe)
+        order = _order(n, cfg.seed, epoch)
+        idx = order[k * bs:(k + 1) * bs]
+        x, y = data.x[idx], data.y[idx]
+        if cfg.augment:
+            x = augment(x, _generator(cfg.seed, st.step, 0xA06), cfg.flip)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        lr = _lr_at(cfg, st.step, st.total_steps, spe)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        loss = supernet_step(net, opt, x, y, sandwich(frame, cfg, st.step), cfg)
+        st.seconds += time.perf_counter() - t0
+        st.step += 1
+        epoch_loss, epoch_n = epoch_loss + loss, epoch_n + 1
+        if progress is not None:
+            progress(st, loss)
+        if st.step % spe == 0:
+            st.history = [*(st.history or []), {"epoch": st.step // spe, "loss": epoch_loss / max(1, epoch_n),
+                                                 "seconds": st.seconds}]
+            epoch_loss, epoch_n = 0.0, 0
+            save()
+        elif ckpt_every and st.step % ckpt_every == 0:
+            save()
+    if st.step % spe:
+        save()
+    net.train_state = st  # type: ignore[attr-defined]
+    return net
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Data, batches: int = 16, batch_size: int = 128, seed: int = 0) -> int:
+    """Re-estimate every BatchNorm's running statistics of ``model`` as the plain average over
+    ``batches`` batches of ``data`` (no augmentation); returns the images used. Other norms
+    keep no statistics and need none."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts the same
+    was_training = model.training
+    model.train()
+    order = _order(len(data.x), seed, 0xBA7C)
+    used = 0
+    dev = next(model.parameters()).device
+    for b in range(batches):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        if len(idx) == 0:
+            break
+        model(data.x[idx].to(dev))
+        used += len(idx)
+    for m, mom in saved:
+        m.momentum = mom
+    model.train(was_training)
+    return used
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Data, batch_size: int = 512, dtype: torch.dtype | None = None) -> float:
+    """Top-1 accuracy of ``model`` (as it is: eval mode is the caller's business) on ``data``."""
+    _check_data(data, "evaluation")
+    dev = next(model.parameters()).device
+    correct = 0
+    for s in range(0, len(data.x), batch_size):
+        x = data.x[s:s + batch_size].to(dev)
+        if dtype is not None:
+            x = x.to(dtype)
+        correct += int((model(x).argmax(-1).cpu() == data.y[s:s + batch_size]).sum())
+    return correct / len(data.x)
+
+
+def evaluate_subnet(
+    supernet: Supernet,
+    spec: ArchSpec,
+    data: Data,
+    *,
+    calib: Data | None = None,
+    calib_batches: int = 16,
+    batch_size: int = 512,
+    precision: str | None = None,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Top-1 accuracy on ``data`` of the subnet ``spec`` with inherited weights.
+
+    BatchNorm statistics are recalibrated on ``calib`` (training images; ``data`` itself when
+    None, which is transductive: pass training data where you have it). The model then runs at
+    ``precision`` (the spec's own by default) on ``device``: bf16/fp16 cast, int8/fp8 Linear
+    layers (``predictors.precision``), so the accuracy includes the cost of that precision."""
+    _check_data(data, "evaluation")
+    model = supernet.extract(spec).to(device)
+    if has_batchnorm(model):
+        recalibrate_bn(model, calib if calib is not None else data, batches=calib_batches)
+    precision = precision or spec.precision
+    model = to_precision(model, precision, device, inplace=True)
+    return accuracy(model, data, batch_size=batch_size, dtype=activation_dtype(precision))
+
+
+def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainConfig | None = None,
+                     num_classes: int | None = None, seed: int | None = None,
+                     device: str | torch.device = "cpu") -> nn.Module:
+    """Train ``build(spec)`` from scratch with the supernet's recipe (no sandwich, labels only)."""
+    cfg = config or TrainConfig()
+    _check_data(data, "training")
+    _, c, h, _ = data.x.shape
+    model = build(spec, num_classes=num_classes or int(data.y.max()) + 1, img_size=h, in_chans=c,
+                  seed=cfg.seed if seed is None else seed).to(device)
+    opt = _optimizer(model, cfg)
+    n = len(data.x)
+    bs = min(cfg.batch_size, n)
+    spe = n // bs
+    total = spe * epochs
+    model.train()
+    for step in range(total):
+        epoch, k = divmod(step, spe)
+        idx = _order(n, cfg.seed, epoch)[k * bs:(k + 1) * bs]
+        x, y = data.x[idx], data.y[idx]
+        if cfg.augment:
+            x = augment(x, _generator(cfg.seed, step, 0xA06), cfg.flip)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step, total, spe)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+    return model.eval()
