@@ -31,6 +31,8 @@ demo: install
 	$(NAS) proxies --space hybrid_vit --spec .demo_spec.json --data digits --batch-size 32
 	$(NAS) device --threads 1
 	$(NAS) latency --space hybrid_vit --n 3 --seed 0 --batch 8 --threads 1 --repeats 20
+	$(NAS) supernet train --frame tiny --data digits --epochs 3 --no-augment --out .demo_supernet
+	$(NAS) supernet eval --ckpt .demo_supernet --n 4
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -39,4 +41,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .demo_spec.json
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .demo_spec.json .demo_supernet

@@ -1,4 +1,4 @@
-"""The `nas` command line: spaces, sample, describe, proxies, latency, device.
+"""The `nas` command line: spaces, sample, describe, proxies, latency, device, supernet train/eval.
 
 Bad input (an unknown space, bad JSON, an invalid spec, a wrong flag) gets one line on stderr
 and exit code 2; nothing is written.
@@ -437,6 +437,196 @@ def latency(
     console.print(t)
     for s, _, _ in rows:
         console.print(f"  {s.hash[:8]}  {s.short()}", soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------
+# nas supernet train / eval
+# --------------------------------------------------------------------------------------------
+
+supernet_app = _App(help="Weight-sharing supernet: train once, evaluate subnets with inherited weights.",
+                    no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(supernet_app, name="supernet")
+
+
+def _load_data(source: str, split: str, limit: int | None, img_size: int | None, seed: int = 0) -> Any:
+    from nas.data import load
+
+    try:
+        return load(source, split=split, limit=limit, img_size=img_size, seed=seed)
+    except (ValueError, OSError) as e:
+        raise BadInput(str(e).splitlines()[0]) from None
+
+
+def _frame(frame: str, data: Any, img_size: int | None) -> Any:
+    """A named frame adapted to the data's channels and classes, or a frame JSON file (checked)."""
+    from search_spaces.supernet import FRAMES, frame_from_json, get_frame
+
+    try:
+        if frame in FRAMES:
+            over: dict[str, Any] = {"in_chans": data.in_chans, "num_classes": data.num_classes}
+            if img_size:
+                over["img_size"] = img_size
+            return get_frame(frame, **over)
+        path = Path(frame)
+        if not path.is_file():
+            raise BadInput(f"unknown frame {frame!r}; pass one of {', '.join(sorted(FRAMES))} or a frame JSON file")
+        return frame_from_json(path.read_text())
+    except ValueError as e:
+        raise BadInput(f"invalid frame: {e}") from None
+
+
+@supernet_app.command("train")
+def supernet_train(
+    space: str = typer.Option("hybrid_vit", "--space", help="Search space (hybrid_vit)."),
+    frame: str = typer.Option("small", "--frame", help="small | tiny | a frame JSON file."),
+    data: str = typer.Option("digits", "--data", help="digits | cifar10:PATH | imagefolder:PATH | npz:PATH"),
+    epochs: int = typer.Option(..., "--epochs", help="Epochs over the training images."),
+    out: str = typer.Option(..., "--out", help="Checkpoint directory (an existing run there is resumed)."),
+    limit: int | None = typer.Option(None, "--limit", help="Class-balanced subset of the training images."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Resize images (default: the frame's)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Images a step."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak AdamW learning rate."),
+    n_random: int = typer.Option(2, "--n-random", help="Random subnets a step besides the largest and smallest."),
+    no_distill: bool = typer.Option(False, "--no-distill", help="Train every subnet on the labels only."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="No random crops or flips."),
+    no_flip: bool = typer.Option(False, "--no-flip", help="Random crops but no horizontal flips (e.g. digits)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights, the data order and the subnets."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads."),
+    ckpt_every: int = typer.Option(100, "--ckpt-every", help="Steps between checkpoints (also each epoch end)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
+) -> None:
+    """Train a supernet with the sandwich rule; run the same command again to resume."""
+    if space != "hybrid_vit":
+        raise BadInput(f"supernets exist for space hybrid_vit only, not {space!r}")
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--threads", threads),
+                        ("--limit", limit), ("--img-size", img_size), ("--ckpt-every", ckpt_every)):
+        if value is not None:
+            _positive(name, value)
+    if not lr > 0 or n_random < 0:
+        raise BadInput("--lr must be positive and --n-random at least 0")
+    out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise BadInput(f"--out {out} is a file; pass a directory")
+    from predictors.latency import LatencyError, parse_device
+    from predictors.supernet import SupernetError, TrainConfig, train_supernet
+
+    try:
+        dev = parse_device(device)
+    except LatencyError as e:
+        raise BadInput(str(e)) from None
+    probe = _load_data(data, "train", 1, None)
+    fr = _frame(frame, probe, img_size)
+    ds = _load_data(data, "train", limit, fr.img_size)
+    cfg = TrainConfig(batch_size=batch_size, lr=lr, n_random=n_random, distill=not no_distill, seed=seed,
+                      augment=not no_augment, flip=not no_flip)
+    import torch
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    torch.set_num_threads(threads)
+    console.print(f"supernet over frame {frame}: {len(fr.stages)} stages, ~10^{fr.size():.1f} subnets; "
+                  f"{data}: {len(ds)} images {fr.in_chans}x{fr.img_size}x{fr.img_size}, {fr.num_classes} classes")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                  transient=False) as bar:
+        task = bar.add_task("steps", total=None, info="")
+
+        def progress(st: Any, loss: float) -> None:
+            epoch = (st.step - 1) // st.steps_per_epoch + 1
+            bar.update(task, completed=st.step, total=st.total_steps, info=f"epoch {epoch}/{epochs} loss {loss:.3f}")
+
+        try:
+            net = train_supernet(fr, ds, epochs, config=cfg, out=out_path, ckpt_every=ckpt_every,
+                                 meta={"data": data, "limit": limit, "img_size": fr.img_size}, progress=progress,
+                                 device=dev)
+        except SupernetError as e:
+            raise BadInput(str(e)) from None
+    st = net.train_state  # type: ignore[attr-defined]
+    last = (st.history or [{}])[-1]
+    console.print(f"done: {st.step} steps, {st.seconds:.0f} s of training, last epoch loss "
+                  f"{last.get('loss', float('nan')):.3f}; checkpoint {out_path / 'supernet.pt'}")
+    console.print(f"next: nas supernet eval --ckpt {out} --n 5")
+
+
+@supernet_app.command("eval")
+def supernet_eval(
+    ckpt: str = typer.Option(..., "--ckpt", help="Directory (or file) of a supernet checkpoint."),
+    spec: str | None = typer.Option(None, "--spec", help="Spec JSON file (one, or JSON lines), or - for stdin."),
+    n: int | None = typer.Option(None, "--n", help="Evaluate N random subnets of the frame instead."),
+    seed: int = typer.Option(0, "--seed", help="First seed of the random subnets."),
+    data: str | None = typer.Option(None, "--data", help="Evaluation data (default: the training data's)."),
+    limit: int | None = typer.Option(2000, "--limit", help="Class-balanced subset of the test images (0: all)."),
+    calib_batches: int = typer.Option(16, "--calib-batches", help="Training batches for BatchNorm recalibration."),
+    precision: str | None = typer.Option(None, "--precision", help="Override each spec's own precision."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Accuracy of subnets with weights inherited from a trained supernet (seconds each)."""
+    if (spec is None) == (n is None):
+        raise BadInput("give exactly one of --spec FILE|- or --n N")
+    for name, value in (("--n", n), ("--threads", threads), ("--calib-batches", calib_batches)):
+        if value is not None:
+            _positive(name, value)
+    if limit is not None and limit < 0:
+        raise BadInput(f"--limit must be at least 0, got {limit}")
+    import time
+
+    import torch
+
+    from predictors.precision import PrecisionError
+    from predictors.supernet import SupernetError, evaluate_subnet, load_checkpoint
+
+    torch.set_num_threads(threads)
+    specs = _read_specs(_space("hybrid_vit"), spec, None) if spec is not None else None
+    try:
+        net, meta = load_checkpoint(ckpt)
+    except SupernetError as e:
+        raise BadInput(str(e)) from None
+    fr = net.frame
+    if specs is None:
+        specs = [fr.random(seed + i) for i in range(n or 0)]
+    for s in specs:
+        try:
+            fr.check(s)
+        except ValueError as e:
+            raise BadInput(f"{s.short()}: {e}") from None
+    source = data or meta.get("meta", {}).get("data")
+    if not source:
+        raise BadInput("the checkpoint does not record its data; pass --data")
+    test = _load_data(source, "test", limit or None, fr.img_size)
+    calib = _load_data(source, "train", calib_batches * 128, fr.img_size)
+    if test.in_chans != fr.in_chans or int(test.y.max()) >= fr.num_classes:
+        raise BadInput(f"{source} has {test.in_chans} channels / {test.num_classes} classes; the supernet takes "
+                       f"{fr.in_chans} / {fr.num_classes}")
+    net.eval()
+    rows = []
+    for s in specs:
+        t0 = time.perf_counter()
+        try:
+            acc = evaluate_subnet(net, s, test, calib=calib, calib_batches=calib_batches, precision=precision,
+                                  device=device)
+        except (PrecisionError, SupernetError, ValueError) as e:
+            raise BadInput(f"{s.short()}: {e}") from None
+        rows.append((s, acc, time.perf_counter() - t0))
+    if json_out:
+        print(json.dumps({"ckpt": str(ckpt), "data": source, "images": len(test), "results": [
+            {"hash": s.hash, "short": s.short(), "precision": precision or s.precision, "accuracy": acc,
+             "seconds": sec, "spec": s.to_dict()} for s, acc, sec in rows]}, indent=2))
+        return
+    t = Table(title=f"inherited-weight accuracy on {len(test)} test images of {source}", box=box.SIMPLE)
+    for col in ("hash", "accuracy", "prec", "seconds", "subnet"):
+        t.add_column(col, justify="right" if col in ("accuracy", "seconds") else "left",
+                     overflow="fold" if col == "subnet" else "ellipsis")
+    for s, acc, sec in rows:
+        t.add_row(s.hash[:8], f"{acc:.4f}", precision or s.precision, f"{sec:.2f}", s.short())
+    console.print(t)
 
 
 if __name__ == "__main__":

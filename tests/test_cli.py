@@ -232,3 +232,61 @@ def test_latency_bad_input_is_one_line_exit_2(args: list[str], message: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(args, capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_supernet_train_resume_and_eval(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "sn"
+    args = ["supernet", "train", "--frame", "tiny", "--data", "digits", "--epochs", "1", "--limit", "128",
+            "--batch-size", "64", "--out", str(out), "--no-augment"]
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    assert (out / "supernet.pt").is_file() and json.loads((out / "frame.json").read_text())["in_chans"] == 1
+    assert "done: 2 steps" in stdout
+    code, stdout, err = run(args, capsys)  # the same command again: already finished, nothing retrained
+    assert code == 0 and "done: 2 steps" in stdout, err
+    code, stdout, err = run(["supernet", "eval", "--ckpt", str(out), "--n", "2", "--limit", "100", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(stdout)["results"]
+    assert len(res) == 2 and all(0.0 <= r["accuracy"] <= 1.0 and r["seconds"] > 0 for r in res)
+    assert res[0]["hash"] != res[1]["hash"]
+    spec_file = tmp_path / "spec.json"
+    from search_spaces.supernet import get_frame
+
+    spec_file.write_text(get_frame("tiny").largest().to_json())
+    code, stdout, err = run(["supernet", "eval", "--ckpt", str(out), "--spec", str(spec_file), "--limit", "50",
+                             "--precision", "int8"], capsys)
+    assert code == 0 and "int8" in stdout, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["supernet", "train", "--space", "nb201", "--epochs", "1", "--out", "X"], "hybrid_vit only"),
+    (["supernet", "train", "--frame", "huge", "--epochs", "1", "--out", "X"], "unknown frame"),
+    (["supernet", "train", "--epochs", "0", "--out", "X"], "--epochs must be at least 1"),
+    (["supernet", "train", "--epochs", "1", "--out", "X", "--data", "npz:/nope.npz"], "nope.npz"),
+    (["supernet", "train", "--frame", "tiny", "--epochs", "1", "--out", "X", "--img-size", "2"], "invalid frame"),
+    (["supernet", "eval", "--ckpt", "/nonexistent", "--n", "1"], "no supernet checkpoint"),
+    (["supernet", "eval", "--ckpt", "X"], "exactly one of"),
+    (["supernet", "train", "--epochs", "1", "--out", "X", "--device", "tpu"], "not supported"),
+    (["supernet", "train", "--epochs", "1", "--out", "X", "--lr", "0"], "--lr must be positive"),
+])
+def test_supernet_bad_input_is_one_line_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(args, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "X").exists()
+
+
+def test_supernet_eval_refuses_a_spec_outside_the_frame(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "sn"
+    assert run(["supernet", "train", "--frame", "tiny", "--epochs", "1", "--limit", "64", "--batch-size", "64",
+                "--out", str(out)], capsys)[0] == 0
+    spec = tmp_path / "s.json"
+    spec.write_text(get_space("hybrid_vit").random(0).to_json())
+    code, _, err = run(["supernet", "eval", "--ckpt", str(out), "--spec", str(spec)], capsys)
+    assert code == 2 and "not a subnet of the frame" in err
+    garbage = tmp_path / "bad"
+    garbage.mkdir()
+    (garbage / "supernet.pt").write_bytes(b"not a checkpoint")
+    code, _, err = run(["supernet", "eval", "--ckpt", str(garbage), "--n", "1"], capsys)
+    assert code == 2 and "not a readable supernet checkpoint" in err
