@@ -266,7 +266,7 @@ def test_supernet_train_resume_and_eval(capsys: pytest.CaptureFixture[str], tmp_
     (["supernet", "train", "--frame", "tiny", "--epochs", "1", "--out", "X", "--img-size", "2"], "invalid frame"),
     (["supernet", "eval", "--ckpt", "/nonexistent", "--n", "1"], "no supernet checkpoint"),
     (["supernet", "eval", "--ckpt", "X"], "exactly one of"),
-    (["supernet", "train", "--epochs", "1", "--out", "X", "--device", "tpu"], "not supported"),
+    (["supernet", "train", "--epochs", "1", "--out", "X", "--device", "tpu"], "use cpu or cuda"),
     (["supernet", "train", "--epochs", "1", "--out", "X", "--lr", "0"], "--lr must be positive"),
 ])
 def test_supernet_bad_input_is_one_line_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str],
