@@ -44,7 +44,6 @@ import lzma
 import os
 import pickle
 import tarfile
-import tempfile
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -55,6 +54,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from predictors._io import atomic_write
 
 __all__ = [
     "KINDS",
@@ -1108,28 +1109,15 @@ _warned = False
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write via a temporary file in the same directory and rename; a cache that cannot be written
-    only costs speed, so failures warn once and go on."""
+    """Write atomically (no fsync: it is a cache); a cache that cannot be written only costs speed,
+    so failures warn once and go on."""
     global _warned
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, write, durable=False)
     except OSError as e:
         if not _warned:
             warnings.warn(f"data cache {path.parent} is not writable ({_msg(e)}); set HYBRID_NAS_CACHE", stacklevel=3)
             _warned = True
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 # ---------------------------------------------------------------------------------------------

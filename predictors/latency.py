@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from predictors._io import atomic_write
 from predictors.precision import (
     PrecisionError,
     activation_dtype,
@@ -653,12 +654,8 @@ class LatencyPredictor:
 
     def save(self, path: str | Path) -> Path:
         """Write the table as JSON (atomically: a crash never leaves half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
-        os.replace(tmp, path)
-        return path
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        return atomic_write(path, lambda f: f.write(text.encode()))
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> LatencyPredictor:

@@ -19,9 +19,7 @@
 from __future__ import annotations
 
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from predictors._io import atomic_write
 from predictors.precision import activation_dtype, to_precision
 from search_spaces.hybrid_vit import build
 from search_spaces.spec import ArchSpec
@@ -160,20 +159,6 @@ def _check_frame_data(frame: SupernetFrame, data: Data) -> None:
     top = int(data.y.max())
     if top >= frame.num_classes:
         raise SupernetError(f"the data has class index {top} but the frame has {frame.num_classes} classes")
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +290,8 @@ def train_supernet(
 
     def save() -> None:
         if ckpt_path is not None:
-            _atomic_save(_ckpt_payload(net, opt, cfg, st, epochs, meta), ckpt_path)
+            payload = _ckpt_payload(net, opt, cfg, st, epochs, meta)
+            atomic_write(ckpt_path, lambda f: torch.save(payload, f))
             (ckpt_path.parent / "frame.json").write_text(frame.to_json(indent=2) + "\n")
 
     net.train()
