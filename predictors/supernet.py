@@ -144,6 +144,22 @@ def _order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=_generator(seed, epoch, 0xDA7A))
 
 
+def _batch(data: Data, cfg: TrainConfig, step: int, steps_per_epoch: int, batch_size: int,
+           device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """The (augmented) batch of ``step`` on ``device``: order from (seed, epoch), augmentation from (seed, step)."""
+    epoch, k = divmod(step, steps_per_epoch)
+    idx = _order(len(data.x), cfg.seed, epoch)[k * batch_size:(k + 1) * batch_size]
+    x, y = data.x[idx], data.y[idx]
+    if cfg.augment:
+        x = augment(x, _generator(cfg.seed, step, 0xA06), cfg.flip)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
 def _check_data(data: Data, what: str) -> None:
     x, y = getattr(data, "x", None), getattr(data, "y", None)
     if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.ndim != 4 or len(x) != len(y) or len(x) == 0:
@@ -272,9 +288,10 @@ def train_supernet(
     st = TrainState(step=0, total_steps=spe * epochs, steps_per_epoch=spe, history=[])
     ckpt_path = Path(out) / CKPT_NAME if out is not None else None
     dev = torch.device(device)
-    net = Supernet(frame, seed=cfg.seed).to(dev)
-    opt = _optimizer(net, cfg)
-    if ckpt_path is not None and ckpt_path.exists():
+    if ckpt_path is None or not ckpt_path.exists():
+        net = Supernet(frame, seed=cfg.seed).to(dev)
+        opt = _optimizer(net, cfg)
+    else:
         net, ckpt = load_checkpoint(ckpt_path)
         net.to(dev)
         if ckpt["frame"] != frame.to_dict():
@@ -298,16 +315,8 @@ def train_supernet(
     stop = st.total_steps if max_steps is None else min(st.total_steps, max_steps)
     epoch_loss, epoch_n = 0.0, 0
     while st.step < stop:
-        epoch, k = divmod(st.step, spe)
-        order = _order(n, cfg.seed, epoch)
-        idx = order[k * bs:(k + 1) * bs]
-        x, y = data.x[idx], data.y[idx]
-        if cfg.augment:
-            x = augment(x, _generator(cfg.seed, st.step, 0xA06), cfg.flip)
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        lr = _lr_at(cfg, st.step, st.total_steps, spe)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        x, y = _batch(data, cfg, st.step, spe, bs, dev)
+        _set_lr(opt, _lr_at(cfg, st.step, st.total_steps, spe))
         t0 = time.perf_counter()
         loss = supernet_step(net, opt, x, y, sandwich(frame, cfg, st.step), cfg)
         st.seconds += time.perf_counter() - t0
@@ -422,14 +431,8 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
     total = spe * epochs
     model.train()
     for step in range(total):
-        epoch, k = divmod(step, spe)
-        idx = _order(n, cfg.seed, epoch)[k * bs:(k + 1) * bs]
-        x, y = data.x[idx], data.y[idx]
-        if cfg.augment:
-            x = augment(x, _generator(cfg.seed, step, 0xA06), cfg.flip)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, step, total, spe)
+        x, y = _batch(data, cfg, step, spe, bs, device)
+        _set_lr(opt, _lr_at(cfg, step, total, spe))
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
         if cfg.grad_clip > 0:

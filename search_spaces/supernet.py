@@ -268,8 +268,6 @@ class SupernetFrame:
             problems.append(f"head must be avg pool with {self.head_norm} norm")
         if spec.pos_embed != self.pos_embed:
             problems.append(f"pos_embed {spec.pos_embed!r} is not the frame's {self.pos_embed!r}")
-        if spec.precision not in self.precisions and spec.precision not in PRECISIONS:
-            problems.append(f"precision {spec.precision!r} unknown")
         for i, (st, sf) in enumerate(zip(spec.stages, self.stages)):
             w = f"stage {i}"
             if st.depth > sf.max_depth:
@@ -394,12 +392,13 @@ def _tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
     yield from module.named_buffers()
 
 
-def _max_shapes(modules: Sequence[nn.Module]) -> dict[str, tuple[int, ...]]:
+def _max_shapes(probes: Sequence[dict[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    """Per tensor name, the elementwise largest shape over ``probes`` (name -> shape maps)."""
     out: dict[str, tuple[int, ...]] = {}
-    for m in modules:
-        for name, t in _tensors(m):
+    for p in probes:
+        for name, shape in p.items():
             prev = out.get(name)
-            out[name] = tuple(t.shape) if prev is None else tuple(max(a, b) for a, b in zip(prev, t.shape))
+            out[name] = shape if prev is None else tuple(max(a, b) for a, b in zip(prev, shape))
     return out
 
 
@@ -470,9 +469,9 @@ def _max_module(cls: type[nn.Module], name: str, configs: list[dict[str, Any]], 
     initialises; a tensor that some other configuration has larger is taken from a configuration
     that has it at full size, or else tiled."""
     with torch.device("meta"):
-        probes = [_make(cls, c) for c in configs]
+        probes = [{n: tuple(t.shape) for n, t in _tensors(_make(cls, c))} for c in configs]
     shapes = _max_shapes(probes)
-    sizes = [(len(dict(_tensors(p))), sum(t.numel() for _, t in _tensors(p))) for p in probes]
+    sizes = [(len(p), sum(math.prod(shape) for shape in p.values())) for p in probes]
     best = max(range(len(configs)), key=lambda i: (sizes[i], i))
 
     def real(i: int) -> nn.Module:
@@ -490,7 +489,7 @@ def _max_module(cls: type[nn.Module], name: str, configs: list[dict[str, Any]], 
     for tname, shape in shapes.items():
         if tuple(have[tname].shape) == shape:
             continue
-        donor = next((i for i, p in enumerate(probes) if tuple(dict(_tensors(p))[tname].shape) == shape), None)
+        donor = next((i for i, p in enumerate(probes) if p[tname] == shape), None)
         value = dict(_tensors(real(donor)))[tname].detach() if donor is not None else _grow(have[tname].detach(),
                                                                                               shape)
         _set_tensor(module, tname, value.clone())
@@ -511,7 +510,8 @@ class Supernet(nn.Module):
         super().__init__()
         self.frame = frame
         self.cache_size = cache_size
-        self._templates: OrderedDict[str, HybridViT] = OrderedDict()
+        self._templates: OrderedDict[str, tuple[HybridViT, list[tuple[str, str, tuple[int, ...], Any]]]] = \
+            OrderedDict()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             widths = [sf.max_width for sf in frame.stages]
@@ -543,21 +543,31 @@ class Supernet(nn.Module):
             init_weights(self.head)
 
     # ---- mapping ------------------------------------------------------------------------
-    def template(self, spec: ArchSpec) -> HybridViT:
-        """The (cached) meta-device ``HybridViT`` of ``spec``: structure only, no storage."""
+    def _entry(self, spec: ArchSpec) -> tuple[HybridViT, list[tuple[str, str, tuple[int, ...], Any]]]:
+        """The cached meta-device model of ``spec`` and its slicing plan: for every tensor of the
+        subnet, (its name, the supernet tensor behind it, its shape, the fused-segment rule)."""
         key = spec.hash
-        model = self._templates.get(key)
-        if model is None:
+        entry = self._templates.get(key)
+        if entry is None:
             self.frame.check(spec)
             with torch.device("meta"):
                 model = HybridViT(spec, num_classes=self.frame.num_classes, img_size=self.frame.img_size,
                                   in_chans=self.frame.in_chans)
-            self._templates[key] = model
+            plan = []
+            for name, t in _tensors(model):
+                sname, mixer = self.super_name(spec, name)
+                rule = _fused_rule(mixer, sname.split(f".{mixer}.", 1)[1]) if mixer else None
+                plan.append((name, sname, tuple(t.shape), rule))
+            entry = self._templates[key] = (model, plan)
             while len(self._templates) > self.cache_size:
                 self._templates.popitem(last=False)
         else:
             self._templates.move_to_end(key)
-        return model
+        return entry
+
+    def template(self, spec: ArchSpec) -> HybridViT:
+        """The (cached) meta-device ``HybridViT`` of ``spec``: structure only, no storage."""
+        return self._entry(spec)[0]
 
     def super_name(self, spec: ArchSpec, name: str) -> tuple[str, str | None]:
         """The supernet tensor behind ``name`` of the subnet, and the mixer whose slicing rules apply."""
@@ -572,18 +582,9 @@ class Supernet(nn.Module):
 
     def sub_state(self, spec: ArchSpec) -> dict[str, Tensor]:
         """The subnet's parameters and buffers, named as in ``build(spec)``, sliced from the supernet."""
-        template = self.template(spec)
         mine = dict(_tensors(self))
-        out: dict[str, Tensor] = {}
-        for name, t in _tensors(template):
-            sname, mixer = self.super_name(spec, name)
-            src = mine[sname]
-            if t.ndim == 0:
-                out[name] = src
-                continue
-            local = sname.split(f".{mixer}.", 1)[1] if mixer else ""
-            out[name] = _take(src, t.shape, _fused_rule(mixer, local) if mixer else None)
-        return out
+        return {name: mine[sname] if not shape else _take(mine[sname], shape, rule)
+                for name, sname, shape, rule in self._entry(spec)[1]}
 
     # ---- use ----------------------------------------------------------------------------
     def forward(self, x: Tensor, spec: ArchSpec) -> Tensor:
