@@ -9,7 +9,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean pg
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +33,23 @@ demo: install
 	$(NAS) latency --space hybrid_vit --n 3 --seed 0 --batch 8 --threads 1 --repeats 20
 	$(NAS) supernet train --frame tiny --data digits --epochs 6 --batch-size 64 --lr 3e-3 --no-augment --out .demo_supernet
 	$(NAS) supernet eval --ckpt .demo_supernet --n 4
+	$(NAS) search --space hybrid_vit --budget 3cpu-m --data digits --workers 2
+	$(NAS) studies
 
-test: install
+# PostgreSQL server binaries for the store tests (tests/conftest.py starts a throw-away cluster)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+pg:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; else \
+		echo "installing PostgreSQL (apt-get)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql || \
+		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }; \
+	fi
+
+test: install pg
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .demo_spec.json .demo_supernet
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .demo_spec.json .demo_supernet nas_runs
