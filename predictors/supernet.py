@@ -417,8 +417,12 @@ def evaluate_subnet(
 
 def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainConfig | None = None,
                      num_classes: int | None = None, seed: int | None = None,
-                     device: str | torch.device = "cpu") -> nn.Module:
-    """Train ``build(spec)`` from scratch with the supernet's recipe (no sandwich, labels only)."""
+                     device: str | torch.device = "cpu",
+                     on_epoch: Callable[[int, nn.Module], bool | None] | None = None) -> nn.Module:
+    """Train ``build(spec)`` from scratch with the supernet's recipe (no sandwich, labels only).
+
+    ``on_epoch(epoch, model)`` runs after each epoch (1-based) with the model in eval mode; returning
+    True stops training there (early stopping, e.g. ASHA)."""
     cfg = config or TrainConfig()
     _check_data(data, "training")
     _, c, h, _ = data.x.shape
@@ -438,4 +442,10 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        if on_epoch is not None and (step + 1) % spe == 0:
+            model.eval()
+            stop = on_epoch((step + 1) // spe, model)
+            model.train()
+            if stop:
+                break
     return model.eval()

@@ -1,0 +1,346 @@
+"""One evaluation of one architecture on one device: a pure function, no Ray, no store.
+
+``evaluate(spec, stage, data, device, config=..., report=...) -> Evaluation`` runs one stage of the
+staged search on one architecture and returns its metrics, the device-seconds it used and the
+device's fingerprint. The stages (``STAGES``):
+
+- ``screen``: zero-cost proxies on one class-balanced training batch (Abdelfattah et al. 2021,
+  Mellor et al. 2021; ``predictors.zero_cost``), a ParZC score when a trained ParZC is given
+  (Dong et al. 2024), parameters, FLOPs and a quick latency measurement;
+- ``supernet``: validation accuracy with weights inherited from a trained supernet (sandwich rule
+  and in-place distillation, Yu et al. 2020 "BigNAS"; ``predictors.supernet``);
+- ``latency``: a careful latency measurement on the target device (``predictors.latency``);
+- ``train``: short training from scratch, validation accuracy after every epoch through ``report``
+  (which can stop it: ASHA, Li et al. 2020).
+
+Accuracies are on a validation split carved out of the training data (``split_train_val``): the
+test split stays untouched by the search.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "STAGES",
+    "EvalConfig",
+    "EvalData",
+    "Evaluation",
+    "EvaluationError",
+    "evaluate",
+    "split_train_val",
+]
+
+STAGES = ("screen", "supernet", "latency", "train")
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as asked (one line, what to change)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Images ``x`` (N, C, H, W, normalised) and labels ``y`` (N,)."""
+
+    x: Tensor
+    y: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class EvalData:
+    """What the workers see: a training split and a validation split of the same images."""
+
+    train: Split
+    val: Split
+    num_classes: int
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.train.x.shape[2])
+
+
+def split_train_val(x: Tensor, y: Tensor, val_fraction: float = 0.2, seed: int = 0,
+                    num_classes: int | None = None) -> EvalData:
+    """A class-stratified, seeded split of the training images into train and validation."""
+    if not 0.0 < val_fraction < 1.0:
+        raise EvaluationError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    k = num_classes or int(y.max()) + 1
+    gen = torch.Generator().manual_seed(seed)
+    val_idx, train_idx = [], []
+    for c in range(k):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_val = round(len(idx) * val_fraction) if len(idx) > 1 else 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    tr = torch.cat(train_idx).sort().values
+    va = torch.cat(val_idx).sort().values
+    if len(va) == 0 or len(tr) == 0:
+        raise EvaluationError(f"{len(y)} images are too few for a train/validation split")
+    return EvalData(Split(x[tr], y[tr]), Split(x[va], y[va]), k)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How each stage evaluates (JSON-native, sent to every worker)."""
+
+    proxies: tuple[str, ...] = ("nwot", "synflow", "snip")
+    score: str = "nwot"  # the screening score: a proxy name, or "parzc" with ``parzc`` set
+    parzc: str | None = None  # path of a saved ParZC predictor
+    proxy_batch: int = 64
+    supernet: str | None = None  # checkpoint directory of a trained supernet
+    calib_batches: int = 8
+    latency_batch: int = 1
+    screen_repeats: int = 10
+    latency_repeats: int = 50
+    train_epochs: int = 3
+    train_batch: int = 64
+    train_lr: float = 2e-3
+    threads: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "proxies", tuple(self.proxies))
+        if self.score != "parzc" and self.score not in self.proxies:
+            object.__setattr__(self, "proxies", (*self.proxies, self.score))
+        if self.score == "parzc" and not self.parzc:
+            raise EvaluationError("score 'parzc' needs a trained ParZC: pass parzc=PATH")
+        for name in ("proxy_batch", "latency_batch", "screen_repeats", "latency_repeats", "train_epochs",
+                     "train_batch", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise EvaluationError(f"{name} must be a positive integer, got {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["proxies"] = list(self.proxies)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one evaluation produced: ``metrics`` (finite floats), device-seconds used, fingerprint."""
+
+    spec_hash: str
+    stage: str
+    metrics: dict[str, float]
+    seconds: float
+    device: dict[str, Any] = field(default_factory=dict)
+    params: int | None = None
+    flops: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------
+# per-process caches (a Ray worker is reused across trials)
+# --------------------------------------------------------------------------------------------
+
+_FINGERPRINTS: dict[tuple[str, int], dict[str, Any]] = {}
+_SUPERNETS: dict[tuple[str, float, str], Any] = {}
+_PARZC: dict[tuple[str, float], Any] = {}
+
+
+def _fingerprint(device: str, threads: int) -> dict[str, Any]:
+    from predictors.latency import device_fingerprint
+
+    key = (device, threads)
+    if key not in _FINGERPRINTS:
+        fp = device_fingerprint(device, threads=threads if device == "cpu" else None)
+        _FINGERPRINTS[key] = {k: v for k, v in fp.items() if not k.startswith("clock_") and k != "temperature_c"}
+    return _FINGERPRINTS[key]
+
+
+def _ckpt_file(path: str) -> Path:
+    p = Path(path)
+    return p / "supernet.pt" if p.is_dir() else p
+
+
+def _supernet(path: str, device: str) -> Any:
+    from predictors.supernet import load_checkpoint
+
+    f = _ckpt_file(path)
+    if not f.is_file():
+        raise EvaluationError(f"no supernet checkpoint at {f}; train one with `nas supernet train`")
+    key = (str(f.resolve()), f.stat().st_mtime, device)
+    if key not in _SUPERNETS:
+        _SUPERNETS.clear()
+        net, _ = load_checkpoint(f)
+        _SUPERNETS[key] = net.to(device).eval()
+    return _SUPERNETS[key]
+
+
+def _parzc(path: str) -> Any:
+    from predictors.parzc import ParZC
+
+    f = Path(path)
+    if not f.is_file():
+        raise EvaluationError(f"no ParZC predictor at {f}; train one with predictors.parzc.ParZC.fit/save")
+    key = (str(f.resolve()), f.stat().st_mtime)
+    if key not in _PARZC:
+        _PARZC[key] = ParZC.load(f)
+    return _PARZC[key]
+
+
+# --------------------------------------------------------------------------------------------
+# the stages
+# --------------------------------------------------------------------------------------------
+
+
+def _balanced_batch(split: Split, n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    per = max(1, n // num_classes)
+    idx = []
+    for c in range(num_classes):
+        cls = (split.y == c).nonzero().flatten()
+        idx.append(cls[torch.randperm(len(cls), generator=gen)[:per]])
+    sel = torch.cat(idx)
+    sel = sel[torch.randperm(len(sel), generator=gen)]
+    return split.x[sel], split.y[sel]
+
+
+def _latency(model: nn.Module, data: EvalData, device: str, precision: str, cfg: EvalConfig,
+             repeats: int) -> dict[str, float]:
+    from predictors.latency import measure
+
+    r = measure(model, (data.in_chans, data.img_size, data.img_size), device, precision=precision,
+                batch_size=cfg.latency_batch, warmup=max(3, repeats // 5), repeats=repeats,
+                threads=cfg.threads if device == "cpu" else None)
+    out = {"latency_ms": r.median_ms, "latency_p90_ms": r.p90_ms, "latency_cv": r.cv}
+    if r.peak_mem_mb is not None:
+        out["peak_mem_mb"] = r.peak_mem_mb
+    return out
+
+
+def _screen(spec: Any, model: nn.Module, data: EvalData, device: str, cfg: EvalConfig) -> dict[str, float]:
+    from predictors.zero_cost import compute
+
+    x, y = _balanced_batch(data.train, cfg.proxy_batch, data.num_classes, cfg.seed)
+    names = [p for p in cfg.proxies if p not in ("params", "flops")]
+    if cfg.score == "parzc":
+        from predictors.parzc import GLOBAL_PROXIES, PROXIES, node_features
+
+        names = sorted({*names, *PROXIES, *GLOBAL_PROXIES})
+        result = compute(model, x, y, names=names, per_layer=True)
+        mean, std = _parzc(str(cfg.parzc)).predict([node_features(model, x, y, result=result)])
+        metrics = {"parzc": float(mean[0]), "parzc_std": float(std[0])}
+    else:
+        result = compute(model, x, y, names=names)
+        metrics = {}
+    for name in names:
+        v = result.get(name)
+        if isinstance(v, (int, float)):
+            metrics[f"zc.{name}"] = float(v)
+    metrics["score"] = metrics["parzc"] if cfg.score == "parzc" else metrics.get(f"zc.{cfg.score}", float("nan"))
+    metrics.update(_latency(model, data, device, spec.precision, cfg, cfg.screen_repeats))
+    return metrics
+
+
+def _supernet_accuracy(spec: Any, data: EvalData, device: str, cfg: EvalConfig) -> dict[str, float]:
+    from predictors.supernet import evaluate_subnet
+
+    if not cfg.supernet:
+        raise EvaluationError("stage 'supernet' needs a trained supernet: set EvalConfig.supernet")
+    net = _supernet(cfg.supernet, device)
+    frame = net.frame
+    try:
+        frame.check(spec)
+    except ValueError as e:
+        raise EvaluationError(f"architecture is outside the supernet's frame: {e}") from None
+    acc = evaluate_subnet(net, spec, data.val, calib=data.train, calib_batches=cfg.calib_batches,
+                          batch_size=256, device=device)
+    return {"accuracy": acc}
+
+
+def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
+           report: Callable[[int, dict[str, float]], bool | None] | None, t0: float) -> dict[str, float]:
+    from predictors.precision import activation_dtype, to_precision
+    from predictors.supernet import TrainConfig, accuracy, train_standalone
+
+    tcfg = TrainConfig(batch_size=cfg.train_batch, lr=cfg.train_lr, warmup_epochs=min(1.0, cfg.train_epochs / 3),
+                       augment=False, seed=cfg.seed)
+    last: dict[str, float] = {}
+
+    def on_epoch(epoch: int, model: nn.Module) -> bool | None:
+        acc = accuracy(model, data.val, batch_size=256)
+        last.update({"accuracy": acc, "epochs": float(epoch)})
+        if report is not None:
+            return report(epoch, {**last, "seconds": time.perf_counter() - t0})
+        return None
+
+    model = train_standalone(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
+                             device=device, on_epoch=on_epoch)
+    if spec.precision != "fp32" and last.get("epochs") == cfg.train_epochs:
+        q = to_precision(model, spec.precision, device, inplace=True)
+        last["accuracy_fp32"] = last["accuracy"]
+        last["accuracy"] = accuracy(q, data.val, batch_size=256, dtype=activation_dtype(spec.precision))
+    return last
+
+
+def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, config: EvalConfig | None = None,
+             report: Callable[[int, dict[str, float]], bool | None] | None = None) -> Evaluation:
+    """Run ``stage`` on ``spec`` and return its :class:`Evaluation` (metrics, seconds, fingerprint).
+
+    ``report(epoch, metrics)`` is called after each training epoch of the ``train`` stage; returning
+    True stops the training there. Raises :class:`EvaluationError` for a request that cannot run."""
+    from predictors.latency import parse_device
+    from search_spaces.counting import count_flops, count_params
+    from search_spaces.hybrid_vit import build
+
+    cfg = config or EvalConfig()
+    if stage not in STAGES:
+        raise EvaluationError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    dev = str(parse_device(device))
+    t0 = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    if dev == "cpu":
+        torch.set_num_threads(cfg.threads)
+    try:
+        model = build(spec, num_classes=data.num_classes, img_size=data.img_size, in_chans=data.in_chans,
+                      seed=cfg.seed)
+        params = count_params(model)
+        flops = count_flops(model, (1, data.in_chans, data.img_size, data.img_size)) if stage == "screen" else None
+        if stage == "screen":
+            model = model.to(dev)
+            metrics = _screen(spec, model, data, dev, cfg)
+        elif stage == "supernet":
+            metrics = _supernet_accuracy(spec, data, dev, cfg)
+        elif stage == "latency":
+            metrics = _latency(model.eval(), data, dev, spec.precision, cfg, cfg.latency_repeats)
+        else:
+            metrics = _train(spec, data, dev, cfg, report, t0)
+        metrics["params"] = float(params)
+        if flops is not None:
+            metrics["flops"] = float(flops)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+    finally:
+        if dev == "cpu":
+            torch.set_num_threads(prev_threads)
+    seconds = time.perf_counter() - t0
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    return Evaluation(spec_hash=spec.hash, stage=stage, metrics=clean, seconds=seconds,
+                      device=_fingerprint(dev, cfg.threads), params=params, flops=flops)

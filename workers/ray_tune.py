@@ -1,0 +1,384 @@
+"""Ray Tune wiring around :func:`workers.evaluate.evaluate`: trainables, budget gating, retries.
+
+``run_trials`` runs one stage of a search as a Ray Tune experiment. Trials are suggested by any
+Tune ``Searcher`` (``OptunaSearch`` with the study in the SQL store, or a fixed list of candidates),
+gated by the driver's budget (``Gate``), retried on failure (``FailureConfig``), optionally stopped
+early by a scheduler (ASHA for short training). Every finished or failed trial reaches the driver's
+``Gate`` (which records it in the store); a trial's config carries the spec JSON and hash.
+
+Local mode binds Ray to 127.0.0.1 without the dashboard; ``address`` joins an existing cluster.
+This module imports Ray but not the store: ``nas.search`` drives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import ray
+from ray import tune
+from ray.tune import Callback
+from ray.tune.search import Searcher
+
+from workers.evaluate import EvalConfig, EvalData, _fingerprint, evaluate
+
+__all__ = [
+    "FINISH",
+    "LAUNCH",
+    "WAIT",
+    "Gate",
+    "ListSearcher",
+    "TrialError",
+    "TrialResult",
+    "init_ray",
+    "run_trials",
+    "shutdown_ray",
+]
+
+LAUNCH, WAIT, FINISH = "launch", "wait", "finish"
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """Start a private local Ray on 127.0.0.1 (no dashboard), or join ``address`` ("auto", "HOST:PORT")."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports lack latency
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C is the driver's graceful stop
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
+                          "logging_level": "ERROR"}
+    if address:
+        ray.init(address=address, **kw)
+        return
+    tmp = temp_dir or tempfile.mkdtemp(prefix="nas-ray-")
+    ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, _node_ip_address="127.0.0.1", **kw)
+
+
+def shutdown_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# the trainable (runs on a worker)
+# --------------------------------------------------------------------------------------------
+
+
+def _fault(config: dict[str, Any]) -> None:
+    """Chaos testing: ``config["fault"] = {"kind": "raise"|"kill", "marker": PATH}`` fails the first
+    attempt of this trial (the marker file makes the retry succeed)."""
+    fault = config.get("fault")
+    if not fault:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    if fault["kind"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure in trial {config.get('ordinal')}")
+
+
+def trainable(config: dict[str, Any], data: EvalData | None = None) -> None:
+    """Evaluate ``config["spec"]`` for each stage in ``config["stages"]`` and report the result.
+
+    A ``train`` stage reports after every epoch (``accuracy``, ``epochs``); the last report holds
+    ``evaluations``: a JSON list of :class:`workers.evaluate.Evaluation` dicts, one per stage."""
+    import torch
+
+    from search_spaces import spec_from_json
+
+    assert data is not None
+    torch.set_num_threads(int(config.get("threads", 1)))
+    if config.get("task") == "supernet":
+        _fault(config)
+        tune.report(_train_supernet(config, data))
+        return
+    if config.get("cached") is not None:
+        tune.report({**config["cached"], "cached": True, "evaluations": "[]", "seconds": 0.0})
+        return
+    _fault(config)
+    spec = spec_from_json(config["spec"], "hybrid_vit")
+    cfg = EvalConfig.from_dict(config["eval"])
+    metrics: dict[str, float] = {}
+    evals: list[dict[str, Any]] = []
+    used = 0.0
+
+    def report(epoch: int, m: dict[str, float]) -> None:
+        tune.report({**metrics, **m, "seconds": used + m["seconds"], "evaluations": json.dumps(evals),
+                     "final": False})
+
+    for stage in config["stages"]:
+        ev = evaluate(spec, stage, data, config["device"], config=cfg,
+                      report=report if stage == "train" else None)
+        used += ev.seconds
+        metrics.update(ev.metrics)
+        evals.append(ev.to_dict())
+    tune.report({**metrics, "seconds": used, "evaluations": json.dumps(evals), "final": True})
+
+
+def _train_supernet(config: dict[str, Any], data: EvalData) -> dict[str, Any]:
+    """Train (or finish training) the study's supernet in ``config["out"]``; the epoch count is
+    fixed once, from ``config["epochs"]`` or from the time ``config["allowance"]`` allows."""
+    from predictors.latency import parse_device
+    from predictors.supernet import TrainConfig, train_supernet
+    from search_spaces.supernet import frame_from_json
+
+    t0 = time.perf_counter()
+    frame = frame_from_json(config["frame"])
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    rgb = data.in_chans == 3
+    n = len(data.train.x)
+    cfg = TrainConfig(batch_size=64 if n < 5000 else 128, lr=3e-3 if n < 5000 else 2e-3, augment=rgb, flip=rgb,
+                      seed=int(config.get("seed", 0)))
+    plan = out / "plan.json"
+    if plan.is_file():
+        epochs = int(json.loads(plan.read_text())["epochs"])
+    elif config.get("epochs"):
+        epochs = int(config["epochs"])
+    else:  # time a few sandwich steps, then take as many epochs as the allowance holds
+        marks: list[float] = []
+        train_supernet(frame, data.train, 1, config=cfg, max_steps=4, device=config["device"],
+                       progress=lambda st, _loss: marks.append(st.seconds))
+        per_step = (marks[-1] - marks[0]) / max(1, len(marks) - 1)
+        spe = max(1, n // min(cfg.batch_size, n))
+        left = float(config.get("allowance") or 0.0) - (time.perf_counter() - t0)
+        epochs = int(max(1, min(int(config.get("max_epochs", 30)), left * 0.85 // max(per_step * spe, 1e-9))))
+    plan.write_text(json.dumps({"epochs": epochs}))
+    prior = 0.0  # training time checkpointed by an earlier, interrupted run: used, and not counted yet
+    if (out / "supernet.pt").is_file():
+        import torch
+
+        prior = float(torch.load(out / "supernet.pt", map_location="cpu", weights_only=False).get("seconds", 0.0))
+    net = train_supernet(frame, data.train, epochs, config=cfg, out=out, device=config["device"])
+    st = net.train_state  # type: ignore[attr-defined]
+    seconds = time.perf_counter() - t0 + prior
+    ev = {"spec_hash": None, "stage": "supernet_train", "seconds": seconds, "params": None, "flops": None,
+          "metrics": {"epochs": float(epochs), "steps": float(st.step),
+                      "loss": float((st.history or [{"loss": float("nan")}])[-1]["loss"])},
+          "device": _fingerprint(str(parse_device(config["device"])), int(config.get("threads", 1)))}
+    return {"seconds": seconds, "evaluations": json.dumps([ev]), "final": True}
+
+
+# --------------------------------------------------------------------------------------------
+# driver side
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialResult:
+    """A finished trial as the driver sees it."""
+
+    config: dict[str, Any]
+    result: dict[str, Any]
+    evaluations: list[dict[str, Any]]
+    stopped_early: bool = False
+
+
+@dataclass
+class TrialError:
+    """A failed attempt: its traceback, the driver-measured seconds, and whether it will be retried."""
+
+    config: dict[str, Any]
+    error: str
+    seconds: float
+    attempt: int
+    final: bool
+
+
+class Gate(Protocol):
+    """The driver's side of a stage: budget, stop flag and recording."""
+
+    def decide(self, running: int) -> str:
+        """LAUNCH a new trial, WAIT (ask again later) or FINISH the stage."""
+
+    def finished(self, trial: TrialResult) -> None: ...
+
+    def failed(self, trial: TrialError) -> None: ...
+
+
+class ListSearcher(Searcher):
+    """Suggests a fixed list of configs in order (the candidates of a later stage)."""
+
+    def __init__(self, configs: list[dict[str, Any]], metric: str | None = None, mode: str | None = None) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self._todo = list(configs)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if not self._todo:
+            return Searcher.FINISHED
+        return self._todo.pop(0)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        pass
+
+
+class _Gated(Searcher):
+    """Wraps a searcher: asks the gate before each suggestion, adds the ``common`` keys to it."""
+
+    def __init__(self, inner: Searcher, gate: Gate, common: dict[str, Any],
+                 on_complete: Callable[[Searcher, str, dict[str, Any] | None], None] | None = None) -> None:
+        super().__init__(metric=inner.metric, mode=inner.mode)
+        self.inner = inner
+        self.gate = gate
+        self.common = common
+        self.running: set[str] = set()
+        self.on_complete = on_complete
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return self.inner.set_search_properties(metric, mode, config, **spec)
+
+    # Tune pickles its searcher and callbacks for its own experiment restore. The driver resumes
+    # from the store instead, so these hold only a placeholder (they reference live connections).
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        pass
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        what = self.gate.decide(len(self.running))
+        if what == FINISH and not self.running:
+            return Searcher.FINISHED
+        if what != LAUNCH:
+            return None
+        out = self.inner.suggest(trial_id)
+        if out in (None, Searcher.FINISHED):
+            return out
+        self.running.add(trial_id)
+        return {**self.common, **out}
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self.inner.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        self.running.discard(trial_id)
+        if self.on_complete is not None:
+            self.on_complete(self.inner, trial_id, result)
+        self.inner.on_trial_complete(trial_id, result=result, error=error)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _error_text(trial: Any) -> str:
+    """The worker's traceback as Tune wrote it (colour codes removed), last 8,000 characters."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        text = _ANSI.sub("", Path(path).read_text(errors="replace")).strip()
+        if text:
+            return text[-8000:]
+    err = getattr(trial, "error_msg", None) or "the worker died without a traceback"
+    return str(err)[-8000:]
+
+
+class _Recorder(Callback):
+    """Hands every finished trial and every failed attempt to the gate (driver process)."""
+
+    def __init__(self, gate: Gate, max_failures: int) -> None:
+        self.gate = gate
+        self.max_failures = max_failures
+        self.started: dict[str, float] = {}
+        self.attempts: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # see _Gated.__getstate__
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started[trial.trial_id] = time.perf_counter()
+
+    def _failed(self, trial: Any, final: bool) -> None:
+        attempt = self.attempts.get(trial.trial_id, 0)
+        self.attempts[trial.trial_id] = attempt + 1
+        seconds = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
+        self.gate.failed(TrialError(dict(trial.config), _error_text(trial), seconds, attempt, final))
+        self.started[trial.trial_id] = time.perf_counter()
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._failed(trial, final=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._failed(trial, final=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        res = dict(trial.last_result or {})
+        if not res or "evaluations" not in res:
+            return
+        evals = json.loads(res.get("evaluations") or "[]")
+        early = not res.get("final", True) and not res.get("cached")
+        if early:  # stopped by the scheduler between epochs: record the partial training
+            m = {k: float(v) for k, v in res.items() if k in ("accuracy", "epochs") and v is not None}
+            evals.append({"stage": "train", "metrics": m, "seconds": float(res.get("seconds", 0.0)) -
+                          sum(e["seconds"] for e in evals), "device": {}, "spec_hash": trial.config.get("spec_hash"),
+                          "params": None, "flops": None})
+        self.gate.finished(TrialResult(dict(trial.config), res, evals, stopped_early=early))
+
+
+@dataclass
+class StageRun:
+    """What one call of ``run_trials`` did."""
+
+    seconds: float = 0.0
+    trials: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def run_trials(
+    *,
+    name: str,
+    searcher: Searcher,
+    gate: Gate,
+    data_ref: Any,
+    common: dict[str, Any],
+    workers: int = 1,
+    resources: dict[str, float] | None = None,
+    scheduler: Any = None,
+    max_failures: int = 2,
+    storage_path: str | Path,
+    on_complete: Callable[[Searcher, str, dict[str, Any] | None], None] | None = None,
+) -> None:
+    """Run one stage: Tune trials suggested by ``searcher`` until the gate says FINISH.
+
+    ``common`` is merged into every suggested config (stages, eval config, device, threads).
+    ``data_ref`` is the :class:`EvalData` the trainable receives (put in the object store once)."""
+    fn = tune.with_parameters(trainable, data=data_ref)
+    fn = tune.with_resources(fn, resources or {"cpu": 1})
+    gated = _Gated(searcher, gate, common, on_complete)
+
+    tuner = tune.Tuner(
+        fn,
+        tune_config=tune.TuneConfig(search_alg=gated, num_samples=-1, max_concurrent_trials=workers,
+                                    scheduler=scheduler, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(Path(storage_path).resolve()), verbose=0, log_to_file=False,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            callbacks=[_Recorder(gate, max_failures)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    try:
+        tuner.fit()
+    except Exception:  # Tune's own failure (not a trial's): surface the traceback to the driver
+        raise RuntimeError(traceback.format_exc(limit=5)) from None
