@@ -629,5 +629,377 @@ def supernet_eval(
     console.print(t)
 
 
+# --------------------------------------------------------------------------------------------
+# studies: nas search / resume / studies / show / best / stop
+# --------------------------------------------------------------------------------------------
+
+_STORAGE_HELP = "Store URL: sqlite:///nas.db (default) or postgresql+psycopg://USER@HOST:PORT/DB."
+
+
+def _open_store(storage: str, must_exist: bool = False) -> Any:
+    from nas.store import Store, StoreError, validate_url
+
+    try:
+        url = validate_url(storage)
+        if must_exist and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+            raise BadInput(f"no store at {url[len('sqlite:///'):]}; run `nas search` first or pass --storage")
+        return Store(url)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+
+
+def _study(store: Any, name: str) -> Any:
+    from nas.store import StoreError, validate_study_name
+
+    try:
+        validate_study_name(name)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    info = store.get_study(name)
+    if info is None:
+        names = [s.name for s in store.studies()][-5:]
+        hint = f"; studies here: {', '.join(names)}" if names else "; `nas studies` lists them"
+        raise BadInput(f"no study {name!r} in {store.url}{hint}")
+    return info
+
+
+def _reachable(address: str) -> None:
+    """A Ray head at HOST:PORT must accept a connection (ray.init would wait for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--address must be auto or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise BadInput(f"no Ray cluster answers at {address} ({e.strerror or e}); start one with `ray start "
+                       f"--head` or leave out --address") from None
+
+
+def _chaos() -> dict[int, str]:
+    """``NAS_CHAOS="3:raise,5:kill"``: fail the first attempt of those trials (reliability tests)."""
+    import os
+
+    out: dict[int, str] = {}
+    for part in filter(None, os.environ.get("NAS_CHAOS", "").split(",")):
+        n, _, kind = part.partition(":")
+        if kind not in ("raise", "kill") or not n.strip().isdigit():
+            raise BadInput(f"NAS_CHAOS entry {part!r} must be ORDINAL:raise or ORDINAL:kill")
+        out[int(n)] = kind
+    return out
+
+
+def _budget_text(info: Any) -> str:
+    from nas.budget import Budget
+
+    b = Budget.from_dict(info.budget)
+    if b.kind == "trials":
+        return f"{info.trials_done}/{b.trials} trials"
+    return f"{info.used_seconds:,.1f}/{b.seconds:,.0f} {b.device or 'device'}-s"
+
+
+def _run_driver(store: Any, name: str, json_out: bool) -> None:
+    """Hold the driver lease, run the study with a progress bar, print the front."""
+    import os
+    import socket
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nas.search import SearchError, install_stop_handlers, run_study
+
+    chaos = _chaos()
+    pid, host = os.getpid(), socket.gethostname()
+    if not store.acquire_driver(name, pid, host):
+        info = store.study(name)
+        raise BadInput(f"study {name!r} is already running (pid {info.driver_pid} on {info.driver_host}); "
+                       f"stop it with `nas stop {name}` or wait for it")
+    install_stop_handlers(store, name)
+    status = "failed"
+    try:
+        with Progress(TextColumn("[bold]{task.fields[stage]:>8}"), BarColumn(), TextColumn("{task.description}"),
+                      TimeElapsedColumn(), console=console, disable=json_out, transient=False) as bar:
+            task = bar.add_task("", total=1.0, stage="start")
+
+            def progress(p: dict[str, Any]) -> None:
+                unit = "trials" if p["kind"] == "trials" else "device-s"
+                best = "-" if p["best"] is None else f"{p['best']:.4f}"
+                bar.update(task, completed=min(1.0, p["used"] / max(p["total"], 1e-9)), stage=p["stage"],
+                           description=f"{p['used']:,.1f}/{p['total']:,.0f} {unit}  trials {p['trials']}  "
+                                       f"best acc {best}  errors {p['errors']}")
+
+            run_study(store, name, progress=progress, chaos=chaos)
+        status = store.study(name).status
+    except SearchError as e:
+        store.set_status(name, "failed")
+        raise BadInput(str(e)) from None
+    except KeyboardInterrupt:
+        status = "interrupted"
+        store.set_status(name, "interrupted")
+        _fail(f"study {name!r} interrupted; continue with `nas resume {name}`", code=130)
+    except Exception as e:
+        store.set_status(name, "failed")
+        _fail(f"study {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+              f"stored results are kept, continue with `nas resume {name}`", code=1)
+    finally:
+        store.release_driver(name, pid, host)
+        from workers.ray_tune import shutdown_ray
+
+        shutdown_ray()
+    _print_front(store, name, json_out, next_steps=status in ("completed", "stopped"))
+
+
+def _front_json(store: Any, name: str) -> list[dict[str, Any]]:
+    from search_spaces import spec_from_json
+
+    out = []
+    for row in store.front(name):
+        spec = spec_from_json(row["spec"] if isinstance(row["spec"], str) else json.dumps(row["spec"]), "hybrid_vit")
+        out.append({"rank": row["rank"], "hash": row["arch_hash"], "short": spec.short(), "metrics": row["metrics"],
+                    "params": row.get("params"), "flops": row.get("flops"), "spec": spec.to_dict()})
+    return out
+
+
+def _print_front(store: Any, name: str, json_out: bool, next_steps: bool = False) -> None:
+    info = store.study(name)
+    rows = _front_json(store, name)
+    if json_out:
+        print(json.dumps({"study": info.to_dict(), "front": rows}, indent=2, default=str))
+        return
+    src = rows[0]["metrics"].get("source", "") if rows else ""
+    t = Table(title=f"study {name}: {info.status}, {_budget_text(info)}, {info.trials_done} evaluations; "
+                    f"Pareto front ({len(rows)}, accuracy from {src or '-'})", box=box.SIMPLE)
+    for col in ("#", "hash", "accuracy", "latency ms", "params", "architecture"):
+        t.add_column(col, justify="left" if col in ("hash", "architecture") else "right",
+                     overflow="fold" if col == "architecture" else "ellipsis")
+    for r in rows:
+        m = r["metrics"]
+        t.add_row(str(r["rank"]), r["hash"][:10], f"{m.get('accuracy', float('nan')):.4f}",
+                  f"{m['latency_ms']:.3f}" if "latency_ms" in m else "-",
+                  f"{int(m.get('params', r.get('params') or 0)):,}", r["short"])
+    console.print(t)
+    if next_steps:
+        console.print(f"next: nas show {name} | nas best {name} --json | nas resume {name} --budget +1cpu-m"
+                      + (f" --storage {store.url}" if store.url != "sqlite:///nas.db" else ""))
+
+
+@app.command()
+def search(
+    space: str = typer.Option("hybrid_vit", "--space", help="Search space (hybrid_vit)."),
+    budget: str = typer.Option(..., "--budget", help="8gpu-h, 30gpu-m, 2cpu-h, 90s, 2h or 500trials."),
+    data: str = typer.Option("digits", "--data", help="digits | cifar10:PATH | imagefolder:PATH | npz:PATH."),
+    objectives: str = typer.Option("accuracy,latency", "--objectives", help="accuracy plus latency/params/flops."),
+    target: str = typer.Option("cpu", "--target", help="Device the trials run and are timed on: cpu or cuda."),
+    precision: str = typer.Option("fp32", "--precision", help="any, fp32, bf16, fp16, int8 or fp8."),
+    max_params: str | None = typer.Option(None, "--max-params", help="Parameter limit, e.g. 5M."),
+    max_latency_ms: float | None = typer.Option(None, "--max-latency-ms", help="Latency limit on the target."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Image side (default: native, at least 16)."),
+    study: str | None = typer.Option(None, "--study", help="Study name (default: SPACE-DATE-TIME)."),
+    storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
+    workers: int = typer.Option(1, "--workers", help="Trials run at once."),
+    address: str | None = typer.Option(None, "--address", help="Join a Ray cluster: auto or HOST:PORT."),
+    seed: int = typer.Option(0, "--seed"),
+    strategy: str = typer.Option("staged", "--strategy", help="staged, nsga2 or random."),
+    stages: str | None = typer.Option(None, "--stages", help="Budget shares, e.g. screen=0.15,supernet=0.35,"
+                                                                "latency=0.1,train=0.4."),
+    frame: str = typer.Option("auto", "--frame", help="Space: auto, tiny, small or a frame JSON file."),
+    train_epochs: int = typer.Option(4, "--train-epochs", help="Epochs of the short training."),
+    data_limit: int | None = typer.Option(None, "--limit", help="Use this many training images."),
+    supernet: str | None = typer.Option(None, "--supernet", help="A trained supernet to use instead of training."),
+    parzc: str | None = typer.Option(None, "--parzc", help="A saved ParZC predictor to screen with."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads per trial."),
+    json_out: bool = typer.Option(False, "--json", help="Print the study and its front as JSON."),
+) -> None:
+    """Search SPACE for the Pareto front of accuracy against latency within a budget."""
+    import datetime
+
+    from nas.search import (
+        SearchConfig,
+        SearchError,
+        create_study,
+        parse_budget_arg,
+        parse_count,
+        parse_shares,
+        prepare_study,
+    )
+    from nas.store import StoreError, validate_study_name, validate_url
+
+    try:
+        bud = parse_budget_arg(budget)
+        if space not in ("hybrid_vit",):
+            _space(space)
+            raise BadInput(f"nas search runs on space hybrid_vit; {space!r} is a benchmark space for the proxies")
+        kw: dict[str, Any] = {}
+        if stages is not None:
+            kw["shares"] = parse_shares(stages)
+        if address is not None and address != "auto" and ":" not in address:
+            raise BadInput(f"--address must be auto or HOST:PORT, got {address!r}")
+        if data_limit is not None and data_limit < 20:
+            raise BadInput(f"--limit must be at least 20 images, got {data_limit}")
+        cfg = SearchConfig(space=space, data=data, data_limit=data_limit,
+                           objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()), target=target,
+                           precision=precision, max_params=parse_count(max_params, "--max-params")
+                           if max_params is not None else None, max_latency_ms=max_latency_ms, img_size=img_size,
+                           frame=frame, strategy=strategy, workers=workers, threads=threads, address=address,
+                           seed=seed, train_epochs=train_epochs, supernet=supernet, parzc=parzc, **kw)
+        url = validate_url(storage)
+        name = validate_study_name(study if study is not None else
+                                   f"{space}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        if address not in (None, "auto"):
+            _reachable(address)
+        conf = prepare_study(name, cfg, bud, url)  # every check that needs no store: nothing written yet
+    except (SearchError, StoreError) as e:
+        raise BadInput(str(e)) from None
+    store = _open_store(url)
+    try:
+        create_study(store, name, cfg, bud, conf)
+    except (SearchError, StoreError) as e:
+        raise BadInput(str(e)) from None
+    if not json_out:
+        console.print(f"study {name} on {store.url}: {cfg.strategy} search of {space} on {data}, budget {bud}, "
+                      f"target {target}, {workers} worker(s)")
+    _run_driver(store, name, json_out)
+
+
+@app.command()
+def resume(
+    name: str = typer.Argument(..., help="Study name."),
+    budget: str | None = typer.Option(None, "--budget", help="Budget to add, e.g. +2gpu-h or +100trials."),
+    storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the study and its front as JSON."),
+) -> None:
+    """Continue a stopped, crashed or finished study; nothing stored is lost or repeated."""
+    from nas.budget import Budget, BudgetError
+    from nas.search import SearchError, parse_budget_arg
+
+    add = None
+    if budget is not None:
+        try:
+            add = parse_budget_arg(budget, increment=True)
+        except SearchError as e:
+            raise BadInput(str(e)) from None
+    store = _open_store(storage, must_exist=True)
+    info = _study(store, name)
+    if info.status == "completed" and add is None:
+        raise BadInput(f"study {name!r} is complete; give it more budget, e.g. --budget +1cpu-m")
+    if add is not None:
+        try:
+            new = Budget.from_dict(info.budget) + add
+        except BudgetError as e:
+            raise BadInput(str(e)) from None
+        import os
+        import socket
+
+        if not store.acquire_driver(name, os.getpid(), socket.gethostname()):
+            raise BadInput(f"study {name!r} is already running (pid {info.driver_pid} on {info.driver_host}); "
+                           f"stop it with `nas stop {name}` or wait for it")
+        store.set_budget(name, new.to_dict())
+        store.release_driver(name, os.getpid(), socket.gethostname())
+    store.clear_stop(name)
+    if not json_out:
+        info = store.study(name)
+        console.print(f"resuming study {name} ({info.status}, {_budget_text(info)})")
+    _run_driver(store, name, json_out)
+
+
+@app.command()
+def studies(
+    storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the studies in a store."""
+    store = _open_store(storage, must_exist=True)
+    rows = store.studies()
+    if json_out:
+        print(json.dumps([s.to_dict() for s in rows], indent=2, default=str))
+        return
+    t = Table(title=f"studies in {store.url}", box=box.SIMPLE)
+    for col in ("name", "strategy", "status", "stage", "budget", "evaluations", "best acc", "updated"):
+        t.add_column(col)
+    for s in rows:
+        front = store.front(s.name)
+        best = max((r["metrics"].get("accuracy", 0.0) for r in front), default=None)
+        t.add_row(s.name, s.config.get("strategy", ""), s.status, s.stage or "-", _budget_text(s),
+                  str(s.trials_done), "-" if best is None else f"{best:.4f}", str(s.updated_at)[:19])
+    console.print(t)
+
+
+@app.command()
+def show(
+    name: str = typer.Argument(..., help="Study name."),
+    storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """A study: configuration, budget, stages, errors and its Pareto front."""
+    store = _open_store(storage, must_exist=True)
+    info = _study(store, name)
+    evals = store.evaluations(name)
+    per: dict[str, list[float]] = {}
+    for ev in evals:
+        st = per.setdefault(ev.stage, [0, 0, 0.0])
+        st[0 if ev.error is None else 1] += 1
+        st[2] += ev.seconds
+    errors = [ev for ev in evals if ev.error]
+    if json_out:
+        print(json.dumps({"study": info.to_dict(), "stages": {k: {"done": v[0], "errors": v[1], "seconds": v[2]}
+                                                               for k, v in per.items()},
+                          "errors": [e.to_dict() for e in errors[-20:]], "front": _front_json(store, name)},
+                         indent=2, default=str))
+        return
+    cfg = info.config
+    console.print(f"study {name}: {info.status}{' (stage ' + info.stage + ')' if info.stage else ''}, "
+                  f"{cfg.get('strategy')} search of {info.space} on {cfg.get('data')}, target {cfg.get('target')}, "
+                  f"budget {_budget_text(info)}, objectives {','.join(cfg.get('objectives', []))}")
+    t = Table(title="stages", box=box.SIMPLE)
+    for col in ("stage", "done", "errors", "device-s"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for k, v in per.items():
+        t.add_row(k, str(int(v[0])), str(int(v[1])), f"{v[2]:,.1f}")
+    console.print(t)
+    for e in errors[-3:]:
+        console.print(f"error in {e.stage} trial {e.trial} (attempt {e.attempt}): "
+                      f"{(e.error or '').strip().splitlines()[-1][:160]}")
+    _print_front(store, name, False)
+
+
+@app.command()
+def best(
+    name: str = typer.Argument(..., help="Study name."),
+    storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
+    json_out: bool = typer.Option(False, "--json", help="The front with full specs as JSON."),
+) -> None:
+    """The study's Pareto front, most accurate first."""
+    store = _open_store(storage, must_exist=True)
+    _study(store, name)
+    if json_out:
+        print(json.dumps(_front_json(store, name), indent=2))
+        return
+    _print_front(store, name, False)
+
+
+@app.command()
+def stop(
+    name: str = typer.Argument(..., help="Study name."),
+    storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
+) -> None:
+    """Ask a running study to stop gracefully (its trials in flight finish and are kept)."""
+    store = _open_store(storage, must_exist=True)
+    info = _study(store, name)
+    if info.status not in ("running", "created"):
+        console.print(f"study {name} is {info.status}; nothing to stop")
+        return
+    store.request_stop(name)
+    import os
+    import socket
+
+    if store.acquire_driver(name, os.getpid(), socket.gethostname()):  # no live driver: mark it directly
+        store.set_status(name, "stopped")
+        store.clear_stop(name)
+        store.release_driver(name, os.getpid(), socket.gethostname())
+        console.print(f"study {name} had no live driver; marked stopped (continue with `nas resume {name}`)")
+        return
+    console.print(f"stop requested; the driver of {name} (pid {info.driver_pid}) finishes its trials in flight")
+
+
 if __name__ == "__main__":
     app()

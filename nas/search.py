@@ -1,0 +1,892 @@
+"""The staged search loop: a study from ``nas search`` to its Pareto front, resumable at any point.
+
+Strategies (``SearchConfig.strategy``):
+
+- ``staged`` (the default):
+  1. ``screen``: many candidates sampled by Optuna (NSGA-II, Deb et al. 2002) from the space and
+     scored with zero-cost proxies (or ParZC) plus a quick latency measurement;
+  2. ``supernet``: a weight-sharing supernet over the same frame is trained once (sandwich rule,
+     in-place distillation; BigNAS, Yu et al. 2020) and the screening front is ranked by
+     inherited-weight validation accuracy;
+  3. ``latency``: the promising ones are measured carefully on the target device;
+  4. ``train``: the final candidates are trained briefly from scratch, with ASHA early stopping
+     (Li et al. 2020), and the Pareto front is taken over trained accuracy and measured latency.
+- ``nsga2`` / ``random``: every trial trains an Optuna-sampled candidate briefly and measures its
+  latency (the baselines of ``bench/search_quality.py``).
+
+Every trial runs on a Ray Tune worker (``workers.ray_tune``) and is recorded in the SQL store
+(``nas.store``) in one transaction when it finishes; Optuna's study lives in the same database.
+A stage is idempotent: ``resume`` runs the stages again and each skips what the store already
+holds, so nothing is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from nas.budget import Budget, BudgetError, parse_budget
+from nas.store import Store, StoreError, validate_study_name
+
+__all__ = [
+    "OBJECTIVES",
+    "STRATEGIES",
+    "SearchConfig",
+    "SearchError",
+    "create_study",
+    "front_rows",
+    "prepare_study",
+    "run_study",
+]
+
+STRATEGIES = ("staged", "nsga2", "random")
+OBJECTIVES = {"accuracy": ("accuracy", "max"), "latency": ("latency_ms", "min"), "params": ("params", "min"),
+              "flops": ("flops", "min")}
+DEFAULT_SHARES = {"screen": 0.15, "supernet": 0.35, "latency": 0.1, "train": 0.4}
+PRECISION_CHOICES = ("any", "fp32", "bf16", "fp16", "int8", "fp8")
+
+
+class SearchError(ValueError):
+    """A search request that cannot run (one line: what was wrong and what to do)."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything a study needs to run again (stored as the study's config JSON)."""
+
+    space: str = "hybrid_vit"
+    data: str = "digits"
+    data_limit: int | None = None
+    objectives: tuple[str, ...] = ("accuracy", "latency")
+    target: str = "cpu"
+    precision: str = "fp32"
+    max_params: int | None = None
+    max_latency_ms: float | None = None
+    img_size: int | None = None
+    frame: str = "auto"
+    strategy: str = "staged"
+    shares: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SHARES))
+    workers: int = 1
+    threads: int = 1
+    address: str | None = None
+    seed: int = 0
+    train_epochs: int = 4
+    supernet_epochs: int | None = None  # None: as many as the supernet's budget share allows
+    max_supernet_epochs: int = 30
+    score: str = "nwot"
+    parzc: str | None = None
+    supernet: str | None = None  # an already trained supernet checkpoint to use instead of training one
+    workdir: str = ""
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "objectives", tuple(self.objectives))
+        if self.space != "hybrid_vit":
+            raise SearchError(f"nas search runs on space hybrid_vit only, not {self.space!r}")
+        if not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise SearchError("objectives must be a list of distinct names, e.g. accuracy,latency")
+        for o in self.objectives:
+            if o not in OBJECTIVES:
+                raise SearchError(f"unknown objective {o!r}; choose from {', '.join(OBJECTIVES)}")
+        if "accuracy" not in self.objectives:
+            raise SearchError("objectives must include accuracy, e.g. accuracy,latency")
+        if self.target not in ("cpu", "cuda"):
+            raise SearchError(f"target must be cpu or cuda, got {self.target!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise SearchError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise SearchError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        for name in ("workers", "threads", "train_epochs", "max_supernet_epochs", "max_failures"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "max_failures" else 1):
+                raise SearchError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.max_params is not None and self.max_params < 1:
+            raise SearchError(f"max-params must be positive, got {self.max_params}")
+        if self.max_latency_ms is not None and not (self.max_latency_ms > 0 and math.isfinite(self.max_latency_ms)):
+            raise SearchError(f"max-latency-ms must be a positive number, got {self.max_latency_ms}")
+        if self.img_size is not None and not 8 <= self.img_size <= 1024:
+            raise SearchError(f"img-size must be between 8 and 1024, got {self.img_size}")
+        shares = dict(self.shares)
+        bad = sorted(set(shares) - set(DEFAULT_SHARES))
+        if bad:
+            raise SearchError(f"unknown stage {bad[0]!r} in shares; stages are {', '.join(DEFAULT_SHARES)}")
+        if any(not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)) for v in shares.values()):
+            raise SearchError("stage shares must be non-negative numbers")
+        full = {k: float(shares.get(k, 0.0)) for k in DEFAULT_SHARES}
+        total = sum(full.values())
+        if total <= 0 or full["train"] + full["screen"] <= 0:
+            raise SearchError("stage shares must give screen or train a positive share")
+        set_(self, "shares", {k: v / total for k, v in full.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["objectives"] = list(self.objectives)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def parse_shares(text: str) -> dict[str, float]:
+    """``screen=0.2,supernet=0.3,latency=0.1,train=0.4`` -> shares (normalised by SearchConfig)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise SearchError(f"cannot read stage share {part!r}; use e.g. screen=0.2,train=0.8") from None
+    if not out:
+        raise SearchError("empty --stages; use e.g. screen=0.2,supernet=0.3,latency=0.1,train=0.4")
+    return out
+
+
+def parse_count(text: str, what: str) -> int:
+    """``5M``, ``500k``, ``2.5M``, ``123456`` -> an integer count."""
+    raw = str(text).strip().lower().replace("_", "")
+    mult = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}.get(raw[-1:], 1.0)
+    num = raw[:-1] if raw[-1:] in "kmgb" else raw
+    try:
+        value = float(num) * mult
+    except ValueError:
+        raise SearchError(f"cannot read {what} {text!r}; use e.g. 5M, 500k or 250000") from None
+    if not math.isfinite(value) or value < 1:
+        raise SearchError(f"{what} must be at least 1, got {text!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# the search space of a study: a supernet frame, a sub-space of hybrid_vit
+# --------------------------------------------------------------------------------------------
+
+
+def _precisions(cfg: SearchConfig) -> tuple[str, ...]:
+    from predictors.precision import supported_precisions
+
+    if cfg.precision != "any":
+        return (cfg.precision,)
+    return tuple(supported_precisions(cfg.target)) or ("fp32",)
+
+
+def make_frame(cfg: SearchConfig, in_chans: int, num_classes: int, img_size: int) -> Any:
+    """The study's search space: a named frame (or a JSON file) adapted to the data and precision."""
+    from search_spaces.supernet import FRAMES, frame_from_json, get_frame
+
+    name = cfg.frame
+    if name == "auto":
+        name = "tiny" if img_size <= 16 else "small"
+    over = {"in_chans": in_chans, "num_classes": num_classes, "img_size": img_size, "precisions": _precisions(cfg)}
+    if name in FRAMES:
+        return get_frame(name, **over)
+    path = Path(name)
+    if not path.is_file():
+        raise SearchError(f"unknown frame {name!r}; use auto, {', '.join(sorted(FRAMES))} or a frame JSON file")
+    try:
+        return replace(frame_from_json(path.read_text()), **over)
+    except ValueError as e:
+        raise SearchError(f"frame {path}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# creating a study (validation first, nothing written on bad input)
+# --------------------------------------------------------------------------------------------
+
+
+def default_workdir(url: str, study: str) -> str:
+    """Where a study keeps its files (supernet checkpoint, Tune logs): next to a SQLite file."""
+    base = Path(".")
+    if url.startswith("sqlite:///"):
+        base = Path(url[len("sqlite:///"):]).resolve().parent
+    return str((base / "nas_runs" / study).resolve())
+
+
+def load_data(cfg: SearchConfig) -> Any:
+    """The training split of ``cfg.data``, resized, split into train/validation for the workers."""
+    from nas.data import load
+    from workers.evaluate import split_train_val
+
+    try:
+        ds = load(cfg.data, "train", limit=cfg.data_limit, img_size=None, seed=cfg.seed)
+        native = int(ds.x.shape[2])
+        img = cfg.img_size or max(16, native)
+        if img != native:
+            ds = load(cfg.data, "train", limit=cfg.data_limit, img_size=img, seed=cfg.seed)
+    except (ValueError, OSError) as e:
+        raise SearchError(f"data {cfg.data!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return split_train_val(ds.x, ds.y, val_fraction=0.2, seed=cfg.seed, num_classes=ds.num_classes)
+
+
+def check_target(target: str) -> None:
+    import torch
+
+    if target == "cuda" and not torch.cuda.is_available():
+        raise SearchError("--target cuda needs a CUDA GPU and a CUDA build of torch; use --target cpu here")
+
+
+def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dict[str, Any]:
+    """Check everything about a new study that needs no store (data, frame, target, precision,
+    limits) and return the config to store. Writes nothing."""
+    from predictors.precision import PrecisionError, check_precision
+
+    validate_study_name(name)
+    if budget.device == "gpu" and cfg.target != "cuda":
+        raise SearchError(f"budget {budget} counts GPU time but --target is {cfg.target}; use e.g. 3cpu-m or 3m")
+    check_target(cfg.target)
+    for p in _precisions(cfg):
+        try:
+            check_precision(p, cfg.target)
+        except PrecisionError as e:
+            raise SearchError(f"--precision {p} cannot run on --target {cfg.target}: {e}") from None
+    if cfg.supernet and not (Path(cfg.supernet) / "supernet.pt").is_file() and not Path(cfg.supernet).is_file():
+        raise SearchError(f"no supernet checkpoint at {cfg.supernet}; train one with `nas supernet train`")
+    if cfg.parzc and not Path(cfg.parzc).is_file():
+        raise SearchError(f"no ParZC predictor at {cfg.parzc}; save one with ParZC.save(PATH)")
+    data = load_data(cfg)
+    frame = make_frame(cfg, data.in_chans, data.num_classes, data.img_size)
+    if cfg.max_params is not None:
+        small = _params(frame.smallest(__import__("random").Random(0)), frame)
+        if small > cfg.max_params:
+            raise SearchError(f"--max-params {cfg.max_params:,} is below the smallest architecture of the space "
+                              f"({small:,} parameters); raise it")
+    conf = cfg.to_dict()
+    conf["workdir"] = cfg.workdir or default_workdir(url, name)
+    conf["frame_json"] = frame.to_dict()
+    conf["progress"] = {}
+    return conf
+
+
+def create_study(store: Store, name: str, cfg: SearchConfig, budget: Budget,
+                 conf: dict[str, Any] | None = None) -> None:
+    """Register study ``name`` (status ``created``) after :func:`prepare_study`'s checks."""
+    if store.get_study(name) is not None:
+        raise SearchError(f"study {name!r} already exists; resume it with `nas resume {name}` or pick another --study")
+    conf = conf or prepare_study(name, cfg, budget, store.url)
+    store.create_study(name, cfg.space, conf, budget.to_dict())
+
+
+def _params(spec: Any, frame: Any) -> int:
+    import torch
+
+    from search_spaces.counting import count_params
+    from search_spaces.hybrid_vit import HybridViT
+
+    with torch.device("meta"):
+        model = HybridViT(spec, num_classes=frame.num_classes, img_size=frame.img_size, in_chans=frame.in_chans)
+    return count_params(model)
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stats:
+    seconds: dict[str, float] = field(default_factory=dict)
+    trials: dict[str, int] = field(default_factory=dict)
+
+    def mean(self, stage: str, default: float = 1.0) -> float:
+        n = self.trials.get(stage, 0)
+        return self.seconds.get(stage, 0.0) / n if n else default
+
+
+class Driver:
+    """Runs one study's stages against the store; one live driver per study (a lease in the store)."""
+
+    def __init__(self, store: Store, name: str, *, progress: Callable[[dict[str, Any]], None] | None = None,
+                 chaos: dict[int, str] | None = None) -> None:
+        self.store = store
+        self.name = name
+        info = store.study(name)
+        self.cfg = SearchConfig.from_dict(info.config)
+        self.conf = dict(info.config)
+        self.budget = Budget.from_dict(info.budget)
+        self.workdir = Path(self.conf["workdir"])
+        self.progress = progress or (lambda _: None)
+        self.chaos = chaos or {}
+        self.stats = _Stats()
+        self.used_seconds = info.used_seconds
+        self.trials_done = info.trials_done
+        self._stop_checked = 0.0
+        self._stop = False
+        self._beat = 0.0
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+        self.best: float | None = None
+        self.errors = 0
+        self._ordinal = 0
+        for ev in store.evaluations(name, errors=False):
+            self.stats.seconds[ev.stage] = self.stats.seconds.get(ev.stage, 0.0) + ev.seconds
+            self.stats.trials[ev.stage] = self.stats.trials.get(ev.stage, 0) + 1
+            acc = ev.metrics.get("accuracy")
+            if acc is not None and ev.stage in ("train", "supernet"):
+                self.best = acc if self.best is None else max(self.best, acc)
+
+    # ---- budget ------------------------------------------------------------------------
+
+    def _used(self) -> float:
+        return float(self.trials_done) if self.budget.kind == "trials" else self.used_seconds
+
+    def _total(self) -> float:
+        return float(self.budget.trials if self.budget.kind == "trials" else self.budget.seconds)  # type: ignore[arg-type]
+
+    def stage_used(self, stage: str) -> float:
+        """What ``stage`` used so far (the supernet stage includes training the supernet)."""
+        parts = ("supernet", "supernet_train") if stage == "supernet" else (stage,)
+        if self.budget.kind == "trials":
+            return float(sum(self.stats.trials.get(p, 0) for p in parts))
+        return sum(self.stats.seconds.get(p, 0.0) for p in parts)
+
+    def limit(self, stage: str, order: list[str]) -> float:
+        """What ``stage`` may use: its cumulative share minus what the stages before it used."""
+        i = order.index(stage)
+        shares = self._shares(order)
+        cum = sum(shares[s] for s in order[: i + 1]) * self._total()
+        before = sum(self.stage_used(s) for s in order[:i])
+        return cum - before
+
+    def _shares(self, order: list[str]) -> dict[str, float]:
+        sh = {s: self.cfg.shares.get(s, 0.0) for s in order}
+        t = sum(sh.values()) or 1.0
+        return {s: v / t for s, v in sh.items()}
+
+    def stop_requested(self) -> bool:
+        now = time.monotonic()
+        if now - self._stop_checked > 0.5:
+            self._stop_checked = now
+            self._stop = self._stop or self.store.stop_requested(self.name)
+        if now - self._beat > 5.0:
+            self._beat = now
+            self.store.heartbeat(self.name, self.pid, self.host)
+        return self._stop
+
+    def exhausted(self) -> bool:
+        return self._used() >= self._total() * (1 - 1e-9)
+
+    # ---- recording ---------------------------------------------------------------------
+
+    def _counts(self, device: dict[str, Any] | None) -> bool:
+        kind = (device or {}).get("kind") or self.cfg.target
+        return self.budget.counts(kind)
+
+    def record(self, stage: str, ev: dict[str, Any], key: str, trial: int | None, spec_json: str | None) -> None:
+        arch = ev.get("spec_hash")
+        if arch and spec_json:
+            self.store.add_architecture(arch, self.cfg.space, spec_json, params=ev.get("params"),
+                                        flops=ev.get("flops"))
+        seconds = float(ev.get("seconds", 0.0))
+        counts = self._counts(ev.get("device"))
+        self.store.record_evaluation(self.name, stage=stage, metrics=ev.get("metrics", {}), seconds=seconds,
+                                     arch_hash=arch, device=ev.get("device") or None, trial=trial, key=key,
+                                     count_seconds=counts)
+        if counts:
+            self.used_seconds += seconds
+        self.trials_done += 1
+        self.stats.seconds[stage] = self.stats.seconds.get(stage, 0.0) + seconds
+        self.stats.trials[stage] = self.stats.trials.get(stage, 0) + 1
+        acc = ev.get("metrics", {}).get("accuracy")
+        if acc is not None and stage in ("train", "supernet"):
+            self.best = acc if self.best is None else max(self.best, acc)
+        self.tick(stage)
+
+    def record_error(self, stage: str, config: dict[str, Any], error: str, seconds: float, attempt: int,
+                     final: bool) -> None:
+        arch = config.get("spec_hash")
+        if arch:
+            self.store.add_architecture(arch, self.cfg.space, config["spec"])
+        counts = self._counts(None)
+        self.store.record_evaluation(self.name, stage=stage, metrics={}, seconds=seconds, arch_hash=arch,
+                                     error=error, trial=config.get("number"), attempt=attempt,
+                                     key=f"{config.get('key', stage)}:error:{attempt}", count_seconds=counts)
+        if counts:
+            self.used_seconds += seconds
+        self.errors += 1
+        self.tick(stage)
+
+    def tick(self, stage: str) -> None:
+        self.progress({"stage": stage, "used": self._used(), "total": self._total(), "kind": self.budget.kind,
+                       "trials": self.trials_done, "best": self.best, "errors": self.errors})
+
+    def mark_done(self, stage: str) -> None:
+        prog = dict(self.conf.get("progress") or {})
+        prog[stage] = self._total()
+        self.conf["progress"] = prog
+        self.store.set_config(self.name, self.conf)
+
+    def stage_done(self, stage: str) -> bool:
+        return (self.conf.get("progress") or {}).get(stage) == self._total()
+
+
+class _Gate:
+    """Budget gating of one stage: launch while the projected use stays within the stage's limit."""
+
+    def __init__(self, driver: Driver, stage: str, limit: float, record_as: Callable[[dict[str, Any]], str]) -> None:
+        self.d = driver
+        self.stage = stage
+        self.limit = limit
+        self.start = driver.stage_used(stage)
+        self.record_as = record_as
+
+    def decide(self, running: int) -> str:
+        from workers.ray_tune import FINISH, LAUNCH, WAIT
+
+        if self.d.stop_requested() or self.d.exhausted():
+            return FINISH
+        used = self.d.stage_used(self.stage)
+        each = 1.0 if self.d.budget.kind == "trials" else self.d.stats.mean(self.stage, default=0.0)
+        projected = used + running * each
+        total_left = self.d._total() - self.d._used() - running * each
+        if projected + 0.5 * each < self.limit and total_left > 0.5 * each and (
+                self.d.budget.kind != "trials" or total_left >= 1):
+            return LAUNCH
+        return WAIT if running else FINISH
+
+    def finished(self, trial: Any) -> None:
+        cfg = trial.config
+        if trial.result.get("cached"):
+            return
+        evs = trial.evaluations
+        if not evs:
+            return
+        ev = dict(evs[0])  # one trial, one evaluation: later stages of the trial (latency) merge into it
+        for extra in evs[1:]:
+            ev["metrics"] = {**extra["metrics"], **ev["metrics"]}
+            ev["seconds"] += extra["seconds"]
+            ev["flops"] = ev.get("flops") or extra.get("flops")
+        self.d.record(ev["stage"], ev, f"{cfg['key']}:{ev['stage']}", cfg.get("number"), cfg.get("spec"))
+
+    def failed(self, trial: Any) -> None:
+        self.d.record_error(self.stage, trial.config, trial.error, trial.seconds, trial.attempt, trial.final)
+
+
+def front_rows(points: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Non-dominated points (each a dict with the objectives' metrics), ranked by accuracy."""
+    from predictors.metrics import pareto_front
+
+    keys = [OBJECTIVES[o] for o in objectives]
+    pts = [p for p in points if all(k in p["metrics"] for k, _ in keys)]
+    if not pts:
+        return []
+    vals = [[p["metrics"][k] for k, _ in keys] for p in pts]
+    idx = pareto_front(vals, minimize=[m == "min" for _, m in keys])
+    chosen = sorted((pts[i] for i in idx), key=lambda p: -p["metrics"]["accuracy"])
+    return [{**p, "rank": r} for r, p in enumerate(chosen)]
+
+
+def _nd_order(points: list[tuple[str, list[float]]], minimize: list[bool]) -> list[str]:
+    """Hashes in non-dominated-sorting order (front 0 first, then front 1, ...)."""
+    from predictors.metrics import pareto_front
+
+    left = list(points)
+    out: list[str] = []
+    while left:
+        idx = pareto_front([v for _, v in left], minimize=minimize, keep_duplicates=True)
+        keep = set(int(i) for i in idx)
+        front = [left[i] for i in sorted(keep, key=lambda i: [(-v if not m else v) for v, m in
+                                                                  zip(left[i][1], minimize)])]
+        out += [h for h, _ in front]
+        left = [p for i, p in enumerate(left) if i not in keep]
+    return out
+
+
+def run_study(store: Store, name: str, *, progress: Callable[[dict[str, Any]], None] | None = None,
+              chaos: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """Run (or continue) study ``name`` until its budget is spent or a stop is requested.
+
+    Returns the Pareto front (also stored). The caller holds the driver lease."""
+    import optuna
+    import ray
+
+    from workers.ray_tune import init_ray, run_trials
+
+    d = Driver(store, name, progress=progress, chaos=chaos)
+    cfg = d.cfg
+    check_target(cfg.target)
+    data = load_data(cfg)
+    from search_spaces.supernet import SupernetFrame
+
+    frame = SupernetFrame.from_dict(d.conf["frame_json"])
+    d.workdir.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1),
+             temp_dir=None)
+    data_ref = ray.put(data)
+    resources = {"cpu": 1, "gpu": 1} if cfg.target == "cuda" else {"cpu": 1}
+    eval_cfg = {"proxies": ["nwot", "synflow", "snip"], "score": "parzc" if cfg.parzc else cfg.score,
+                "parzc": cfg.parzc, "train_epochs": cfg.train_epochs, "threads": cfg.threads, "seed": cfg.seed,
+                "supernet": cfg.supernet or str(d.workdir / "supernet")}
+    common = {"device": cfg.target, "threads": cfg.threads, "eval": eval_cfg}
+    storage = store.optuna_storage()
+    sampled_stage = "screen" if cfg.strategy == "staged" else "train"
+    sample_metrics = _sample_metrics(cfg)
+    modes = [OBJECTIVES[o][1] for o in cfg.objectives]
+    _recover_optuna(store, storage, name, d)
+
+    def chaos_for(ordinal: int) -> dict[str, Any] | None:
+        kind = d.chaos.get(ordinal)
+        if not kind:
+            return None
+        return {"kind": kind, "marker": str(d.workdir / "chaos" / f"{ordinal}")}
+
+    # ---- the sampling stage (screen, or train for the baselines) ---------------------------
+    order = ["screen", "supernet", "latency", "train"] if cfg.strategy == "staged" else ["train"]
+    if cfg.supernet and cfg.strategy == "staged":
+        d.conf["progress"] = {**(d.conf.get("progress") or {}), "supernet_train": -1}
+    done = {h: m for h, m in store.done(name, sampled_stage).items()}
+
+    def define(trial: Any) -> dict[str, Any]:
+        spec = frame.sample(trial)
+        h = spec.hash
+        trial.set_user_attr("spec_hash", h)
+        trial.set_user_attr("spec", spec.to_json())
+        trial.set_user_attr("stage", sampled_stage)
+        cons: list[float] = []
+        if cfg.max_params is not None:
+            cons.append(float(_params(spec, frame) - cfg.max_params))
+            if cons[-1] > 0:  # over the limit before any work: not evaluated, worst values for Optuna
+                trial.set_user_attr("infeasible", "max_params")
+        _set_constraints(trial, cfg, cons + ([0.0] if cfg.max_latency_ms is not None else []))
+        d._ordinal += 1
+        out: dict[str, Any] = {"spec": spec.to_json(), "spec_hash": h, "number": trial.number,
+                               "key": f"{sampled_stage}:{trial.number}", "ordinal": d._ordinal,
+                               "stages": ["screen"] if cfg.strategy == "staged" else ["train", "latency"]}
+        if h in done:
+            out["cached"] = {k: v for k, v in done[h].items() if k in sample_metrics}
+        elif cons and cons[0] > 0 and cfg.max_params is not None:
+            out["cached"] = {m: (-1e12 if md == "max" else 1e12) for m, md in zip(sample_metrics, modes)}
+        fault = chaos_for(d._ordinal)
+        if fault:
+            out["fault"] = fault
+        return out
+
+    def constraints(trial: Any) -> list[float]:
+        return list(trial.user_attrs.get("constraints", []))
+
+    def on_complete(inner: Any, trial_id: str, result: dict[str, Any] | None) -> None:
+        ot = getattr(inner, "_ot_trials", {}).get(trial_id)
+        if ot is None or not result:
+            return
+        cons = constraints(ot)
+        if cfg.max_latency_ms is not None and "latency_ms" in result:
+            cons[-1] = float(result["latency_ms"]) - cfg.max_latency_ms
+            _set_constraints(ot, cfg, cons)
+        missing = [m for m in sample_metrics if not isinstance(result.get(m), (int, float))
+                   or not math.isfinite(result[m])]
+        if missing:  # e.g. nwot is -inf for a net whose features collapse: the trial fails in Optuna
+            ot.set_user_attr("failed_because", f"objective not finite: {', '.join(missing)}")
+            inner._ot_study.tell(ot, state=optuna.trial.TrialState.FAIL)
+
+    # Optuna >= 5 reads constraints set on the trial; older versions take a constraints_func
+    use_cons = (cfg.max_params is not None or cfg.max_latency_ms is not None) and not hasattr(
+        optuna.trial.Trial, "set_constraint")
+    try:  # a resumed study continues the sampler's stream instead of drawing the same candidates again
+        seed = cfg.seed + len(optuna.load_study(study_name=name, storage=storage).trials)
+    except KeyError:
+        seed = cfg.seed
+    if cfg.strategy == "random":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
+    elif len(cfg.objectives) == 1:
+        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints if use_cons else None)
+    else:
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=16,
+                                                constraints_func=constraints if use_cons else None)
+    from ray.tune.search.optuna import OptunaSearch
+
+    metric: str | list[str] = sample_metrics if len(sample_metrics) > 1 else sample_metrics[0]
+    mode: str | list[str] = modes if len(modes) > 1 else modes[0]
+    searcher = OptunaSearch(define, metric=metric, mode=mode, sampler=sampler, study_name=name, storage=storage,
+                            seed=seed)
+
+    tune_dir = d.workdir / "tune"
+    stop_reason = ""
+    for stage in order:
+        if d.stop_requested():
+            stop_reason = "stop requested"
+            break
+        if d.stage_done(stage):
+            continue
+        store.set_status(name, "running", stage=stage)
+        limit = d.limit(stage, order)
+        if stage == sampled_stage:
+            gate = _Gate(d, stage, limit, lambda c: c["key"])
+            run_trials(name=f"{stage}", searcher=searcher, gate=gate, data_ref=data_ref, common=common,
+                       workers=cfg.workers, resources=resources, max_failures=cfg.max_failures,
+                       storage_path=tune_dir, on_complete=on_complete)
+        elif stage == "supernet":
+            _supernet_stage(d, store, frame, data_ref, common, resources, limit, tune_dir, order)
+        else:
+            _list_stage(d, store, stage, frame, _Gate(d, stage, limit, lambda c: c["key"]), data_ref, common,
+                        resources, tune_dir)
+        if d.stop_requested():
+            stop_reason = "stop requested"
+            break
+        d.mark_done(stage)
+    # budget left after the planned pass (a stage ran out of candidates): measure and train the
+    # next candidates, in rounds, until the budget or the candidates run out
+    while cfg.strategy == "staged" and not stop_reason and not d.stop_requested() and not d.exhausted():
+        ran = 0
+        for stage in ("latency", "train"):
+            left = d._total() - d._used()
+            ran += _list_stage(d, store, stage, frame, _Gate(d, stage, d.stage_used(stage) + left,
+                               lambda c: c["key"]), data_ref, common, resources, tune_dir, refill=True)
+        if not ran:
+            break
+    if d.stop_requested():
+        stop_reason = "stop requested"
+    front = _front(d, store)
+    store.set_front(name, front)
+    status = "stopped" if stop_reason else "completed"
+    store.set_status(name, status, stage=None)
+    if d.stop_requested():
+        store.clear_stop(name)
+    return front
+
+
+def _set_constraints(trial: Any, cfg: SearchConfig, cons: list[float]) -> None:
+    """Constraint values (<= 0 is feasible) as a user attribute, and through Optuna's own
+    ``Trial.set_constraint`` where it exists (Optuna >= 5)."""
+    trial.set_user_attr("constraints", cons)
+    names = [n for n in ("max_params", "max_latency_ms") if getattr(cfg, n) is not None]
+    native = getattr(trial, "set_constraint", None)
+    if native is not None:
+        for key, value in zip(names, cons):
+            native(key, float(value))
+
+
+def _sample_metrics(cfg: SearchConfig) -> list[str]:
+    """The Optuna study's objectives: the screening score stands in for accuracy in staged search."""
+    return ["score" if o == "accuracy" and cfg.strategy == "staged" else OBJECTIVES[o][0] for o in cfg.objectives]
+
+
+def _recover_optuna(store: Store, storage: Any, name: str, d: Driver) -> None:
+    """Optuna trials left RUNNING by a dead driver: completed from the store if their result was
+    recorded, otherwise failed and marked interrupted (they will not be counted)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return
+    recorded = {ev.key: ev for ev in store.evaluations(name)}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        stage = t.user_attrs.get("stage", "screen")
+        ev = recorded.get(f"{stage}:{t.number}:{stage}")
+        sample_metrics = _sample_metrics(d.cfg)
+        if ev is not None and ev.error is None and all(m in ev.metrics for m in sample_metrics):
+            study.tell(t.number, [ev.metrics[m] for m in sample_metrics])
+        else:
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            h = t.user_attrs.get("spec_hash")
+            if h and t.user_attrs.get("spec"):
+                store.add_architecture(h, d.cfg.space, t.user_attrs["spec"])
+            store.record_evaluation(name, stage=stage, metrics={}, seconds=0.0, arch_hash=h, trial=t.number,
+                                    error="interrupted: the driver stopped while this trial ran; it was not "
+                                          "counted and its architecture may be sampled again",
+                                    key=f"{stage}:{t.number}:interrupted", count_seconds=False)
+
+
+def _list_stage(d: Driver, store: Store, stage: str, frame: Any, gate: _Gate, data_ref: Any,
+                common: dict[str, Any], resources: dict[str, float], tune_dir: Path, refill: bool = False) -> int:
+    """Run ``stage`` (latency or train) on its candidate list; the number of trials that ran."""
+    from workers.ray_tune import ListSearcher, run_trials
+
+    cfg = d.cfg
+    cands = _candidates(d, store, stage, frame, refill=refill)
+    configs = [{"spec": s, "spec_hash": h, "number": None, "key": f"{stage}:{h}", "stages": [stage]}
+               for h, s in cands]
+    if not configs:
+        return 0
+    sched = None
+    if stage == "train" and len(configs) > 2:
+        from ray.tune.schedulers import ASHAScheduler
+
+        sched = ASHAScheduler(time_attr="epochs", metric="accuracy", mode="max", max_t=cfg.train_epochs,
+                              grace_period=1, reduction_factor=2)
+    before = d.trials_done + d.errors
+    run_trials(name=stage, searcher=ListSearcher(configs), gate=gate, data_ref=data_ref, common=common,
+               workers=cfg.workers, resources=resources, scheduler=sched, max_failures=cfg.max_failures,
+               storage_path=tune_dir)
+    return d.trials_done + d.errors - before
+
+
+def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = False) -> list[tuple[str, str]]:
+    """The architectures ``stage`` evaluates next, best first, minus those already evaluated
+    (``refill``: the next 8 after those, once the planned pass is over)."""
+    name = d.name
+    cfg = d.cfg
+    screened = store.done(name, "screen")
+    sup = store.done(name, "supernet")
+    lat = store.done(name, "latency")
+    already = store.done(name, stage)
+    minimise_lat = True
+    if stage == "latency":
+        src = sup if sup else screened
+        key = "accuracy" if sup else "score"
+        pts = [(h, [m[key], m.get("latency_ms", 0.0)]) for h, m in src.items() if key in m]
+        ordered = _nd_order(pts, [False, minimise_lat])
+        if not refill:
+            ordered = ordered[: max(8, len(ordered) // 2)]
+    else:  # train: the candidates whose latency was measured carefully, when the latency stage ran
+        src = sup if sup else screened
+        key = "accuracy" if sup else "score"
+        if lat:
+            src = {h: m for h, m in src.items() if h in lat}
+        pts = [(h, [m[key], lat.get(h, m).get("latency_ms", 0.0)]) for h, m in src.items() if key in m]
+        ordered = _nd_order(pts, [False, minimise_lat])
+        if not refill:
+            ordered = ordered[:24]
+    if cfg.max_latency_ms is not None:
+        ordered = [h for h in ordered if lat.get(h, screened.get(h, {})).get("latency_ms", 0.0) <= cfg.max_latency_ms]
+    if cfg.max_params is not None:
+        ordered = [h for h in ordered if screened.get(h, {}).get("params", 0.0) <= cfg.max_params]
+    out = []
+    for h in ordered:
+        if h in already:
+            continue
+        arch = store.architecture(h)
+        if arch is not None:
+            out.append((h, arch["spec"] if isinstance(arch["spec"], str) else json.dumps(arch["spec"])))
+    return out[:8] if refill else out
+
+
+def _supernet_stage(d: Driver, store: Store, frame: Any, data_ref: Any, common: dict[str, Any],
+                    resources: dict[str, float], limit: float, tune_dir: Path, order: list[str]) -> None:
+    """Train the supernet (once, resumable), then rank the screening front with inherited weights."""
+    from workers.ray_tune import ListSearcher, run_trials
+
+    cfg = d.cfg
+    name = d.name
+    def trained() -> bool:
+        return bool(store.evaluations(name, stage="supernet_train", errors=False))
+
+    if not cfg.supernet and not trained():
+        train_share = 0.6 * limit
+        cfg_json = {"task": "supernet", "frame": frame.to_json(), "out": str(d.workdir / "supernet"),
+                    "epochs": cfg.supernet_epochs, "max_epochs": cfg.max_supernet_epochs,
+                    "allowance": train_share if d.budget.kind == "seconds" else None,
+                    "key": "supernet_train", "number": None, "spec_hash": None, "seed": cfg.seed}
+        gate = _OneShot(d, "supernet_train", limit)
+        run_trials(name="supernet_train", searcher=ListSearcher([cfg_json]), gate=gate, data_ref=data_ref,
+                   common=common, workers=1, resources=resources, max_failures=cfg.max_failures,
+                   storage_path=tune_dir)
+        if not trained():
+            return  # no budget, a stop, or training failed: later stages fall back to screening scores
+    cands = _screen_front(d, store)
+    configs = [{"spec": s, "spec_hash": h, "number": None, "key": f"supernet:{h}", "stages": ["supernet"]}
+               for h, s in cands]
+    if configs:
+        gate = _Gate(d, "supernet", limit, lambda c: c["key"])
+        run_trials(name="supernet", searcher=ListSearcher(configs), gate=gate, data_ref=data_ref, common=common,
+                   workers=cfg.workers, resources=resources, max_failures=cfg.max_failures, storage_path=tune_dir)
+
+
+class _OneShot(_Gate):
+    """Launches exactly one trial (supernet training) if any budget is left."""
+
+    def __init__(self, driver: Driver, stage: str, limit: float) -> None:
+        super().__init__(driver, stage, limit, lambda c: c["key"])
+        self.launched = False
+
+    def decide(self, running: int) -> str:
+        from workers.ray_tune import FINISH, LAUNCH, WAIT
+
+        if running:
+            return WAIT
+        if self.launched or self.d.stop_requested() or self.d.exhausted():
+            return FINISH
+        self.launched = True
+        return LAUNCH
+
+
+def _screen_front(d: Driver, store: Store) -> list[tuple[str, str]]:
+    """Screened architectures in non-dominated order of (score, latency), not yet ranked by the supernet."""
+    screened = store.done(d.name, "screen")
+    already = store.done(d.name, "supernet")
+    pts = [(h, [m["score"], m.get("latency_ms", 0.0)]) for h, m in screened.items() if "score" in m]
+    out = []
+    for h in _nd_order(pts, [False, True]):
+        if h in already:
+            continue
+        m = screened[h]
+        if d.cfg.max_params is not None and m.get("params", 0.0) > d.cfg.max_params:
+            continue
+        if d.cfg.max_latency_ms is not None and m.get("latency_ms", 0.0) > d.cfg.max_latency_ms:
+            continue
+        arch = store.architecture(h)
+        if arch is not None:
+            out.append((h, arch["spec"] if isinstance(arch["spec"], str) else json.dumps(arch["spec"])))
+    return out
+
+
+def _front(d: Driver, store: Store) -> list[dict[str, Any]]:
+    """The study's Pareto front from the best evidence each architecture has."""
+    name = d.name
+    train = store.done(name, "train")
+    lat = store.done(name, "latency")
+    sup = store.done(name, "supernet")
+    scr = store.done(name, "screen")
+    if train:
+        src, source = train, "train"
+    elif sup:
+        src, source = sup, "supernet"
+    else:
+        src, source = {h: {**m, "accuracy": m["score"]} for h, m in scr.items() if "score" in m}, "screen"
+    points = []
+    for h, m in src.items():
+        merged = {**scr.get(h, {}), **m}
+        if h in lat:
+            merged["latency_ms"] = lat[h]["latency_ms"]
+        merged["accuracy"] = m["accuracy"]
+        metrics = {k: merged[k] for k in ("accuracy", "latency_ms", "params", "flops", "epochs") if k in merged}
+        metrics["source"] = source  # type: ignore[assignment]
+        points.append({"arch_hash": h, "metrics": metrics})
+    if d.cfg.max_params is not None:
+        points = [p for p in points if p["metrics"].get("params", 0.0) <= d.cfg.max_params]
+    if d.cfg.max_latency_ms is not None:
+        points = [p for p in points if p["metrics"].get("latency_ms", math.inf) <= d.cfg.max_latency_ms]
+    rows = front_rows(points, d.cfg.objectives)
+    return [{"arch_hash": r["arch_hash"], "rank": r["rank"], "metrics": r["metrics"]} for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# signals: SIGINT/SIGTERM ask for a graceful stop
+# --------------------------------------------------------------------------------------------
+
+
+def install_stop_handlers(store: Store, name: str) -> None:
+    """Ctrl-C (or SIGTERM) asks the running study to stop gracefully; a second Ctrl-C aborts."""
+    state = {"n": 0}
+
+    def handler(signum: int, frame: Any) -> None:
+        state["n"] += 1
+        if state["n"] > 1:
+            raise KeyboardInterrupt
+        try:
+            store.request_stop(name)
+        except Exception:
+            raise KeyboardInterrupt from None
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def parse_budget_arg(text: str, increment: bool = False) -> Budget:
+    try:
+        return parse_budget(text, increment=increment)
+    except BudgetError as e:
+        raise SearchError(str(e)) from None
+
+
+def store_error(e: StoreError) -> SearchError:
+    return SearchError(str(e))
