@@ -608,39 +608,13 @@ def run_study(store: Store, name: str, *, progress: Callable[[dict[str, Any]], N
                             seed=seed)
 
     tune_dir = d.workdir / "tune"
-    stop_reason = ""
-    for stage in order:
-        if d.stop_requested():
-            stop_reason = "stop requested"
-            break
-        if d.stage_done(stage):
-            continue
-        store.set_status(name, "running", stage=stage)
-        limit = d.limit(stage, order)
-        if stage == sampled_stage:
-            gate = _Gate(d, stage, limit, lambda c: c["key"])
-            run_trials(name=f"{stage}", searcher=searcher, gate=gate, data_ref=data_ref, common=common,
-                       workers=cfg.workers, resources=resources, max_failures=cfg.max_failures,
-                       storage_path=tune_dir, on_complete=on_complete)
-        elif stage == "supernet":
-            _supernet_stage(d, store, frame, data_ref, common, resources, limit, tune_dir, order)
-        else:
-            _list_stage(d, store, stage, frame, _Gate(d, stage, limit, lambda c: c["key"]), data_ref, common,
-                        resources, tune_dir)
-        if d.stop_requested():
-            stop_reason = "stop requested"
-            break
-        d.mark_done(stage)
-    # budget left after the planned pass (a stage ran out of candidates): measure and train the
-    # next candidates, in rounds, until the budget or the candidates run out
-    while cfg.strategy == "staged" and not stop_reason and not d.stop_requested() and not d.exhausted():
-        ran = 0
-        for stage in ("latency", "train"):
-            left = d._total() - d._used()
-            ran += _list_stage(d, store, stage, frame, _Gate(d, stage, d.stage_used(stage) + left,
-                               lambda c: c["key"]), data_ref, common, resources, tune_dir, refill=True)
-        if not ran:
-            break
+    plan = _StagePlan(d, store, frame, order, sampled_stage, searcher, on_complete)
+    from workers.ray_tune import asha
+
+    run_trials(name="search", plan=plan, data_ref=data_ref, common=common, workers=cfg.workers,
+               resources=resources, scheduler=asha(cfg.train_epochs) if cfg.strategy == "staged" else None,
+               max_failures=cfg.max_failures, storage_path=tune_dir)
+    stop_reason = "stop requested" if d.stop_requested() else ""
     if d.stop_requested():
         stop_reason = "stop requested"
     front = _front(d, store)
@@ -696,30 +670,6 @@ def _recover_optuna(store: Store, storage: Any, name: str, d: Driver) -> None:
                                     key=f"{stage}:{t.number}:interrupted", count_seconds=False)
 
 
-def _list_stage(d: Driver, store: Store, stage: str, frame: Any, gate: _Gate, data_ref: Any,
-                common: dict[str, Any], resources: dict[str, float], tune_dir: Path, refill: bool = False) -> int:
-    """Run ``stage`` (latency or train) on its candidate list; the number of trials that ran."""
-    from workers.ray_tune import ListSearcher, run_trials
-
-    cfg = d.cfg
-    cands = _candidates(d, store, stage, frame, refill=refill)
-    configs = [{"spec": s, "spec_hash": h, "number": None, "key": f"{stage}:{h}", "stages": [stage]}
-               for h, s in cands]
-    if not configs:
-        return 0
-    sched = None
-    if stage == "train" and len(configs) > 2:
-        from ray.tune.schedulers import ASHAScheduler
-
-        sched = ASHAScheduler(time_attr="epochs", metric="accuracy", mode="max", max_t=cfg.train_epochs,
-                              grace_period=1, reduction_factor=2)
-    before = d.trials_done + d.errors
-    run_trials(name=stage, searcher=ListSearcher(configs), gate=gate, data_ref=data_ref, common=common,
-               workers=cfg.workers, resources=resources, scheduler=sched, max_failures=cfg.max_failures,
-               storage_path=tune_dir)
-    return d.trials_done + d.errors - before
-
-
 def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = False) -> list[tuple[str, str]]:
     """The architectures ``stage`` evaluates next, best first, minus those already evaluated
     (``refill``: the next 8 after those, once the planned pass is over)."""
@@ -760,35 +710,133 @@ def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = 
     return out[:8] if refill else out
 
 
-def _supernet_stage(d: Driver, store: Store, frame: Any, data_ref: Any, common: dict[str, Any],
-                    resources: dict[str, float], limit: float, tune_dir: Path, order: list[str]) -> None:
-    """Train the supernet (once, resumable), then rank the screening front with inherited weights."""
-    from workers.ray_tune import ListSearcher, run_trials
+class _Stage:
+    """One stage of the plan while it runs: its gate and its searcher."""
 
-    cfg = d.cfg
-    name = d.name
-    def trained() -> bool:
-        return bool(store.evaluations(name, stage="supernet_train", errors=False))
+    def __init__(self, name: str, gate: _Gate, searcher: Any, mark: str | None) -> None:
+        self.name, self.gate, self.searcher, self.mark = name, gate, searcher, mark
+        self.exhausted = False
 
-    if not cfg.supernet and not trained():
-        train_share = 0.6 * limit
-        cfg_json = {"task": "supernet", "frame": frame.to_json(), "out": str(d.workdir / "supernet"),
-                    "epochs": cfg.supernet_epochs, "max_epochs": cfg.max_supernet_epochs,
-                    "allowance": train_share if d.budget.kind == "seconds" else None,
-                    "key": "supernet_train", "number": None, "spec_hash": None, "seed": cfg.seed}
-        gate = _OneShot(d, "supernet_train", limit)
-        run_trials(name="supernet_train", searcher=ListSearcher([cfg_json]), gate=gate, data_ref=data_ref,
-                   common=common, workers=1, resources=resources, max_failures=cfg.max_failures,
-                   storage_path=tune_dir)
-        if not trained():
-            return  # no budget, a stop, or training failed: later stages fall back to screening scores
-    cands = _screen_front(d, store)
-    configs = [{"spec": s, "spec_hash": h, "number": None, "key": f"supernet:{h}", "stages": ["supernet"]}
-               for h, s in cands]
-    if configs:
-        gate = _Gate(d, "supernet", limit, lambda c: c["key"])
-        run_trials(name="supernet", searcher=ListSearcher(configs), gate=gate, data_ref=data_ref, common=common,
-                   workers=cfg.workers, resources=resources, max_failures=cfg.max_failures, storage_path=tune_dir)
+
+class _StagePlan:
+    """The whole search as one Tune experiment (workers start once): the stages in ``order``, each
+    gated by its budget share, then refill rounds of latency + training while budget is left.
+    A stage starts only when the previous one has no trial running, so it can read its results."""
+
+    def __init__(self, d: Driver, store: Store, frame: Any, order: list[str], sampled: str, searcher: Any,
+                 on_complete: Callable[[Any, str, dict[str, Any] | None], None]) -> None:
+        self.d, self.store, self.frame, self.order, self.sampled = d, store, frame, order, sampled
+        self.optuna, self._on_complete = searcher, on_complete
+        self.queue = [s for s in order if not d.stage_done(s)]
+        self.cur: _Stage | None = None
+        self.refill_mark = -1
+
+    # -- the Plan protocol ----------------------------------------------------------------
+    def decide(self, running: int) -> str:
+        from workers.ray_tune import FINISH, LAUNCH, WAIT
+
+        for _ in range(32):
+            if self.cur is None:
+                if running:
+                    return WAIT
+                if not self._start_next():
+                    return FINISH
+                continue
+            what = FINISH if self.cur.exhausted else self.cur.gate.decide(running)
+            if what != FINISH:
+                return what
+            if running:
+                return WAIT
+            self._end()
+        return WAIT if running else LAUNCH if self.cur is not None else FINISH
+
+    def searcher(self) -> Any:
+        assert self.cur is not None
+        return self.cur.searcher
+
+    def exhausted(self) -> None:
+        if self.cur is not None:
+            self.cur.exhausted = True
+
+    def on_complete(self, inner: Any, trial_id: str, result: dict[str, Any] | None) -> None:
+        if inner is self.optuna:
+            self._on_complete(inner, trial_id, result)
+
+    def finished(self, trial: Any) -> None:
+        (self.cur.gate if self.cur is not None else _Gate(self.d, "?", 0, _key)).finished(trial)
+
+    def failed(self, trial: Any) -> None:
+        stage = (trial.config.get("stages") or ["?"])[0]
+        self.d.record_error(stage, trial.config, trial.error, trial.seconds, trial.attempt, trial.final)
+
+    # -- stages -----------------------------------------------------------------------------
+    def _end(self) -> None:
+        assert self.cur is not None
+        if self.cur.mark and not self.d.stop_requested():
+            self.d.mark_done(self.cur.mark)
+        self.cur = None
+
+    def _start_next(self) -> bool:
+        from workers.ray_tune import ListSearcher
+
+        d = self.d
+        while True:
+            if d.stop_requested() or d.exhausted():
+                return False
+            if not self.queue:
+                if self.d.cfg.strategy != "staged" or self.refill_mark == d.trials_done + d.errors:
+                    return False  # the last refill round ran nothing: candidates are used up
+                self.refill_mark = d.trials_done + d.errors
+                self.queue = ["latency+", "train+"]
+            stage = self.queue.pop(0)
+            refill = stage.endswith("+")
+            base = stage.rstrip("+").removesuffix(".eval")
+            self.store.set_status(d.name, "running", stage=base)
+            if refill:
+                limit = d.stage_used(base) + (d._total() - d._used())
+            else:
+                limit = d.limit(base, self.order)
+            if base == self.sampled:
+                self.cur = _Stage(base, _Gate(d, base, limit, _key), self.optuna, base)
+                return True
+            if stage == "supernet":
+                if not d.cfg.supernet and not self._supernet_trained():
+                    self.queue.insert(0, "supernet.eval")
+                    cfg_json = {"task": "supernet", "frame": self.frame.to_json(), "out": str(d.workdir / "supernet"),
+                                "epochs": d.cfg.supernet_epochs, "max_epochs": d.cfg.max_supernet_epochs,
+                                "allowance": 0.6 * (limit - d.stage_used("supernet"))
+                                if d.budget.kind == "seconds" else None, "key": "supernet_train", "number": None,
+                                "spec_hash": None, "seed": d.cfg.seed, "stages": ["supernet_train"]}
+                    self.cur = _Stage("supernet_train", _OneShot(d, "supernet_train", limit),
+                                      ListSearcher([cfg_json]), None)
+                    return True
+                stage = "supernet.eval"
+            if stage == "supernet.eval":
+                if not (d.cfg.supernet or self._supernet_trained()):
+                    continue  # no supernet (no budget, a stop, or training failed): screening scores rank
+                configs = [{"spec": sp, "spec_hash": h, "number": None, "key": f"supernet:{h}", "stages": ["supernet"]}
+                           for h, sp in _screen_front(d, self.store)]
+                limit = d.limit("supernet", self.order)
+                base, mark = "supernet", "supernet"
+            else:
+                cands = _candidates(d, self.store, base, self.frame, refill=refill)
+                asha_on = base == "train" and len(cands) > 2
+                configs = [{"spec": sp, "spec_hash": h, "number": None, "key": f"{base}:{h}", "stages": [base],
+                            "asha": asha_on} for h, sp in cands]
+                mark = None if refill else base
+            if not configs:
+                if mark:
+                    d.mark_done(mark)
+                continue
+            self.cur = _Stage(base, _Gate(d, base, limit, _key), ListSearcher(configs), mark)
+            return True
+
+    def _supernet_trained(self) -> bool:
+        return bool(self.store.evaluations(self.d.name, stage="supernet_train", errors=False))
+
+
+def _key(config: dict[str, Any]) -> str:
+    return str(config["key"])
 
 
 class _OneShot(_Gate):

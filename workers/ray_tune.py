@@ -37,8 +37,10 @@ __all__ = [
     "WAIT",
     "Gate",
     "ListSearcher",
+    "Plan",
     "TrialError",
     "TrialResult",
+    "asha",
     "init_ray",
     "run_trials",
     "shutdown_ray",
@@ -65,7 +67,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
         ray.init(address=address, **kw)
         return
     tmp = temp_dir or tempfile.mkdtemp(prefix="nas-ray-")
-    ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, _node_ip_address="127.0.0.1", **kw)
+    ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, _node_ip_address="127.0.0.1",
+             runtime_env={"worker_process_setup_hook": "workers.ray_tune.warm_worker"}, **kw)
+
+
+def warm_worker() -> None:
+    """Runs when Ray starts a worker process: import torch and the evaluation code before a trial
+    needs them (each Tune stage starts fresh actor processes; this takes seconds off each)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import search_spaces.counting
+    import search_spaces.hybrid_vit  # noqa: F401
 
 
 def shutdown_ray() -> None:
@@ -120,7 +133,8 @@ def trainable(config: dict[str, Any], data: EvalData | None = None) -> None:
     used = 0.0
 
     def report(epoch: int, m: dict[str, float]) -> None:
-        tune.report({**metrics, **m, "seconds": used + m["seconds"], "evaluations": json.dumps(evals),
+        extra = {"asha_epoch": epoch} if config.get("asha") else {}
+        tune.report({**metrics, **m, **extra, "seconds": used + m["seconds"], "evaluations": json.dumps(evals),
                      "final": False})
 
     for stage in config["stages"]:
@@ -203,7 +217,7 @@ class TrialError:
 
 
 class Gate(Protocol):
-    """The driver's side of a stage: budget, stop flag and recording."""
+    """The driver's side of one stage: budget, stop flag and recording."""
 
     def decide(self, running: int) -> str:
         """LAUNCH a new trial, WAIT (ask again later) or FINISH the stage."""
@@ -211,6 +225,54 @@ class Gate(Protocol):
     def finished(self, trial: TrialResult) -> None: ...
 
     def failed(self, trial: TrialError) -> None: ...
+
+
+class Plan(Gate, Protocol):
+    """A whole search in one Tune experiment: the plan moves from stage to stage by itself.
+    ``decide`` is a Gate's; ``searcher()`` is the current stage's searcher; ``exhausted()`` says it
+    has no more suggestions; ``on_complete`` sees each result before the searcher does."""
+
+    def searcher(self) -> Searcher: ...
+
+    def exhausted(self) -> None: ...
+
+    def on_complete(self, inner: Searcher, trial_id: str, result: dict[str, Any] | None) -> None: ...
+
+
+class _OneStage:
+    """A Plan of a single stage: one searcher behind one gate."""
+
+    def __init__(self, searcher: Searcher, gate: Gate,
+                 on_complete: Callable[[Searcher, str, dict[str, Any] | None], None] | None = None) -> None:
+        self._searcher, self.gate, self._on_complete, self.done = searcher, gate, on_complete, False
+
+    def decide(self, running: int) -> str:
+        return FINISH if self.done else self.gate.decide(running)
+
+    def searcher(self) -> Searcher:
+        return self._searcher
+
+    def exhausted(self) -> None:
+        self.done = True
+
+    def on_complete(self, inner: Searcher, trial_id: str, result: dict[str, Any] | None) -> None:
+        if self._on_complete is not None:
+            self._on_complete(inner, trial_id, result)
+
+    def finished(self, trial: TrialResult) -> None:
+        self.gate.finished(trial)
+
+    def failed(self, trial: TrialError) -> None:
+        self.gate.failed(trial)
+
+
+def asha(max_t: int) -> Any:
+    """ASHA (Li et al. 2020) over the per-epoch reports of trials whose config sets ``asha``; every
+    other trial reports no ``asha_epoch`` and runs untouched, so one experiment can mix stages."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="asha_epoch", metric="accuracy", mode="max", max_t=max(1, max_t),
+                         grace_period=1, reduction_factor=2, stop_last_trials=False)
 
 
 class ListSearcher(Searcher):
@@ -230,19 +292,17 @@ class ListSearcher(Searcher):
 
 
 class _Gated(Searcher):
-    """Wraps a searcher: asks the gate before each suggestion, adds the ``common`` keys to it."""
+    """The experiment's searcher: asks the plan before each suggestion, takes it from the current
+    stage's searcher, adds the ``common`` keys, and routes results back to the searcher that made it."""
 
-    def __init__(self, inner: Searcher, gate: Gate, common: dict[str, Any],
-                 on_complete: Callable[[Searcher, str, dict[str, Any] | None], None] | None = None) -> None:
-        super().__init__(metric=inner.metric, mode=inner.mode)
-        self.inner = inner
-        self.gate = gate
+    def __init__(self, plan: Plan, common: dict[str, Any]) -> None:
+        super().__init__()
+        self.plan = plan
         self.common = common
-        self.running: set[str] = set()
-        self.on_complete = on_complete
+        self.running: dict[str, Searcher] = {}
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
-        return self.inner.set_search_properties(metric, mode, config, **spec)
+        return True
 
     # Tune pickles its searcher and callbacks for its own experiment restore. The driver resumes
     # from the store instead, so these hold only a placeholder (they reference live connections).
@@ -256,25 +316,33 @@ class _Gated(Searcher):
         pass
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        what = self.gate.decide(len(self.running))
-        if what == FINISH and not self.running:
-            return Searcher.FINISHED
-        if what != LAUNCH:
-            return None
-        out = self.inner.suggest(trial_id)
-        if out in (None, Searcher.FINISHED):
-            return out
-        self.running.add(trial_id)
-        return {**self.common, **out}
+        for _ in range(64):  # a stage may end at once (nothing left); then the next one is asked
+            what = self.plan.decide(len(self.running))
+            if what == FINISH and not self.running:
+                return Searcher.FINISHED
+            if what != LAUNCH:
+                return None
+            inner = self.plan.searcher()
+            out = inner.suggest(trial_id)
+            if out is Searcher.FINISHED:
+                self.plan.exhausted()
+                continue
+            if out is None:
+                return None
+            self.running[trial_id] = inner
+            return {**self.common, **out}
+        return None
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        self.inner.on_trial_result(trial_id, result)
+        if trial_id in self.running:
+            self.running[trial_id].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        self.running.discard(trial_id)
-        if self.on_complete is not None:
-            self.on_complete(self.inner, trial_id, result)
-        self.inner.on_trial_complete(trial_id, result=result, error=error)
+        inner = self.running.pop(trial_id, None)
+        if inner is None:
+            return
+        self.plan.on_complete(inner, trial_id, result)
+        inner.on_trial_complete(trial_id, result=result, error=error)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -348,33 +416,37 @@ class StageRun:
 def run_trials(
     *,
     name: str,
-    searcher: Searcher,
-    gate: Gate,
     data_ref: Any,
     common: dict[str, Any],
+    storage_path: str | Path,
+    plan: Plan | None = None,
+    searcher: Searcher | None = None,
+    gate: Gate | None = None,
     workers: int = 1,
     resources: dict[str, float] | None = None,
     scheduler: Any = None,
     max_failures: int = 2,
-    storage_path: str | Path,
     on_complete: Callable[[Searcher, str, dict[str, Any] | None], None] | None = None,
 ) -> None:
-    """Run one stage: Tune trials suggested by ``searcher`` until the gate says FINISH.
+    """One Tune experiment: trials suggested by ``plan`` (or by one ``searcher`` behind one ``gate``)
+    until it says FINISH. Worker processes start once per experiment, so a whole search is one.
 
-    ``common`` is merged into every suggested config (stages, eval config, device, threads).
+    ``common`` is merged into every suggested config (eval config, device, threads).
     ``data_ref`` is the :class:`EvalData` the trainable receives (put in the object store once)."""
+    if plan is None:
+        if searcher is None or gate is None:
+            raise ValueError("run_trials needs a plan, or a searcher and a gate")
+        plan = _OneStage(searcher, gate, on_complete)
     fn = tune.with_parameters(trainable, data=data_ref)
     fn = tune.with_resources(fn, resources or {"cpu": 1})
-    gated = _Gated(searcher, gate, common, on_complete)
-
     tuner = tune.Tuner(
         fn,
-        tune_config=tune.TuneConfig(search_alg=gated, num_samples=-1, max_concurrent_trials=workers,
+        tune_config=tune.TuneConfig(search_alg=_Gated(plan, common), num_samples=-1, max_concurrent_trials=workers,
                                     scheduler=scheduler, reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=str(Path(storage_path).resolve()), verbose=0, log_to_file=False,
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[_Recorder(gate, max_failures)],
+            callbacks=[_Recorder(plan, max_failures)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
