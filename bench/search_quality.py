@@ -6,8 +6,9 @@ the same space, data, budget and seed. The fronts are then judged by one common 
 no strategy is judged by its own estimates: every front architecture is retrained from scratch for
 ``--ref-epochs`` on the whole training split and scored on the held-out TEST split (never seen by
 any search), and its latency is measured again, in this process, one architecture after another.
-The hypervolume is taken over (test error, latency), both minimised, with latency divided by the
-largest latency measured in the run and the reference point (1, 1.1).
+The hypervolume is taken over (test accuracy, latency) with both scaled to [0, 1] over every
+judged architecture of the run and the reference point 10% beyond the worst ("normalised"), and
+also over (test error, latency / slowest) with the reference point (1, 1.1) ("raw").
 
     python bench/search_quality.py [--budget 3cpu-m] [--data digits] [--seeds 0] [--workers 2]
 """
@@ -29,7 +30,7 @@ import torch
 
 from nas.budget import parse_budget
 from nas.data import load
-from nas.search import SearchConfig, create_study, run_study
+from nas.search import SearchConfig, create_study, parse_shares, run_study
 from nas.store import Store
 from predictors.latency import measure
 from predictors.metrics import hypervolume
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--ref-epochs", type=int, default=8, help="the common judging protocol")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--out", default="", help="directory for the stores (default: a temp dir)")
+    ap.add_argument("--stages", default="", help="budget shares of the staged search, e.g. screen=0.1,train=0.6")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out or tempfile.mkdtemp(prefix="nas-quality-"))
@@ -69,6 +71,7 @@ def main() -> None:
     strategies = [s for s in args.strategies.split(",") if s]
     init_ray(num_cpus=args.workers)
     fronts: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    evals: dict[tuple[str, int], int] = {}
     wall: dict[tuple[str, int], float] = {}
     for seed in seeds:
         for strat in strategies:
@@ -76,15 +79,17 @@ def main() -> None:
             store = Store(url)
             name = f"{strat}-{seed}"
             if store.get_study(name) is None:
+                extra = {"shares": parse_shares(args.stages)} if args.stages and strat == "staged" else {}
                 create_study(store, name, SearchConfig(data=args.data, strategy=strat, seed=seed,
-                                                       workers=args.workers, train_epochs=args.train_epochs),
-                             budget)
+                                                       workers=args.workers, train_epochs=args.train_epochs,
+                                                       **extra), budget)
             t0 = time.perf_counter()
             if store.study(name).status != "completed":
                 run_study(store, name)
             wall[(strat, seed)] = time.perf_counter() - t0
             fronts[(strat, seed)] = store.front(name)
             info = store.study(name)
+            evals[(strat, seed)] = info.trials_done
             print(f"{name}: {info.trials_done} evaluations, {info.used_seconds:.0f} device-s, "
                   f"front of {len(fronts[(strat, seed)])}, wall {wall[(strat, seed)]:.0f} s", flush=True)
     shutdown_ray()
@@ -105,28 +110,38 @@ def main() -> None:
                 spec = ArchSpec.from_json(r["spec"] if isinstance(r["spec"], str) else json.dumps(r["spec"]))
                 cache[h] = list(ground_truth(spec, train, test, args.ref_epochs, seed=0))
                 cache_file.write_text(json.dumps(cache))
-    lat_max = max(v[1] for v in cache.values())
+    judged = [cache[r["arch_hash"]] for rows in fronts.values() for r in rows]
+    a_lo, a_hi = min(v[0] for v in judged), max(v[0] for v in judged)
+    l_lo, l_hi = min(v[1] for v in judged), max(v[1] for v in judged)
     hv: dict[tuple[str, int], float] = {}
+    hv_raw: dict[tuple[str, int], float] = {}
     for key, rows in fronts.items():
-        pts = [[1.0 - cache[r["arch_hash"]][0], cache[r["arch_hash"]][1] / lat_max] for r in rows]
-        hv[key] = hypervolume(pts, ref=[1.0, 1.1], minimize=[True, True]) if pts else 0.0
+        vals = [cache[r["arch_hash"]] for r in rows]
+        # normalised: both objectives scaled to [0, 1] over every judged architecture of the run,
+        # reference point 10% beyond the worst (the usual multi-objective NAS convention)
+        pts = [[(a_hi - a) / max(a_hi - a_lo, 1e-12), (t - l_lo) / max(l_hi - l_lo, 1e-12)] for a, t in vals]
+        hv[key] = hypervolume(pts, ref=[1.1, 1.1], minimize=[True, True]) if pts else 0.0
+        raw = [[1.0 - a, t / l_hi] for a, t in vals]  # error and latency / slowest, reference (1, 1.1)
+        hv_raw[key] = hypervolume(raw, ref=[1.0, 1.1], minimize=[True, True]) if raw else 0.0
 
     print()
     print(f"budget {budget} per strategy on {args.data}, {args.workers} workers, short training "
           f"{args.train_epochs} epochs; judged by {args.ref_epochs}-epoch retraining on the test split")
     print()
-    print("| strategy | seed | front size | best test acc | fastest ms | hypervolume |")
-    print("|---|---|---|---|---|---|")
+    print("| strategy | seed | evaluations | front size | best test acc | fastest ms | HV normalised | HV raw |")
+    print("|---|---|---|---|---|---|---|---|")
     for (strat, seed), rows in fronts.items():
         accs = [cache[r["arch_hash"]][0] for r in rows]
         lats = [cache[r["arch_hash"]][1] for r in rows]
-        print(f"| {strat} | {seed} | {len(rows)} | {max(accs, default=0):.4f} | {min(lats, default=0):.3f} | "
-              f"{hv[(strat, seed)]:.4f} |")
+        print(f"| {strat} | {seed} | {evals[(strat, seed)]} | {len(rows)} | {max(accs, default=0):.4f} | "
+              f"{min(lats, default=0):.3f} | {hv[(strat, seed)]:.4f} | {hv_raw[(strat, seed)]:.4f} |")
     mean = {s: statistics.mean(hv[(s, sd)] for sd in seeds) for s in strategies}
+    raw = {s: statistics.mean(hv_raw[(s, sd)] for sd in seeds) for s in strategies}
     print()
     for base, target in (("random", 1.2), ("nsga2", 1.1)):
         if "staged" in mean and base in mean and mean[base] > 0:
-            print(f"staged / {base}: **{mean['staged'] / mean[base]:.3f}x** (target >= {target}x)")
+            print(f"staged / {base}: **{mean['staged'] / mean[base]:.3f}x** normalised, "
+                  f"{raw['staged'] / raw[base]:.3f}x raw (target >= {target}x)")
 
 
 if __name__ == "__main__":
