@@ -1001,5 +1001,55 @@ def stop(
     console.print(f"stop requested; the driver of {name} (pid {info.driver_pid}) finishes its trials in flight")
 
 
+@app.command("export")
+def export_cmd(
+    space: str = typer.Option("hybrid_vit", "--space", help="Search space (hybrid_vit)."),
+    spec: str = typer.Option(..., "--spec", help="Spec JSON file, or - for stdin."),
+    out_file: str = typer.Option(..., "--out", help="The model file to write (e.g. model.py)."),
+    num_classes: int = typer.Option(10, "--num-classes", help="Classifier outputs of build_model()'s default."),
+    img_size: int = typer.Option(32, "--img-size", help="Image side of build_model()'s default."),
+    in_chans: int = typer.Option(3, "--in-chans", help="Input channels of build_model()'s default."),
+    weights_file: str | None = typer.Option(None, "--weights", help="Also write the initial weights (safetensors)."),
+) -> None:
+    """Write a standalone PyTorch file (imports only torch) for an architecture spec."""
+    out, weights = Path(out_file), None if weights_file is None else Path(weights_file)
+    sp = _space(space)
+    if sp.name != "hybrid_vit":
+        raise BadInput(f"export supports space hybrid_vit only, not {space!r}")
+    _positive("--num-classes", num_classes)
+    _positive("--img-size", img_size)
+    _positive("--in-chans", in_chans)
+    if out.is_dir():
+        raise BadInput(f"--out {out} is a directory; pass a file name such as model.py")
+    if out.suffix != ".py" or not out.stem.isidentifier():
+        raise BadInput(f"--out {out} must be an importable file name ending in .py (e.g. model.py)")
+    if weights is not None:
+        try:
+            import safetensors.torch  # noqa: F401
+        except ImportError:
+            raise BadInput("--weights needs the safetensors package (pip install safetensors)") from None
+    arch = _parse_spec(sp, _read_text(spec), "spec")
+    from nas.export import generate
+    from predictors._io import atomic_write
+
+    try:
+        code = generate(arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+    except ValueError as e:
+        raise BadInput(str(e).splitlines()[0]) from None
+    state = None
+    if weights is not None:
+        from search_spaces.hybrid_vit import build
+
+        state = {k: v.detach().contiguous().clone() for k, v in build(arch, num_classes, img_size, in_chans)
+                 .state_dict().items()}
+    atomic_write(out, lambda f: f.write(code.encode()))
+    if state is not None:
+        from safetensors.torch import save
+
+        atomic_write(weights, lambda f: f.write(save(state, metadata={"spec_hash": arch.hash})))
+    console.print(f"wrote {out} ({arch.short()}, hash {arch.hash[:12]})"
+                  + (f" and initial weights {weights}" if weights is not None else ""))
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,149 @@
+"""nas/export.py and `nas export --spec`: standalone model files equal build(spec).
+
+Non-fp32 specs are compared in fp32: the file is generated for the spec as it is (precision
+recorded), and the check calls ``build_model(precision="fp32")`` so the comparison sees the same
+arithmetic as ``build(spec)`` (the casting itself is plain ``model.to(dtype)``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nas.export import generate
+from search_spaces import get_space
+from search_spaces.hybrid_vit import PRESETS, build
+from search_spaces.registry import channel_mixer_names, token_mixer_names
+from search_spaces.spec import ArchSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+RUFF = ROOT / ".venv" / "bin" / "ruff"
+N_RANDOM = 20
+
+CHECK = r"""
+import json, sys, types
+tmp = sys.argv[1]
+sys.path = [tmp] + [p for p in sys.path if "site-packages" in p or (p.startswith(sys.base_prefix) and p)]
+# a stand-in timm (first on sys.path) records what the files register
+registered = []
+timm = types.ModuleType("timm"); timm.models = types.ModuleType("timm.models")
+timm.models.register_model = lambda fn: registered.append(fn.__name__) or fn
+sys.modules["timm"], sys.modules["timm.models"] = timm, timm.models
+import importlib
+import torch
+cases = json.load(open(tmp + "/cases.json"))
+for c in cases:
+    mod = importlib.import_module(c["module"])
+    assert not any(m.startswith(("search_spaces", "predictors", "nas")) for m in sys.modules), c["module"]
+    model = mod.build_model(num_classes=c["num_classes"], img_size=c["img_size"], precision="fp32", seed=1)
+    ref = torch.load(tmp + "/" + c["module"] + ".pt")
+    model.load_state_dict(ref["state"], strict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(ref["x"])
+    err = (out - ref["y"]).abs().max().item()
+    assert err <= 1e-6, (c["module"], err)
+    assert mod.MODEL_NAME in registered, c["module"]
+    assert mod.SPEC_HASH == c["hash"]
+print("ok", len(cases))
+"""
+
+
+def _forced_specs() -> list[ArchSpec]:
+    """One small spec per token mixer, cycling the channel mixers, so every block is exported."""
+    tms, cms = token_mixer_names(), channel_mixer_names()
+    out = []
+    for i in range(max(len(tms), len(cms))):
+        stage = {"depth": 1, "width": 32, "token_mixer": tms[i % len(tms)], "channel_mixer": cms[i % len(cms)],
+                 "heads": 2, "mlp_ratio": 2.0, "norm": "layernorm", "downsample": "none"}
+        second = {**stage, "token_mixer": tms[(i + 1) % len(tms)], "width": 48, "downsample": "patch2"}
+        out.append(ArchSpec.from_dict({"stem": {"kind": "conv", "stride": 4}, "stages": [stage, second],
+                                       "precision": ("fp32", "bf16", "int8")[i % 3]}))
+    return out
+
+
+def _cases() -> list[tuple[str, ArchSpec, int]]:
+    space = get_space("hybrid_vit")
+    cases = [(f"preset_{k}", s, 64) for k, s in PRESETS.items()]
+    cases += [(f"random_{i}", space.random(i), 32) for i in range(N_RANDOM)]
+    cases += [(f"forced_{i}", s, 32) for i, s in enumerate(_forced_specs())]
+    return cases
+
+
+def test_exported_files_match_build(tmp_path: Path) -> None:
+    cases = _cases()
+    used_tm = {t for _, s, _ in cases for st in s.stages for t, _ in st.mixers()}
+    used_cm = {c for _, s, _ in cases for st in s.stages for _, c in st.mixers()}
+    assert used_tm == set(token_mixer_names()) and used_cm == set(channel_mixer_names())
+    meta = []
+    for name, spec, img in cases:
+        code = generate(spec, num_classes=10, img_size=img, in_chans=3, metadata={"accuracy": 0.5})
+        assert "import search_spaces" not in code and "exec(" not in code and "pickle" not in code
+        (tmp_path / f"{name}.py").write_text(code)
+        model = build(spec, 10, img).eval()
+        x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            y = model(x)
+        torch.save({"state": model.state_dict(), "x": x, "y": y}, tmp_path / f"{name}.pt")
+        meta.append({"module": name, "num_classes": 10, "img_size": img, "hash": spec.hash})
+    (tmp_path / "cases.json").write_text(json.dumps(meta))
+
+    lint = subprocess.run([str(RUFF), "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
+                           *sorted(str(p) for p in tmp_path.glob("*.py"))], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout[-3000:]
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == f"ok {len(cases)}"
+
+
+def test_same_seed_same_weights_and_header(tmp_path: Path) -> None:
+    spec = PRESETS["hybrid_tiny"]
+    code = generate(spec, num_classes=10, img_size=32, in_chans=3, metadata={"device": 'x"""y'})
+    assert spec.hash in code and f"class HybridViT{spec.hash[:8]}(nn.Module)" in code
+    (tmp_path / "exported_m.py").write_text(code)
+    loader = importlib.util.spec_from_file_location("exported_m", tmp_path / "exported_m.py")
+    mod = importlib.util.module_from_spec(loader)
+    sys.modules["exported_m"] = mod  # timm's register_model looks the module up
+    try:
+        loader.loader.exec_module(mod)
+    finally:
+        sys.modules.pop("exported_m", None)
+    ref, got = build(spec, 10, 32).state_dict(), mod.build_model().state_dict()
+    assert list(ref) == list(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert mod.build_model(precision="bf16").head.weight.dtype == torch.bfloat16
+
+
+def test_generate_rejects_bad_input() -> None:
+    with pytest.raises(TypeError):
+        generate({"stem": {}}, num_classes=10, img_size=32, in_chans=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        generate(PRESETS["deit_tiny"], num_classes=10, img_size=32, in_chans=3, class_name="bad name")
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                          input=stdin, cwd=ROOT)
+
+
+def test_cli_export(tmp_path: Path) -> None:
+    out = tmp_path / "model.py"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"stem": {"kind": "conv", "stride": 5}, "stages": []}')
+    for args in (["--spec", str(bad)], ["--spec", str(tmp_path / "missing.json")],
+                 ["--spec", "-", "--img-size", "0"]):
+        r = _cli("export", *args, "--out", str(out), stdin=PRESETS["deit_tiny"].to_json())
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("nas: error:")
+        assert not out.exists()
+    r = _cli("export", "--spec", "-", "--out", str(out), stdin=PRESETS["poolformer_s12"].to_json())
+    assert r.returncode == 0, r.stderr
+    assert PRESETS["poolformer_s12"].hash in out.read_text()
