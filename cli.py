@@ -1003,22 +1003,35 @@ def stop(
 
 @app.command("export")
 def export_cmd(
+    name: str | None = typer.Argument(None, help="A study to export from (or use --spec)."),
     space: str = typer.Option("hybrid_vit", "--space", help="Search space (hybrid_vit)."),
-    spec: str = typer.Option(..., "--spec", help="Spec JSON file, or - for stdin."),
+    spec: str | None = typer.Option(None, "--spec", help="Spec JSON file, or - for stdin (no study needed)."),
+    pick: str | None = typer.Option(None, "--pick", help="From the study's front: accuracy (default), latency "
+                                                          "or knee."),
+    trial: int | None = typer.Option(None, "--trial", help="The architecture of this Optuna trial number."),
+    arch: str | None = typer.Option(None, "--arch", help="An architecture hash (or a unique prefix)."),
     out_file: str = typer.Option(..., "--out", help="The model file to write (e.g. model.py)."),
-    num_classes: int = typer.Option(10, "--num-classes", help="Classifier outputs of build_model()'s default."),
-    img_size: int = typer.Option(32, "--img-size", help="Image side of build_model()'s default."),
-    in_chans: int = typer.Option(3, "--in-chans", help="Input channels of build_model()'s default."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="build_model()'s default classes "
+                                                                       "(the study's, or 10)."),
+    img_size: int | None = typer.Option(None, "--img-size", help="build_model()'s default image side (the "
+                                                                 "study's, or 32)."),
+    in_chans: int | None = typer.Option(None, "--in-chans", help="build_model()'s default channels (the "
+                                                                 "study's, or 3)."),
     weights_file: str | None = typer.Option(None, "--weights", help="Also write the initial weights (safetensors)."),
+    storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
 ) -> None:
-    """Write a standalone PyTorch file (imports only torch) for an architecture spec."""
+    """Write a standalone PyTorch file (imports only torch) for an architecture of a study or a spec."""
     out, weights = Path(out_file), None if weights_file is None else Path(weights_file)
     sp = _space(space)
     if sp.name != "hybrid_vit":
         raise BadInput(f"export supports space hybrid_vit only, not {space!r}")
-    _positive("--num-classes", num_classes)
-    _positive("--img-size", img_size)
-    _positive("--in-chans", in_chans)
+    if (name is None) == (spec is None):
+        raise BadInput("give a study NAME or --spec FILE (not both)")
+    if spec is not None and (pick or trial is not None or arch):
+        raise BadInput("--pick, --trial and --arch choose from a study; with --spec leave them out")
+    for flag, v in (("--num-classes", num_classes), ("--img-size", img_size), ("--in-chans", in_chans)):
+        if v is not None:
+            _positive(flag, v)
     if out.is_dir():
         raise BadInput(f"--out {out} is a directory; pass a file name such as model.py")
     if out.suffix != ".py" or not out.stem.isidentifier():
@@ -1028,26 +1041,42 @@ def export_cmd(
             import safetensors.torch  # noqa: F401
         except ImportError:
             raise BadInput("--weights needs the safetensors package (pip install safetensors)") from None
-    arch = _parse_spec(sp, _read_text(spec), "spec")
-    from nas.export import generate
+    from nas.export import ExportError, generate, pick_from_study
     from predictors._io import atomic_write
 
+    meta: dict[str, Any] | None = None
+    sizes = {"num_classes": 10, "img_size": 32, "in_chans": 3}
+    store = None
+    if name is not None:
+        store = _open_store(storage, must_exist=True)
+        _study(store, name)
+        try:
+            arch_spec, meta, sizes = pick_from_study(store, name, pick=pick, trial=trial, arch=arch)
+        except ExportError as e:
+            raise BadInput(str(e)) from None
+    else:
+        arch_spec = _parse_spec(sp, _read_text(str(spec)), "spec")
+    sizes = {k: v if given is None else given for (k, v), given in
+             zip(sizes.items(), (num_classes, img_size, in_chans))}
     try:
-        code = generate(arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+        code = generate(arch_spec, metadata=meta, **sizes)
     except ValueError as e:
         raise BadInput(str(e).splitlines()[0]) from None
     state = None
     if weights is not None:
         from search_spaces.hybrid_vit import build
 
-        state = {k: v.detach().contiguous().clone() for k, v in build(arch, num_classes, img_size, in_chans)
-                 .state_dict().items()}
+        state = {k: v.detach().contiguous().clone() for k, v in
+                 build(arch_spec, sizes["num_classes"], sizes["img_size"], sizes["in_chans"]).state_dict().items()}
     atomic_write(out, lambda f: f.write(code.encode()))
     if state is not None:
         from safetensors.torch import save
 
-        atomic_write(weights, lambda f: f.write(save(state, metadata={"spec_hash": arch.hash})))
-    console.print(f"wrote {out} ({arch.short()}, hash {arch.hash[:12]})"
+        atomic_write(weights, lambda f: f.write(save(state, metadata={"spec_hash": arch_spec.hash})))
+    if store is not None and name is not None:
+        store.add_export(name, arch_spec.hash, str(out.resolve()), "py")
+    console.print(f"wrote {out} ({arch_spec.short()}, hash {arch_spec.hash[:12]})"
+                  + (f" from study {name}" if name else "")
                   + (f" and initial weights {weights}" if weights is not None else ""))
 
 

@@ -18,6 +18,7 @@ import ast
 import functools
 import inspect
 import json
+import math
 import pprint
 import sys
 import textwrap
@@ -382,4 +383,92 @@ def _snake(name: str) -> str:
     return out if out.isidentifier() else "model"
 
 
-__all__ = ["generate"]
+__all__ = ["PICKS", "ExportError", "generate", "pick_from_study"]
+
+
+# --------------------------------------------------------------------------------------------
+# the study form: which architecture of a study to export
+# --------------------------------------------------------------------------------------------
+
+PICKS = ("accuracy", "latency", "knee")
+
+
+class ExportError(ValueError):
+    """An export request that cannot be served (one line: what was wrong and what to do)."""
+
+
+def _knee(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The front point farthest from the line through its two extremes, both objectives scaled to
+    [0, 1] (the usual knee of a 2-D Pareto front); the most accurate when the front has < 3 points."""
+    pts = [(r["metrics"]["accuracy"], r["metrics"]["latency_ms"]) for r in rows]
+    if len(pts) < 3:
+        return rows[0]
+    a_lo, a_hi = min(p[0] for p in pts), max(p[0] for p in pts)
+    t_lo, t_hi = min(p[1] for p in pts), max(p[1] for p in pts)
+    norm = [((a_hi - a) / max(a_hi - a_lo, 1e-12), (t - t_lo) / max(t_hi - t_lo, 1e-12)) for a, t in pts]
+    # extremes: most accurate (0, y1) and fastest (x2, 0); distance of each point to that line
+    i_acc = min(range(len(norm)), key=lambda i: norm[i][0])
+    i_fast = min(range(len(norm)), key=lambda i: norm[i][1])
+    (x1, y1), (x2, y2) = norm[i_acc], norm[i_fast]
+    length = math.hypot(x2 - x1, y2 - y1) or 1.0
+    dist = [abs((y2 - y1) * x - (x2 - x1) * y + x2 * y1 - y2 * x1) / length for x, y in norm]
+    return rows[max(range(len(rows)), key=lambda i: dist[i])]
+
+
+def pick_from_study(store: Any, name: str, *, pick: str | None = None, trial: int | None = None,
+                    arch: str | None = None) -> tuple[ArchSpec, dict[str, Any], dict[str, int]]:
+    """The spec of one architecture of study ``name`` (``pick`` from its front, an Optuna ``trial``
+    number, or an ``arch`` hash or unique prefix), its metadata (metrics, device fingerprint, study)
+    and its build sizes (num_classes, img_size, in_chans) from the study's frame."""
+    info = store.get_study(name)
+    if info is None:
+        raise ExportError(f"no study {name!r} in {store.url}; `nas studies` lists them")
+    if sum(x is not None for x in (pick, trial, arch)) > 1:
+        raise ExportError("give one of --pick, --trial or --arch")
+    evals = store.evaluations(name, errors=False)
+    if trial is not None:
+        hashes = {e.arch_hash for e in evals if e.trial == trial and e.arch_hash}
+        if not hashes:
+            raise ExportError(f"study {name!r} has no finished trial {trial}; `nas show {name}` lists them")
+        h = hashes.pop()
+    elif arch is not None:
+        if not all(c in "0123456789abcdef" for c in arch.lower()) or not 4 <= len(arch) <= 64:
+            raise ExportError(f"--arch must be 4 to 64 hex digits of an architecture hash, got {arch!r}")
+        hashes = {e.arch_hash for e in evals if e.arch_hash and e.arch_hash.startswith(arch.lower())}
+        if len(hashes) != 1:
+            what = "no architecture" if not hashes else f"{len(hashes)} architectures"
+            raise ExportError(f"{what} of study {name!r} match hash {arch!r}; give more digits")
+        h = hashes.pop()
+    else:
+        front = [r for r in store.front(name) if "accuracy" in r["metrics"] and "latency_ms" in r["metrics"]]
+        if not front:
+            raise ExportError(f"study {name!r} has no Pareto front yet; run or resume it first")
+        how = pick or "accuracy"
+        if how not in PICKS:
+            raise ExportError(f"--pick must be one of {', '.join(PICKS)}, got {how!r}")
+        if how == "accuracy":
+            row = max(front, key=lambda r: r["metrics"]["accuracy"])
+        elif how == "latency":
+            row = min(front, key=lambda r: r["metrics"]["latency_ms"])
+        else:
+            row = _knee(sorted(front, key=lambda r: -r["metrics"]["accuracy"]))
+        h = row["arch_hash"]
+    rec = store.architecture(h)
+    if rec is None:
+        raise ExportError(f"architecture {h[:12]} is not in the store")
+    spec = ArchSpec.from_dict(rec["spec"] if isinstance(rec["spec"], dict) else json.loads(rec["spec"]))
+    if spec.hash != h:
+        raise ExportError(f"stored spec of {h[:12]} does not match its hash; the store is damaged")
+    metrics: dict[str, Any] = {}
+    device: dict[str, Any] | None = None
+    for e in evals:  # later stages refine earlier ones: screen < supernet < latency < train
+        if e.arch_hash == h:
+            metrics.update({f"{e.stage}.{k}": v for k, v in e.metrics.items()})
+            if e.device_key and e.stage in ("latency", "train"):
+                device = next((d["fingerprint"] for d in store.devices() if d["key"] == e.device_key), device)
+    frame = info.config.get("frame_json") or {}
+    sizes = {"num_classes": int(frame.get("num_classes", 10)), "img_size": int(frame.get("img_size", 32)),
+             "in_chans": int(frame.get("in_chans", 3))}
+    meta = {"study": name, "data": info.config.get("data"), "metrics": metrics,
+            "device": device}
+    return spec, meta, sizes

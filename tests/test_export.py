@@ -147,3 +147,59 @@ def test_cli_export(tmp_path: Path) -> None:
     r = _cli("export", "--spec", "-", "--out", str(out), stdin=PRESETS["poolformer_s12"].to_json())
     assert r.returncode == 0, r.stderr
     assert PRESETS["poolformer_s12"].hash in out.read_text()
+
+
+def _study_store(tmp_path: Path) -> tuple[str, dict[str, ArchSpec]]:
+    """A store with one finished study written through the store API: three front architectures
+    (accurate/slow, knee, fast/inaccurate) and their trained and latency evaluations."""
+    from nas.store import Store
+    from search_spaces.supernet import get_frame
+
+    url = f"sqlite:///{tmp_path / 'nas.db'}"
+    store = Store(url)
+    frame = get_frame("tiny", in_chans=1, num_classes=10)
+    store.create_study("s", "hybrid_vit", {"frame_json": frame.to_dict(), "data": "digits"},
+                       {"seconds": 60.0, "trials": None, "device": None})
+    specs = {}
+    points = {"slow": (0.97, 3.0), "knee": (0.95, 0.6), "fast": (0.70, 0.5)}
+    for i, (tag, (acc, lat)) in enumerate(points.items()):
+        spec = frame.random(10 + i)
+        specs[tag] = spec
+        store.add_architecture(spec.hash, "hybrid_vit", spec.to_json())
+        store.record_evaluation("s", stage="train", metrics={"accuracy": acc}, seconds=1.0, arch_hash=spec.hash,
+                                trial=i, key=f"train:{i}")
+        device = {"kind": "cpu", "name": "test cpu", "key": "0123456789abcdef"}
+        store.record_evaluation("s", stage="latency", metrics={"latency_ms": lat}, seconds=0.1,
+                                arch_hash=spec.hash, device=device, key=f"latency:{i}")
+    store.set_front("s", [{"arch_hash": specs[t].hash, "rank": r, "metrics": {"accuracy": a, "latency_ms": t_}}
+                          for r, (t, (a, t_)) in enumerate(points.items())])
+    return url, specs
+
+
+def test_cli_export_from_a_study(tmp_path: Path) -> None:
+    from nas.store import Store
+
+    url, specs = _study_store(tmp_path)
+    for pick, tag in (("accuracy", "slow"), ("latency", "fast"), ("knee", "knee")):
+        out = tmp_path / f"m_{pick}.py"
+        r = _cli("export", "s", "--pick", pick, "--out", str(out), "--storage", url)
+        assert r.returncode == 0, r.stderr
+        code = out.read_text()
+        assert f'SPEC_HASH = "{specs[tag].hash}"' in code
+        assert "IMG_SIZE" in code and "= 10, 16, 1" in code  # the study's frame sizes
+        assert '"train.accuracy"' in code and "test cpu" in code  # metrics and device in the header
+    out = tmp_path / "m_trial.py"
+    assert _cli("export", "s", "--trial", "2", "--out", str(out), "--storage", url).returncode == 0
+    assert specs["fast"].hash in out.read_text()
+    out = tmp_path / "m_arch.py"
+    assert _cli("export", "s", "--arch", specs["knee"].hash[:10], "--out", str(out), "--storage", url).returncode == 0
+    assert specs["knee"].hash in out.read_text()
+    assert len(Store(url).exports("s")) == 5
+    bad = tmp_path / "bad.py"
+    for args in (["nope"], ["s", "--arch", "zz"], ["s", "--arch", "ffffffffff"], ["s", "--trial", "99"],
+                 ["s", "--pick", "median"], ["s", "--pick", "latency", "--trial", "1"], ["s", "--spec", "x.json"]):
+        r = _cli("export", *args, "--out", str(bad), "--storage", url)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("nas: error:")
+        assert not bad.exists()
+    assert len(Store(url).exports("s")) == 5
