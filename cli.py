@@ -1017,7 +1017,9 @@ def export_cmd(
                                                                  "study's, or 32)."),
     in_chans: int | None = typer.Option(None, "--in-chans", help="build_model()'s default channels (the "
                                                                  "study's, or 3)."),
-    weights_file: str | None = typer.Option(None, "--weights", help="Also write the initial weights (safetensors)."),
+    weights_file: str | None = typer.Option(None, "--weights", help="Also write weights (safetensors): inherited "
+                                                                    "from the study's supernet, else initial."),
+    onnx_file: str | None = typer.Option(None, "--onnx", help="Also write ONNX, checked with ONNX Runtime."),
     storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
 ) -> None:
     """Write a standalone PyTorch file (imports only torch) for an architecture of a study or a spec."""
@@ -1044,6 +1046,8 @@ def export_cmd(
     from nas.export import ExportError, generate, pick_from_study
     from predictors._io import atomic_write
 
+    if onnx_file is not None and (Path(onnx_file).suffix != ".onnx" or Path(onnx_file).is_dir()):
+        raise BadInput(f"--onnx {onnx_file} must be a file name ending in .onnx")
     meta: dict[str, Any] | None = None
     sizes = {"num_classes": 10, "img_size": 32, "in_chans": 3}
     store = None
@@ -1062,22 +1066,61 @@ def export_cmd(
         code = generate(arch_spec, metadata=meta, **sizes)
     except ValueError as e:
         raise BadInput(str(e).splitlines()[0]) from None
-    state = None
-    if weights is not None:
-        from search_spaces.hybrid_vit import build
+    from nas.export import export_onnx, onnx_blockers
+    from search_spaces.hybrid_vit import build
 
-        state = {k: v.detach().contiguous().clone() for k, v in
-                 build(arch_spec, sizes["num_classes"], sizes["img_size"], sizes["in_chans"]).state_dict().items()}
+    onnx = None if onnx_file is None else Path(onnx_file)
+    if onnx is not None and onnx_blockers(arch_spec):
+        raise BadInput(f"--onnx: this architecture cannot be exported to ONNX: {'; '.join(onnx_blockers(arch_spec))}")
+    model, source = None, "initial"
+    if weights is not None or onnx is not None:
+        model = build(arch_spec, sizes["num_classes"], sizes["img_size"], sizes["in_chans"])
+        if store is not None and name is not None:
+            model, source = _study_weights(store, name, arch_spec, model)
+    onnx_bytes, onnx_err = None, 0.0
+    if onnx is not None:
+        try:
+            onnx_bytes, onnx_err = export_onnx(model, arch_spec, sizes["in_chans"], sizes["img_size"])
+        except ExportError as e:
+            raise BadInput(str(e)) from None
+        if onnx_err > 1e-3:
+            raise BadInput(f"--onnx: ONNX Runtime differs from torch by {onnx_err:.2e} (> 1e-3); nothing written")
     atomic_write(out, lambda f: f.write(code.encode()))
-    if state is not None:
+    if weights is not None:
         from safetensors.torch import save
 
-        atomic_write(weights, lambda f: f.write(save(state, metadata={"spec_hash": arch_spec.hash})))
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # type: ignore[union-attr]
+        atomic_write(weights, lambda f: f.write(save(state, metadata={"spec_hash": arch_spec.hash,
+                                                                      "weights": source})))
+    if onnx is not None:
+        atomic_write(onnx, lambda f: f.write(onnx_bytes))
+        console.print(f"wrote {onnx} (ONNX Runtime vs torch: max difference {onnx_err:.1e})")
     if store is not None and name is not None:
         store.add_export(name, arch_spec.hash, str(out.resolve()), "py")
     console.print(f"wrote {out} ({arch_spec.short()}, hash {arch_spec.hash[:12]})"
                   + (f" from study {name}" if name else "")
-                  + (f" and initial weights {weights}" if weights is not None else ""))
+                  + (f" and {source} weights {weights}" if weights is not None else ""))
+
+
+def _study_weights(store: Any, name: str, spec: Any, model: Any) -> tuple[Any, str]:
+    """The study's supernet weights for ``spec`` (BatchNorm recalibrated on the study's training
+    data) when the study trained a supernet whose frame holds ``spec``; else ``model`` unchanged."""
+    info = store.study(name)
+    ckpt = Path(info.config.get("workdir", "")) / "supernet" / "supernet.pt"
+    if not ckpt.is_file():
+        return model, "initial"
+    from nas.search import SearchConfig, load_data
+    from predictors.supernet import has_batchnorm, load_checkpoint, recalibrate_bn
+
+    net, _ = load_checkpoint(ckpt)
+    try:
+        net.frame.check(spec)
+    except ValueError:
+        return model, "initial"
+    sub = net.extract(spec)
+    if has_batchnorm(sub):
+        recalibrate_bn(sub, load_data(SearchConfig.from_dict(info.config)).train)
+    return sub.eval(), "supernet-inherited"
 
 
 if __name__ == "__main__":

@@ -472,3 +472,51 @@ def pick_from_study(store: Any, name: str, *, pick: str | None = None, trial: in
     meta = {"study": name, "data": info.config.get("data"), "metrics": metrics,
             "device": device}
     return spec, meta, sizes
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX
+# --------------------------------------------------------------------------------------------
+
+#: Mixers that torch.onnx cannot export, and why (checked with opset 17, TorchScript exporter).
+ONNX_UNSUPPORTED = {"spectral": "torch.fft.rfft2/irfft2 have no ONNX operator"}
+
+
+def onnx_blockers(spec: ArchSpec) -> list[str]:
+    """The reasons ``spec`` cannot be exported to ONNX (empty when it can)."""
+    used = {m for st in spec.stages for pair in st.mixers() for m in pair}
+    return [f"token mixer {m!r}: {why}" for m, why in ONNX_UNSUPPORTED.items() if m in used]
+
+
+def export_onnx(model: Any, spec: ArchSpec, in_chans: int, img_size: int,
+                opset: int = 17) -> tuple[bytes, float]:
+    """The ONNX bytes of ``model`` (fp32, dynamic batch) and the largest difference between ONNX
+    Runtime's and torch's outputs on a random batch of 2, divided by the output scale when above 1.
+    Most mixers agree to ~1e-6; the ssm scan's long float32 recurrence to ~1.5e-4. Raises ExportError when a mixer of
+    ``spec`` cannot be exported or ONNX Runtime is missing."""
+    import io
+
+    import torch
+
+    blockers = onnx_blockers(spec)
+    if blockers:
+        raise ExportError(f"this architecture cannot be exported to ONNX: {'; '.join(blockers)}")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("--onnx needs onnxruntime to check the export (pip install onnxruntime)") from None
+    model = model.float().eval()
+    x = torch.randn(2, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    data = buf.getvalue()
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    return data, float(abs(got - ref).max() / max(1.0, float(abs(ref).max())))
