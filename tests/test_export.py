@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from nas.export import generate
+from predictors.precision import to_precision
 from search_spaces import get_space
 from search_spaces.hybrid_vit import PRESETS, build
 from search_spaces.registry import channel_mixer_names, token_mixer_names
@@ -24,7 +25,7 @@ from search_spaces.spec import ArchSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 RUFF = ROOT / ".venv" / "bin" / "ruff"
-N_RANDOM = 20
+N_RANDOM = 50
 
 CHECK = r"""
 import json, sys, types
@@ -49,6 +50,11 @@ for c in cases:
         out = model(ref["x"])
     err = (out - ref["y"]).abs().max().item()
     assert err <= 1e-6, (c["module"], err)
+    if "y_int8" in ref:  # the file's own int8 layers against the project's (predictors.precision)
+        q = mod.to_precision(model)
+        with torch.no_grad():
+            err8 = (q(ref["x"]) - ref["y_int8"]).abs().max().item()
+        assert err8 <= 1e-5, (c["module"], "int8", err8)
     assert mod.MODEL_NAME in registered, c["module"]
     assert mod.SPEC_HASH == c["hash"]
 print("ok", len(cases))
@@ -90,7 +96,11 @@ def test_exported_files_match_build(tmp_path: Path) -> None:
         x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             y = model(x)
-        torch.save({"state": model.state_dict(), "x": x, "y": y}, tmp_path / f"{name}.pt")
+        saved = {"state": model.state_dict(), "x": x, "y": y}
+        if spec.precision == "int8":
+            with torch.no_grad():
+                saved["y_int8"] = to_precision(build(spec, 10, img), "int8", "cpu")(x)
+        torch.save(saved, tmp_path / f"{name}.pt")
         meta.append({"module": name, "num_classes": 10, "img_size": img, "hash": spec.hash})
     (tmp_path / "cases.json").write_text(json.dumps(meta))
 
