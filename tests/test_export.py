@@ -129,6 +129,10 @@ def test_same_seed_same_weights_and_header(tmp_path: Path) -> None:
         sys.modules.pop("exported_m", None)
     ref, got = build(spec, 10, 32).state_dict(), mod.build_model().state_dict()
     assert list(ref) == list(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+    import timm  # importable here: search_spaces._compat ran first
+
+    via_timm = timm.create_model(mod.MODEL_NAME, num_classes=10, img_size=32).state_dict()
+    assert list(via_timm) == list(ref) and all(torch.equal(ref[k], via_timm[k]) for k in ref)
     assert mod.build_model(precision="bf16").head.weight.dtype == torch.bfloat16
 
 
