@@ -699,6 +699,12 @@ def _budget_text(info: Any) -> str:
     return f"{info.used_seconds:,.1f}/{b.seconds:,.0f} {b.device or 'device'}-s"
 
 
+def _already_running(store: Any, name: str) -> NoReturn:
+    info = store.study(name)
+    raise BadInput(f"study {name!r} is already running (pid {info.driver_pid} on {info.driver_host}); "
+                   f"stop it with `nas stop {name}` or wait for it")
+
+
 def _run_driver(store: Any, name: str, json_out: bool) -> None:
     """Hold the driver lease, run the study with a progress bar, print the front."""
     import os
@@ -711,9 +717,7 @@ def _run_driver(store: Any, name: str, json_out: bool) -> None:
     chaos = _chaos()
     pid, host = os.getpid(), socket.gethostname()
     if not store.acquire_driver(name, pid, host):
-        info = store.study(name)
-        raise BadInput(f"study {name!r} is already running (pid {info.driver_pid} on {info.driver_host}); "
-                       f"stop it with `nas stop {name}` or wait for it")
+        _already_running(store, name)
     install_stop_handlers(store, name)
     status = "failed"
     try:
@@ -891,8 +895,7 @@ def resume(
         import socket
 
         if not store.acquire_driver(name, os.getpid(), socket.gethostname()):
-            raise BadInput(f"study {name!r} is already running (pid {info.driver_pid} on {info.driver_host}); "
-                           f"stop it with `nas stop {name}` or wait for it")
+            _already_running(store, name)
         store.set_budget(name, new.to_dict())
         store.release_driver(name, os.getpid(), socket.gethostname())
     store.clear_stop(name)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from nas.budget import Budget, BudgetError, parse_budget
-from nas.store import Store, StoreError, validate_study_name
+from nas.store import Store, validate_study_name
 
 __all__ = [
     "OBJECTIVES",
@@ -327,11 +327,7 @@ class Driver:
         self.errors = 0
         self._ordinal = 0
         for ev in store.evaluations(name, errors=False):
-            self.stats.seconds[ev.stage] = self.stats.seconds.get(ev.stage, 0.0) + ev.seconds
-            self.stats.trials[ev.stage] = self.stats.trials.get(ev.stage, 0) + 1
-            acc = ev.metrics.get("accuracy")
-            if acc is not None and ev.stage in ("train", "supernet"):
-                self.best = acc if self.best is None else max(self.best, acc)
+            self._account(ev.stage, ev.seconds, ev.metrics)
 
     # ---- budget ------------------------------------------------------------------------
 
@@ -393,15 +389,31 @@ class Driver:
         if counts:
             self.used_seconds += seconds
         self.trials_done += 1
-        self.stats.seconds[stage] = self.stats.seconds.get(stage, 0.0) + seconds
-        self.stats.trials[stage] = self.stats.trials.get(stage, 0) + 1
-        acc = ev.get("metrics", {}).get("accuracy")
-        if acc is not None and stage in ("train", "supernet"):
-            self.best = acc if self.best is None else max(self.best, acc)
+        self._account(stage, seconds, ev.get("metrics", {}))
         self.tick(stage)
 
-    def record_error(self, stage: str, config: dict[str, Any], error: str, seconds: float, attempt: int,
-                     final: bool) -> None:
+    def _account(self, stage: str, seconds: float, metrics: dict[str, float]) -> None:
+        """Per-stage seconds and counts, and the best accuracy so far, for one successful evaluation."""
+        self.stats.seconds[stage] = self.stats.seconds.get(stage, 0.0) + seconds
+        self.stats.trials[stage] = self.stats.trials.get(stage, 0) + 1
+        acc = metrics.get("accuracy")
+        if acc is not None and stage in ("train", "supernet"):
+            self.best = acc if self.best is None else max(self.best, acc)
+
+    def record_trial(self, trial: Any) -> None:
+        """A finished Tune trial: one evaluation, with the later stages of the trial (latency) merged
+        into the first; cached results (already in the store) are not recorded again."""
+        cfg = trial.config
+        if trial.result.get("cached") or not trial.evaluations:
+            return
+        ev = dict(trial.evaluations[0])
+        for extra in trial.evaluations[1:]:
+            ev["metrics"] = {**extra["metrics"], **ev["metrics"]}
+            ev["seconds"] += extra["seconds"]
+            ev["flops"] = ev.get("flops") or extra.get("flops")
+        self.record(ev["stage"], ev, f"{cfg['key']}:{ev['stage']}", cfg.get("number"), cfg.get("spec"))
+
+    def record_error(self, stage: str, config: dict[str, Any], error: str, seconds: float, attempt: int) -> None:
         arch = config.get("spec_hash")
         if arch:
             self.store.add_architecture(arch, self.cfg.space, config["spec"])
@@ -431,12 +443,10 @@ class Driver:
 class _Gate:
     """Budget gating of one stage: launch while the projected use stays within the stage's limit."""
 
-    def __init__(self, driver: Driver, stage: str, limit: float, record_as: Callable[[dict[str, Any]], str]) -> None:
+    def __init__(self, driver: Driver, stage: str, limit: float) -> None:
         self.d = driver
         self.stage = stage
         self.limit = limit
-        self.start = driver.stage_used(stage)
-        self.record_as = record_as
 
     def decide(self, running: int) -> str:
         from workers.ray_tune import FINISH, LAUNCH, WAIT
@@ -453,21 +463,10 @@ class _Gate:
         return WAIT if running else FINISH
 
     def finished(self, trial: Any) -> None:
-        cfg = trial.config
-        if trial.result.get("cached"):
-            return
-        evs = trial.evaluations
-        if not evs:
-            return
-        ev = dict(evs[0])  # one trial, one evaluation: later stages of the trial (latency) merge into it
-        for extra in evs[1:]:
-            ev["metrics"] = {**extra["metrics"], **ev["metrics"]}
-            ev["seconds"] += extra["seconds"]
-            ev["flops"] = ev.get("flops") or extra.get("flops")
-        self.d.record(ev["stage"], ev, f"{cfg['key']}:{ev['stage']}", cfg.get("number"), cfg.get("spec"))
+        self.d.record_trial(trial)
 
     def failed(self, trial: Any) -> None:
-        self.d.record_error(self.stage, trial.config, trial.error, trial.seconds, trial.attempt, trial.final)
+        self.d.record_error(self.stage, trial.config, trial.error, trial.seconds, trial.attempt)
 
 
 def front_rows(points: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -679,23 +678,15 @@ def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = 
     sup = store.done(name, "supernet")
     lat = store.done(name, "latency")
     already = store.done(name, stage)
-    minimise_lat = True
-    if stage == "latency":
-        src = sup if sup else screened
-        key = "accuracy" if sup else "score"
-        pts = [(h, [m[key], m.get("latency_ms", 0.0)]) for h, m in src.items() if key in m]
-        ordered = _nd_order(pts, [False, minimise_lat])
-        if not refill:
-            ordered = ordered[: max(8, len(ordered) // 2)]
-    else:  # train: the candidates whose latency was measured carefully, when the latency stage ran
-        src = sup if sup else screened
-        key = "accuracy" if sup else "score"
-        if lat:
-            src = {h: m for h, m in src.items() if h in lat}
-        pts = [(h, [m[key], lat.get(h, m).get("latency_ms", 0.0)]) for h, m in src.items() if key in m]
-        ordered = _nd_order(pts, [False, minimise_lat])
-        if not refill:
-            ordered = ordered[:24]
+    src = sup if sup else screened
+    key = "accuracy" if sup else "score"
+    train = stage == "train"
+    if train and lat:  # train the candidates whose latency was measured carefully
+        src = {h: m for h, m in src.items() if h in lat}
+    pts = [(h, [m[key], (lat.get(h, m) if train else m).get("latency_ms", 0.0)]) for h, m in src.items() if key in m]
+    ordered = _nd_order(pts, [False, True])
+    if not refill:
+        ordered = ordered[:24] if train else ordered[: max(8, len(ordered) // 2)]
     if cfg.max_latency_ms is not None:
         ordered = [h for h in ordered if lat.get(h, screened.get(h, {})).get("latency_ms", 0.0) <= cfg.max_latency_ms]
     if cfg.max_params is not None:
@@ -763,11 +754,11 @@ class _StagePlan:
             self._on_complete(inner, trial_id, result)
 
     def finished(self, trial: Any) -> None:
-        (self.cur.gate if self.cur is not None else _Gate(self.d, "?", 0, _key)).finished(trial)
+        self.d.record_trial(trial)
 
     def failed(self, trial: Any) -> None:
         stage = (trial.config.get("stages") or ["?"])[0]
-        self.d.record_error(stage, trial.config, trial.error, trial.seconds, trial.attempt, trial.final)
+        self.d.record_error(stage, trial.config, trial.error, trial.seconds, trial.attempt)
 
     # -- stages -----------------------------------------------------------------------------
     def _end(self) -> None:
@@ -797,7 +788,7 @@ class _StagePlan:
             else:
                 limit = d.limit(base, self.order)
             if base == self.sampled:
-                self.cur = _Stage(base, _Gate(d, base, limit, _key), self.optuna, base)
+                self.cur = _Stage(base, _Gate(d, base, limit), self.optuna, base)
                 return True
             if stage == "supernet":
                 if not d.cfg.supernet and not self._supernet_trained():
@@ -828,22 +819,18 @@ class _StagePlan:
                 if mark:
                     d.mark_done(mark)
                 continue
-            self.cur = _Stage(base, _Gate(d, base, limit, _key), ListSearcher(configs), mark)
+            self.cur = _Stage(base, _Gate(d, base, limit), ListSearcher(configs), mark)
             return True
 
     def _supernet_trained(self) -> bool:
         return bool(self.store.evaluations(self.d.name, stage="supernet_train", errors=False))
 
 
-def _key(config: dict[str, Any]) -> str:
-    return str(config["key"])
-
-
 class _OneShot(_Gate):
     """Launches exactly one trial (supernet training) if any budget is left."""
 
     def __init__(self, driver: Driver, stage: str, limit: float) -> None:
-        super().__init__(driver, stage, limit, lambda c: c["key"])
+        super().__init__(driver, stage, limit)
         self.launched = False
 
     def decide(self, running: int) -> str:
@@ -935,6 +922,3 @@ def parse_budget_arg(text: str, increment: bool = False) -> Budget:
     except BudgetError as e:
         raise SearchError(str(e)) from None
 
-
-def store_error(e: StoreError) -> SearchError:
-    return SearchError(str(e))

@@ -20,7 +20,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -362,9 +362,8 @@ def _error_text(trial: Any) -> str:
 class _Recorder(Callback):
     """Hands every finished trial and every failed attempt to the gate (driver process)."""
 
-    def __init__(self, gate: Gate, max_failures: int) -> None:
+    def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self.max_failures = max_failures
         self.started: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
 
@@ -404,15 +403,6 @@ class _Recorder(Callback):
         self.gate.finished(TrialResult(dict(trial.config), res, evals, stopped_early=early))
 
 
-@dataclass
-class StageRun:
-    """What one call of ``run_trials`` did."""
-
-    seconds: float = 0.0
-    trials: int = 0
-    errors: list[str] = field(default_factory=list)
-
-
 def run_trials(
     *,
     name: str,
@@ -446,7 +436,7 @@ def run_trials(
         run_config=tune.RunConfig(
             name=name, storage_path=str(Path(storage_path).resolve()), verbose=0, log_to_file=False,
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[_Recorder(plan, max_failures)],
+            callbacks=[_Recorder(plan)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
