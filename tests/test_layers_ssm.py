@@ -52,6 +52,31 @@ def test_scan_matches_loop(n: int, with_h0: bool, dtype: torch.dtype) -> None:
         torch.testing.assert_close(x, y, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
 
 
+class _Recurrence(torch.nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return linear_recurrence(a, b, 1)
+
+
+@pytest.mark.parametrize("n", [7, 16, 17, 300])
+def test_scan_onnx_matches_loop(n: int) -> None:
+    """``torch.onnx.export`` (TorchScript tracer) records the out-of-place path; ONNX Runtime then
+    equals the loop. The in-place path exported wrong states (0.13 off on an ssm branch)."""
+    import io
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime")
+    g = torch.Generator().manual_seed(n)
+    a, b = 0.5 + 0.5 * torch.rand(2, n, 6, generator=g), torch.randn(2, n, 6, generator=g)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Recurrence(), (a, b), buf, dynamo=False, opset_version=17, input_names=["a", "b"])
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    a2, b2 = 0.5 + 0.5 * torch.rand(2, n, 6, generator=g), torch.randn(2, n, 6, generator=g)
+    got = torch.from_numpy(sess.run(None, {"a": a2.numpy(), "b": b2.numpy()})[0])
+    torch.testing.assert_close(got, loop_recurrence(a2, b2, 1), atol=1e-5, rtol=1e-5)
+
+
 def test_scan_other_dim_and_broadcast() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.rand(4, 1, 40, generator=g, dtype=torch.float64)  # broadcasts over dim 1

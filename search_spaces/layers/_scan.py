@@ -26,16 +26,30 @@ from torch import Tensor
 CHUNK = 16
 
 
-def _doubling(a: Tensor, b: Tensor, need_a: bool) -> None:
-    """Hillis-Steele inclusive scan along dim 1 of (C, T, R) buffers, in place: afterwards ``b``
-    holds the in-chunk states and (if ``need_a``) ``a`` the in-chunk products of ``a``."""
-    t = a.shape[1]
+def _eager() -> bool:
+    """False while ``torch.jit.trace`` records a graph (also inside ``torch.onnx.export``)."""
+    return not torch.jit.is_tracing()
+
+
+def _doubling(a: Tensor, b: Tensor, need_a: bool) -> tuple[Tensor, Tensor]:
+    """Hillis-Steele inclusive scan along dim 1 of (C, T, R) buffers: returns ``b`` holding the
+    in-chunk states and (if ``need_a``) ``a`` the in-chunk products of ``a``. Eager mode works in
+    place on the buffers; under tracing (``torch.onnx.export``) it is out of place, because the
+    tracer records in-place writes into slices of a buffer that is read again wrongly."""
+    t, inplace = a.shape[1], _eager()
     s = 1
     while s < t:
-        b[:, s:].add_(a[:, s:] * b[:, :-s])  # the product is a temporary: no overlapping writes
+        if inplace:
+            b[:, s:].add_(a[:, s:] * b[:, :-s])  # the product is a temporary: no overlapping writes
+        else:
+            b = torch.cat([b[:, :s], torch.addcmul(b[:, s:], a[:, s:], b[:, :-s])], 1)
         if need_a or 2 * s < t:
-            a[:, s:].copy_(a[:, s:] * a[:, :-s])
+            if inplace:
+                a[:, s:].copy_(a[:, s:] * a[:, :-s])
+            else:
+                a = torch.cat([a[:, :s], a[:, s:] * a[:, :-s]], 1)
         s *= 2
+    return a, b
 
 
 def _scan_2d(a: Tensor, b: Tensor) -> Tensor:
@@ -47,12 +61,16 @@ def _scan_2d(a: Tensor, b: Tensor) -> Tensor:
     # Fresh buffers (also when pad == 0), padded with a = 1, b = 0, that the doubling overwrites.
     a = torch.cat([a, a.new_ones(pad, r)]).view(chunks, size, r)
     b = torch.cat([b, b.new_zeros(pad, r)]).view(chunks, size, r)
-    _doubling(a, b, need_a=chunks > 1)
+    a, b = _doubling(a, b, need_a=chunks > 1)
     if chunks > 1:
         # State at the end of every chunk: the same recurrence over the chunk-end values.
         ends = _scan_2d(a[:, -1], b[:, -1])
-        b[1:].add_(a[1:] * ends[:-1, None])  # fix up with the state entering each chunk
-    return b.view(chunks * size, r)[:n]
+        fix = a[1:] * ends[:-1, None]  # fix up with the state entering each chunk
+        if _eager():
+            b[1:].add_(fix)
+        else:
+            b = torch.cat([b[:1], b[1:] + fix])
+    return b.reshape(chunks * size, r)[:n]
 
 
 class _LinearScan(torch.autograd.Function):
