@@ -1037,93 +1037,29 @@ def export_cmd(
     for flag, v in (("--num-classes", num_classes), ("--img-size", img_size), ("--in-chans", in_chans)):
         if v is not None:
             _positive(flag, v)
-    if out.is_dir():
-        raise BadInput(f"--out {out} is a directory; pass a file name such as model.py")
-    if out.suffix != ".py" or not out.stem.isidentifier():
-        raise BadInput(f"--out {out} must be an importable file name ending in .py (e.g. model.py)")
-    if weights is not None:
-        try:
-            import safetensors.torch  # noqa: F401
-        except ImportError:
-            raise BadInput("--weights needs the safetensors package (pip install safetensors)") from None
-    from nas.export import ExportError, generate, pick_from_study
-    from predictors._io import atomic_write
-
-    if onnx_file is not None and (Path(onnx_file).suffix != ".onnx" or Path(onnx_file).is_dir()):
-        raise BadInput(f"--onnx {onnx_file} must be a file name ending in .onnx")
-    meta: dict[str, Any] | None = None
-    sizes = {"num_classes": 10, "img_size": 32, "in_chans": 3}
-    store = None
-    if name is not None:
-        store = _open_store(storage, must_exist=True)
-        _study(store, name)
-        try:
-            arch_spec, meta, sizes = pick_from_study(store, name, pick=pick, trial=trial, arch=arch)
-        except ExportError as e:
-            raise BadInput(str(e)) from None
-    else:
-        arch_spec = _parse_spec(sp, _read_text(str(spec)), "spec")
-    sizes = {k: v if given is None else given for (k, v), given in
-             zip(sizes.items(), (num_classes, img_size, in_chans))}
-    try:
-        code = generate(arch_spec, metadata=meta, **sizes)
-    except ValueError as e:
-        raise BadInput(str(e).splitlines()[0]) from None
-    from nas.export import export_onnx, onnx_blockers
-    from search_spaces.hybrid_vit import build
+    from nas.export import ExportError, check_paths, export_study, write_export
 
     onnx = None if onnx_file is None else Path(onnx_file)
-    if onnx is not None and onnx_blockers(arch_spec):
-        raise BadInput(f"--onnx: this architecture cannot be exported to ONNX: {'; '.join(onnx_blockers(arch_spec))}")
-    model, source = None, "initial"
-    if weights is not None or onnx is not None:
-        model = build(arch_spec, sizes["num_classes"], sizes["img_size"], sizes["in_chans"])
-        if store is not None and name is not None:
-            model, source = _study_weights(store, name, arch_spec, model)
-    onnx_bytes, onnx_err = None, 0.0
-    if onnx is not None:
-        try:
-            onnx_bytes, onnx_err = export_onnx(model, arch_spec, sizes["in_chans"], sizes["img_size"])
-        except ExportError as e:
-            raise BadInput(str(e)) from None
-        if onnx_err > 1e-3:
-            raise BadInput(f"--onnx: ONNX Runtime differs from torch by {onnx_err:.2e} (> 1e-3); nothing written")
-    atomic_write(out, lambda f: f.write(code.encode()))
-    if weights is not None:
-        from safetensors.torch import save
-
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # type: ignore[union-attr]
-        atomic_write(weights, lambda f: f.write(save(state, metadata={"spec_hash": arch_spec.hash,
-                                                                      "weights": source})))
-    if onnx is not None:
-        atomic_write(onnx, lambda f: f.write(onnx_bytes))
-        console.print(f"wrote {onnx} (ONNX Runtime vs torch: max difference {onnx_err:.1e})")
-    if store is not None and name is not None:
-        store.add_export(name, arch_spec.hash, str(out.resolve()), "py")
-    console.print(f"wrote {out} ({arch_spec.short()}, hash {arch_spec.hash[:12]})"
-                  + (f" from study {name}" if name else "")
-                  + (f" and {source} weights {weights}" if weights is not None else ""))
-
-
-def _study_weights(store: Any, name: str, spec: Any, model: Any) -> tuple[Any, str]:
-    """The study's supernet weights for ``spec`` (BatchNorm recalibrated on the study's training
-    data) when the study trained a supernet whose frame holds ``spec``; else ``model`` unchanged."""
-    info = store.study(name)
-    ckpt = Path(info.config.get("workdir", "")) / "supernet" / "supernet.pt"
-    if not ckpt.is_file():
-        return model, "initial"
-    from nas.search import SearchConfig, load_data
-    from predictors.supernet import has_batchnorm, load_checkpoint, recalibrate_bn
-
-    net, _ = load_checkpoint(ckpt)
+    given = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
     try:
-        net.frame.check(spec)
-    except ValueError:
-        return model, "initial"
-    sub = net.extract(spec)
-    if has_batchnorm(sub):
-        recalibrate_bn(sub, load_data(SearchConfig.from_dict(info.config)).train)
-    return sub.eval(), "supernet-inherited"
+        check_paths(out, weights, onnx)
+        if name is not None:
+            store = _open_store(storage, must_exist=True)
+            _study(store, name)
+            res = export_study(store, name, out, pick=pick, trial=trial, arch=arch, weights=weights, onnx=onnx,
+                               **given)
+        else:
+            arch_spec = _parse_spec(sp, _read_text(str(spec)), "spec")
+            sizes = {"num_classes": 10, "img_size": 32, "in_chans": 3}
+            sizes.update({k: v for k, v in given.items() if v is not None})
+            res = write_export(arch_spec, out, weights=weights, onnx=onnx, **sizes)
+    except ExportError as e:
+        raise BadInput(str(e)) from None
+    if res.onnx is not None:
+        console.print(f"wrote {res.onnx} (ONNX Runtime vs torch: max difference {res.onnx_error:.1e})")
+    console.print(f"wrote {out} ({res.spec.short()}, hash {res.spec.hash[:12]})"
+                  + (f" from study {name}" if name else "")
+                  + (f" and {res.weights_source} weights {weights}" if weights is not None else ""))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import pprint
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from search_spaces.spec import ArchSpec
@@ -492,8 +493,8 @@ def export_onnx(model: Any, spec: ArchSpec, in_chans: int, img_size: int,
                 opset: int = 17) -> tuple[bytes, float]:
     """The ONNX bytes of ``model`` (fp32, dynamic batch) and the largest difference between ONNX
     Runtime's and torch's outputs on a random batch of 2, divided by the output scale when above 1.
-    Most mixers agree to ~1e-6; the ssm scan's long float32 recurrence to ~1.5e-4. Raises ExportError when a mixer of
-    ``spec`` cannot be exported or ONNX Runtime is missing."""
+    Every exportable mixer agrees to < 1e-6. Raises ExportError when a mixer of ``spec`` cannot be
+    exported or ONNX Runtime is missing."""
     import io
 
     import torch
@@ -520,3 +521,114 @@ def export_onnx(model: Any, spec: ArchSpec, in_chans: int, img_size: int,
     with torch.no_grad():
         ref = model(x).numpy()
     return data, float(abs(got - ref).max() / max(1.0, float(abs(ref).max())))
+
+
+# --------------------------------------------------------------------------------------------
+# writing an export: the model file, and optionally weights (safetensors) and ONNX
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`write_export` wrote."""
+
+    spec: ArchSpec
+    out: Path
+    weights: Path | None = None
+    weights_source: str = "initial"
+    onnx: Path | None = None
+    onnx_error: float = 0.0
+
+
+def check_paths(out: Path, weights: Path | None = None, onnx: Path | None = None) -> None:
+    """Refuse output paths an export cannot write (ExportError, before anything is written)."""
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a directory; pass a file name such as model.py")
+    if out.suffix != ".py" or not out.stem.isidentifier():
+        raise ExportError(f"--out {out} must be an importable file name ending in .py (e.g. model.py)")
+    if weights is not None:
+        if weights.is_dir() or weights.suffix != ".safetensors":
+            raise ExportError(f"--weights {weights} must be a file name ending in .safetensors")
+        try:
+            import safetensors.torch  # noqa: F401
+        except ImportError:
+            raise ExportError("--weights needs the safetensors package (pip install safetensors)") from None
+    if onnx is not None and (onnx.suffix != ".onnx" or onnx.is_dir()):
+        raise ExportError(f"--onnx {onnx} must be a file name ending in .onnx")
+
+
+def study_weights(store: Any, name: str, spec: ArchSpec, model: Any) -> tuple[Any, str]:
+    """The study's supernet weights for ``spec`` (BatchNorm recalibrated on the study's training
+    data) when the study trained a supernet whose frame holds ``spec``; else ``model`` unchanged."""
+    info = store.study(name)
+    ckpt = Path(info.config.get("workdir", "")) / "supernet" / "supernet.pt"
+    if not ckpt.is_file():
+        return model, "initial"
+    from nas.search import SearchConfig, load_data
+    from predictors.supernet import has_batchnorm, load_checkpoint, recalibrate_bn
+
+    net, _ = load_checkpoint(ckpt)
+    try:
+        net.frame.check(spec)
+    except ValueError:
+        return model, "initial"
+    sub = net.extract(spec)
+    if has_batchnorm(sub):
+        recalibrate_bn(sub, load_data(SearchConfig.from_dict(info.config)).train)
+    return sub.eval(), "supernet-inherited"
+
+
+def write_export(spec: ArchSpec, out: Path, *, num_classes: int, img_size: int, in_chans: int,
+                 metadata: dict[str, Any] | None = None, weights: Path | None = None, onnx: Path | None = None,
+                 store: Any = None, study: str | None = None) -> ExportResult:
+    """Generate and write the model file for ``spec`` (plus safetensors ``weights`` and checked
+    ``onnx`` when asked). Everything is computed and checked first and then written atomically,
+    so a refused export writes nothing. With a ``store`` and ``study`` the weights are the study's
+    (see :func:`study_weights`) and the export is recorded in the store."""
+    from predictors._io import atomic_write
+
+    check_paths(out, weights, onnx)
+    sizes = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
+    try:
+        code = generate(spec, metadata=metadata, **sizes)
+    except ValueError as e:
+        raise ExportError(str(e).splitlines()[0]) from None
+    if onnx is not None and onnx_blockers(spec):
+        raise ExportError(f"--onnx: this architecture cannot be exported to ONNX: {'; '.join(onnx_blockers(spec))}")
+    model, source = None, "initial"
+    if weights is not None or onnx is not None:
+        from search_spaces.hybrid_vit import build
+
+        model = build(spec, num_classes, img_size, in_chans)
+        if store is not None and study is not None:
+            model, source = study_weights(store, study, spec, model)
+    onnx_bytes, onnx_err = b"", 0.0
+    if onnx is not None:
+        onnx_bytes, onnx_err = export_onnx(model, spec, in_chans, img_size)
+        if onnx_err > 1e-3:
+            raise ExportError(f"--onnx: ONNX Runtime differs from torch by {onnx_err:.2e} (> 1e-3); nothing written")
+    atomic_write(out, lambda f: f.write(code.encode()))
+    if weights is not None:
+        from safetensors.torch import save
+
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # type: ignore[union-attr]
+        blob = save(state, metadata={"spec_hash": spec.hash, "weights": source})
+        atomic_write(weights, lambda f: f.write(blob))
+    if onnx is not None:
+        atomic_write(onnx, lambda f: f.write(onnx_bytes))
+    if store is not None and study is not None:
+        store.add_export(study, spec.hash, str(out.resolve()), "py")
+    return ExportResult(spec, out, weights, source, onnx, onnx_err)
+
+
+def export_study(store: Any, name: str, out: Path, *, pick: str | None = None, trial: int | None = None,
+                 arch: str | None = None, weights: Path | None = None, onnx: Path | None = None,
+                 num_classes: int | None = None, img_size: int | None = None,
+                 in_chans: int | None = None) -> ExportResult:
+    """Export one architecture of study ``name`` (see :func:`pick_from_study`) to ``out``; the
+    build sizes default to the study's. Used by ``nas export NAME`` and the dashboard."""
+    check_paths(out, weights, onnx)
+    spec, meta, sizes = pick_from_study(store, name, pick=pick, trial=trial, arch=arch)
+    for k, v in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
+        if v is not None:
+            sizes[k] = v
+    return write_export(spec, out, metadata=meta, weights=weights, onnx=onnx, store=store, study=name, **sizes)
