@@ -683,12 +683,16 @@ def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = 
     train = stage == "train"
     if train and lat:  # train the candidates whose latency was measured carefully
         src = {h: m for h, m in src.items() if h in lat}
-    pts = [(h, [m[key], (lat.get(h, m) if train else m).get("latency_ms", 0.0)]) for h, m in src.items() if key in m]
+
+    def latency(h: str) -> float:  # the careful measurement when there is one, else the screening one
+        return float((lat.get(h) or screened.get(h) or {}).get("latency_ms", math.inf))
+
+    pts = [(h, [m[key], latency(h)]) for h, m in src.items() if key in m]
     ordered = _nd_order(pts, [False, True])
     if not refill:
         ordered = ordered[:24] if train else ordered[: max(8, len(ordered) // 2)]
     if cfg.max_latency_ms is not None:
-        ordered = [h for h in ordered if lat.get(h, screened.get(h, {})).get("latency_ms", 0.0) <= cfg.max_latency_ms]
+        ordered = [h for h in ordered if latency(h) <= cfg.max_latency_ms]
     if cfg.max_params is not None:
         ordered = [h for h in ordered if screened.get(h, {}).get("params", 0.0) <= cfg.max_params]
     out = []

@@ -254,3 +254,29 @@ def test_stop_is_graceful_and_resume_finishes(tmp_path: Path) -> None:
     out = subprocess.run([NAS, "resume", "s", "--storage", url, "--budget", "+0trials"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2  # a zero increment is bad input
+
+
+def test_candidates_rank_supernet_accuracy_against_screening_latency(tmp_path: Path) -> None:
+    """The latency stage takes the non-dominated order of (inherited accuracy, screening latency):
+    D is as accurate as A's runner-up but slower than A, so it comes after the whole first front."""
+    import types
+
+    from nas.search import _candidates
+    from search_spaces.supernet import get_frame
+
+    store = _new(tmp_path, "c", "60s")
+    frame = get_frame("tiny", in_chans=1, num_classes=10)
+    points = {"A": (0.90, 5.0), "B": (0.80, 4.0), "C": (0.70, 1.0), "D": (0.85, 10.0)}
+    specs = {}
+    for i, (tag, (acc, lat)) in enumerate(points.items()):
+        spec = specs[tag] = frame.random(i)
+        store.add_architecture(spec.hash, "hybrid_vit", spec.to_json())
+        store.record_evaluation("c", stage="screen", metrics={"score": 1.0, "latency_ms": lat}, seconds=0.1,
+                                arch_hash=spec.hash, key=f"screen:{tag}")
+        store.record_evaluation("c", stage="supernet", metrics={"accuracy": acc}, seconds=0.1,
+                                arch_hash=spec.hash, key=f"supernet:{tag}")
+    d = types.SimpleNamespace(name="c", cfg=SearchConfig())
+    got = [h for h, _ in _candidates(d, store, "latency", frame)]  # type: ignore[arg-type]
+    assert got == [specs[t].hash for t in "ABCD"]
+    limited = types.SimpleNamespace(name="c", cfg=SearchConfig(max_latency_ms=4.5))
+    assert [h for h, _ in _candidates(limited, store, "latency", frame)] == [specs[t].hash for t in "BC"]  # type: ignore[arg-type]
