@@ -557,10 +557,20 @@ def check_paths(out: Path, weights: Path | None = None, onnx: Path | None = None
 
 
 def study_weights(store: Any, name: str, spec: ArchSpec, model: Any) -> tuple[Any, str]:
-    """The study's supernet weights for ``spec`` (BatchNorm recalibrated on the study's training
-    data) when the study trained a supernet whose frame holds ``spec``; else ``model`` unchanged."""
+    """The best weights study ``name`` has for ``spec``: the train stage's fully trained model
+    ("trained"), else the supernet's weights for the subnet with BatchNorm recalibrated on the
+    study's training data ("supernet-inherited"), else ``model`` unchanged ("initial")."""
+    import torch
+
+    from workers.evaluate import trained_weights_file
+
     info = store.study(name)
-    ckpt = Path(info.config.get("workdir", "")) / "supernet" / "supernet.pt"
+    workdir = Path(info.config.get("workdir", ""))
+    trained = trained_weights_file(workdir / "weights", spec.hash)
+    if trained.is_file():
+        model.load_state_dict(torch.load(trained, map_location="cpu", weights_only=True), strict=True)
+        return model.eval(), "trained"
+    ckpt = workdir / "supernet" / "supernet.pt"
     if not ckpt.is_file():
         return model, "initial"
     from nas.search import SearchConfig, load_data

@@ -523,7 +523,7 @@ def run_study(store: Store, name: str, *, progress: Callable[[dict[str, Any]], N
     resources = {"cpu": 1, "gpu": 1} if cfg.target == "cuda" else {"cpu": 1}
     eval_cfg = {"proxies": ["nwot", "synflow", "snip"], "score": "parzc" if cfg.parzc else cfg.score,
                 "parzc": cfg.parzc, "train_epochs": cfg.train_epochs, "threads": cfg.threads, "seed": cfg.seed,
-                "supernet": cfg.supernet or str(d.workdir / "supernet")}
+                "supernet": cfg.supernet or str(d.workdir / "supernet"), "weights_dir": str(d.workdir / "weights")}
     common = {"device": cfg.target, "threads": cfg.threads, "eval": eval_cfg}
     storage = store.optuna_storage()
     sampled_stage = "screen" if cfg.strategy == "staged" else "train"

@@ -107,6 +107,24 @@ def test_staged_search_on_digits(ray_session: Any, tmp_path: Path) -> None:
         if t.state == optuna.trial.TrialState.FAIL:
             assert "not finite" in t.user_attrs["failed_because"]
     assert {t.user_attrs["spec_hash"] for t in done} == {e.arch_hash for e in scored}
+    # the front's trained weights are kept; an export carries them and reproduces the recorded accuracy
+    from safetensors.torch import load_file
+
+    from nas.export import export_study
+    from nas.search import load_data
+    from predictors.supernet import accuracy
+    from search_spaces.hybrid_vit import build
+
+    best = max(front, key=lambda r: r["metrics"]["accuracy"])
+    res = export_study(store, "staged", tmp_path / "best.py", pick="accuracy", weights=tmp_path / "best.safetensors")
+    assert res.spec.hash == best["arch_hash"] and res.weights_source == "trained"
+    fj = info.config["frame_json"]
+    model = build(res.spec, fj["num_classes"], fj["img_size"], fj["in_chans"])
+    model.load_state_dict(load_file(str(tmp_path / "best.safetensors")), strict=True)
+    val = load_data(SearchConfig.from_dict(info.config)).val
+    m = train[best["arch_hash"]]
+    assert accuracy(model.eval(), val, batch_size=256) == pytest.approx(m.get("accuracy_fp32", m["accuracy"]), abs=1e-6)
+    assert best["arch_hash"] in (tmp_path / "best.py").read_text()
 
 
 def test_worker_raises_and_worker_killed_are_retried(ray_session: Any, tmp_path: Path) -> None:

@@ -110,6 +110,7 @@ class EvalConfig:
     train_lr: float = 2e-3
     threads: int = 1
     seed: int = 0
+    weights_dir: str | None = None  # train stage: keep the fp32 weights of fully trained models here
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "proxies", tuple(self.proxies))
@@ -275,6 +276,19 @@ def _supernet_accuracy(spec: Any, data: EvalData, device: str, cfg: EvalConfig) 
     return {"accuracy": acc}
 
 
+def trained_weights_file(weights_dir: str | Path, spec_hash: str) -> Path:
+    """Where the train stage keeps the fp32 state dict of a fully trained ``spec_hash``."""
+    return Path(weights_dir) / f"{spec_hash}.pt"
+
+
+def save_trained(model: nn.Module, spec_hash: str, weights_dir: str | Path) -> Path:
+    """Write ``model``'s state dict (fp32, CPU) atomically to :func:`trained_weights_file`."""
+    from predictors._io import atomic_write
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return atomic_write(trained_weights_file(weights_dir, spec_hash), lambda f: torch.save(state, f))
+
+
 def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
            report: Callable[[int, dict[str, float]], bool | None] | None, t0: float) -> dict[str, float]:
     from predictors.precision import activation_dtype, to_precision
@@ -293,6 +307,8 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
 
     model = train_standalone(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
                              device=device, on_epoch=on_epoch)
+    if cfg.weights_dir and last.get("epochs") == cfg.train_epochs:
+        save_trained(model, spec.hash, cfg.weights_dir)
     if spec.precision != "fp32" and last.get("epochs") == cfg.train_epochs:
         q = to_precision(model, spec.precision, device, inplace=True)
         last["accuracy_fp32"] = last["accuracy"]
