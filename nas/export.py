@@ -198,7 +198,8 @@ def _docstring(spec: ArchSpec, cls: str, params: int, num_classes: int, img_size
         "equal search_spaces.hybrid_vit.build(spec)'s, so weights saved from the search load directly:",
         "",
         "    model = build_model()",
-        "    model.load_state_dict(torch.load('weights.pt'))",
+        "    model.load_state_dict(safetensors.torch.load_file('model.safetensors'))  # nas export --weights",
+        "    # or model.load_state_dict(torch.load('state_dict.pt')) for a state dict saved by torch.save",
         "",
         *textwrap.wrap(f"architecture: {spec.short()}", 110, subsequent_indent="    ", break_on_hyphens=False),
         f"hash: {spec.hash}",
@@ -209,7 +210,9 @@ def _docstring(spec: ArchSpec, cls: str, params: int, num_classes: int, img_size
         lines.append(f"  build_model() casts the model to {spec.precision}; build_model(precision='fp32') keeps fp32.")
     elif spec.precision in ("int8", "fp8"):
         lines.append("  build_model() returns fp32 (state-dict compatible); to_precision(model) after loading the")
-        lines.append(f"  weights swaps every nn.Linear for an {spec.precision} one (fp8: CUDA, capability >= 8.9).")
+        lines.append(f"  weights swaps every nn.Linear for an {spec.precision} one.")
+        if spec.precision == "fp8":
+            lines.append("  fp8 runs through torch._scaled_mm, which is fast on CUDA GPUs of capability >= 8.9.")
     if metadata:
         lines.append("")
         lines.append("metadata:")
