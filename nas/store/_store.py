@@ -544,6 +544,21 @@ class Store:
             row.driver_pid, row.driver_host, row.heartbeat_at, row.updated_at = pid, host, now, now
             return True
 
+    def live_driver(self, name: str, stale_after: float = 30.0) -> tuple[int, str] | None:
+        """``(pid, host)`` of the study's driver while its lease is live, else None; reads only.
+
+        Live is what :meth:`acquire_driver` will not take over from another process: a heartbeat
+        at most ``stale_after`` seconds old and, when the driver ran on this host, a pid that exists."""
+        with self._session() as s:
+            row = self._study(s, name)
+            if row.driver_pid is None or row.heartbeat_at is None:
+                return None
+            if (utcnow() - row.heartbeat_at).total_seconds() > stale_after:
+                return None
+            if row.driver_host == socket.gethostname() and not _pid_alive(row.driver_pid):
+                return None
+            return int(row.driver_pid), str(row.driver_host)
+
     def heartbeat(self, name: str, pid: int, host: str | None = None) -> bool:
         """Refresh the lease of driver ``pid`` (on ``host`` if given); False if it no longer holds it."""
         cond = [StudyModel.name == name, StudyModel.driver_pid == int(pid)]
