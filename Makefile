@@ -9,7 +9,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean pg
+.PHONY: install demo test lint bench clean pg browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,11 +45,19 @@ pg:
 		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }; \
 	fi
 
-test: install pg
+# Chromium for the dashboard's browser test (Playwright drives /usr/bin/chromium; never `playwright install`)
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; else \
+		echo "installing Chromium (apt-get)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || \
+		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; \
+	fi
+
+test: install pg browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .demo_spec.json .demo_supernet nas_runs
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .demo_spec.json .demo_supernet nas_runs test-artifacts

@@ -1062,5 +1062,34 @@ def export_cmd(
                   + (f" and {res.weights_source} weights {weights}" if weights is not None else ""))
 
 
+@app.command()
+def dashboard(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; any non-loopback one requires a token."),
+    port: int = typer.Option(8765, "--port", help="TCP port."),
+    storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
+    token: str | None = typer.Option(None, "--token", help="Required on every request (generated and printed when "
+                                                            "binding a non-loopback address without one)."),
+    export_dir: str | None = typer.Option(None, "--export-dir", help="Where exports are written and downloads "
+                                                                     "served from (default: nas_exports/ beside "
+                                                                     "the store)."),
+) -> None:
+    """Web dashboard over the store: watch studies live, resume, stop and export them."""
+    from nas.dashboard import DashboardError, check_bind, serve
+
+    try:
+        check_bind(host, port, token)
+    except DashboardError as e:
+        raise BadInput(str(e)) from None
+    store = _open_store(storage, must_exist=True)
+    url = store.url
+    store.close()
+    try:
+        serve(url, host=host, port=port, token=token, export_dir=None if export_dir is None else Path(export_dir))
+    except DashboardError as e:
+        raise BadInput(str(e)) from None
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
     app()
