@@ -165,7 +165,9 @@ _SUPERNETS: dict[tuple[str, float, str], Any] = {}
 _PARZC: dict[tuple[str, float], Any] = {}
 
 
-def _fingerprint(device: str, threads: int) -> dict[str, Any]:
+def fingerprint(device: str, threads: int) -> dict[str, Any]:
+    """The device fingerprint stored with an evaluation (``device`` as parse_device gives it),
+    without the readings that change from call to call (clocks, temperature); cached per process."""
     from predictors.latency import device_fingerprint
 
     key = (device, threads)
@@ -347,7 +349,9 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
         elif stage == "latency":
             metrics = _latency(model.eval(), data, dev, spec.precision, cfg, cfg.latency_repeats)
         else:
-            metrics = _train(spec, data, dev, cfg, report, t0)
+            n_params = float(params)  # in every per-epoch report too: a scheduler may stop the run there
+            metrics = _train(spec, data, dev, cfg,
+                             None if report is None else lambda e, m: report(e, {**m, "params": n_params}), t0)
         metrics["params"] = float(params)
         if flops is not None:
             metrics["flops"] = float(flops)
@@ -359,4 +363,4 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
     seconds = time.perf_counter() - t0
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     return Evaluation(spec_hash=spec.hash, stage=stage, metrics=clean, seconds=seconds,
-                      device=_fingerprint(dev, cfg.threads), params=params, flops=flops)
+                      device=fingerprint(dev, cfg.threads), params=params, flops=flops)

@@ -29,7 +29,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from workers.evaluate import EvalConfig, EvalData, _fingerprint, evaluate
+from workers.evaluate import EvalConfig, EvalData, evaluate, fingerprint
 
 __all__ = [
     "FINISH",
@@ -133,9 +133,12 @@ def trainable(config: dict[str, Any], data: EvalData | None = None) -> None:
     used = 0.0
 
     def report(epoch: int, m: dict[str, float]) -> None:
+        from predictors.latency import parse_device
+
         extra = {"asha_epoch": epoch} if config.get("asha") else {}
+        device = fingerprint(str(parse_device(config["device"])), cfg.threads)  # cached: the one evaluate stores
         tune.report({**metrics, **m, **extra, "seconds": used + m["seconds"], "evaluations": json.dumps(evals),
-                     "final": False})
+                     "device": json.dumps(device), "final": False})
 
     for stage in config["stages"]:
         ev = evaluate(spec, stage, data, config["device"], config=cfg,
@@ -186,7 +189,7 @@ def _train_supernet(config: dict[str, Any], data: EvalData) -> dict[str, Any]:
     ev = {"spec_hash": None, "stage": "supernet_train", "seconds": seconds, "params": None, "flops": None,
           "metrics": {"epochs": float(epochs), "steps": float(st.step),
                       "loss": float((st.history or [{"loss": float("nan")}])[-1]["loss"])},
-          "device": _fingerprint(str(parse_device(config["device"])), int(config.get("threads", 1)))}
+          "device": fingerprint(str(parse_device(config["device"])), int(config.get("threads", 1)))}
     return {"seconds": seconds, "evaluations": json.dumps([ev]), "final": True}
 
 
@@ -396,10 +399,11 @@ class _Recorder(Callback):
         evals = json.loads(res.get("evaluations") or "[]")
         early = not res.get("final", True) and not res.get("cached")
         if early:  # stopped by the scheduler between epochs: record the partial training
-            m = {k: float(v) for k, v in res.items() if k in ("accuracy", "epochs") and v is not None}
+            m = {k: float(v) for k, v in res.items() if k in ("accuracy", "epochs", "params") and v is not None}
             evals.append({"stage": "train", "metrics": m, "seconds": float(res.get("seconds", 0.0)) -
-                          sum(e["seconds"] for e in evals), "device": {}, "spec_hash": trial.config.get("spec_hash"),
-                          "params": None, "flops": None})
+                          sum(e["seconds"] for e in evals), "device": json.loads(res.get("device") or "{}"),
+                          "spec_hash": trial.config.get("spec_hash"), "params": int(m["params"]) if "params" in m
+                          else None, "flops": None})
         self.gate.finished(TrialResult(dict(trial.config), res, evals, stopped_early=early))
 
 
