@@ -715,7 +715,9 @@ class _Stage:
 
 class _StagePlan:
     """The whole search as one Tune experiment (workers start once): the stages in ``order``, each
-    gated by its budget share, then refill rounds of latency + training while budget is left.
+    gated by its budget share, then refill rounds of latency + training while budget is left; when a
+    refill round finds no candidate left, a round that screens more (its share of what is left),
+    ranks them with the supernet, measures and trains them.
     A stage starts only when the previous one has no trial running, so it can read its results."""
 
     def __init__(self, d: Driver, store: Store, frame: Any, order: list[str], sampled: str, searcher: Any,
@@ -724,7 +726,7 @@ class _StagePlan:
         self.optuna, self._on_complete = searcher, on_complete
         self.queue = [s for s in order if not d.stage_done(s)]
         self.cur: _Stage | None = None
-        self.refill_mark = -1
+        self.refill_mark = self.rescreen_mark = -1
 
     # -- the Plan protocol ----------------------------------------------------------------
     def decide(self, running: int) -> str:
@@ -779,20 +781,29 @@ class _StagePlan:
             if d.stop_requested() or d.exhausted():
                 return False
             if not self.queue:
-                if self.d.cfg.strategy != "staged" or self.refill_mark == d.trials_done + d.errors:
-                    return False  # the last refill round ran nothing: candidates are used up
-                self.refill_mark = d.trials_done + d.errors
-                self.queue = ["latency+", "train+"]
+                if self.d.cfg.strategy != "staged":
+                    return False
+                ran = d.trials_done + d.errors
+                if self.refill_mark == ran:  # the last round ran nothing: the screened candidates are used up
+                    if self.rescreen_mark == ran:
+                        return False  # and screening more gave nothing either
+                    self.rescreen_mark = ran
+                    self.queue = ["screen+", "supernet.eval+", "latency+", "train+"]
+                else:
+                    self.queue = ["latency+", "train+"]
+                self.refill_mark = ran
             stage = self.queue.pop(0)
             refill = stage.endswith("+")
-            base = stage.rstrip("+").removesuffix(".eval")
+            stage = stage.rstrip("+")
+            base = stage.removesuffix(".eval")
             self.store.set_status(d.name, "running", stage=base)
-            if refill:
-                limit = d.stage_used(base) + (d._total() - d._used())
+            left = d._total() - d._used()
+            if refill:  # screening again takes its share of what is left; the other stages may take all of it
+                limit = d.stage_used(base) + (left * d.cfg.shares.get(base, 0.0) if base == self.sampled else left)
             else:
                 limit = d.limit(base, self.order)
             if base == self.sampled:
-                self.cur = _Stage(base, _Gate(d, base, limit), self.optuna, base)
+                self.cur = _Stage(base, _Gate(d, base, limit), self.optuna, None if refill else base)
                 return True
             if stage == "supernet":
                 if not d.cfg.supernet and not self._supernet_trained():
@@ -811,8 +822,7 @@ class _StagePlan:
                     continue  # no supernet (no budget, a stop, or training failed): screening scores rank
                 configs = [{"spec": sp, "spec_hash": h, "number": None, "key": f"supernet:{h}", "stages": ["supernet"]}
                            for h, sp in _screen_front(d, self.store)]
-                limit = d.limit("supernet", self.order)
-                base, mark = "supernet", "supernet"
+                mark = None if refill else "supernet"
             else:
                 cands = _candidates(d, self.store, base, self.frame, refill=refill)
                 asha_on = base == "train" and len(cands) > 2

@@ -94,6 +94,8 @@ def test_staged_search_on_digits(ray_session: Any, tmp_path: Path) -> None:
         assert r["metrics"]["source"] == "train"
         assert r["metrics"]["accuracy"] == pytest.approx(train[r["arch_hash"]]["accuracy"])
         assert 0.1 < r["metrics"]["accuracy"] <= 1.0
+    # every training result, ASHA-stopped ones too, carries its params and device
+    assert all(e.device_key and e.metrics["params"] > 0 for e in evs if e.stage == "train")
     # inherited-weight accuracies are real numbers for the screened candidates
     sup = store.done("staged", "supernet")
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in sup.values()) and set(sup) <= set(screened)
@@ -125,6 +127,25 @@ def test_staged_search_on_digits(ray_session: Any, tmp_path: Path) -> None:
     m = train[best["arch_hash"]]
     assert accuracy(model.eval(), val, batch_size=256) == pytest.approx(m.get("accuracy_fp32", m["accuracy"]), abs=1e-6)
     assert best["arch_hash"] in (tmp_path / "best.py").read_text()
+
+
+def test_small_budget_is_spent_by_screening_more(ray_session: Any, tmp_path: Path) -> None:
+    """When the refill rounds run out of screened candidates, the plan screens more instead of
+    stopping with budget left; every training result (ASHA-stopped ones too) carries its params
+    and device."""
+    store = _new(tmp_path, "small", "15s", train_epochs=1, seed=2)
+    run_study(store, "small")
+    info = store.study("small")
+    assert info.status == "completed"
+    _check_accounting(store, "small")
+    evs = [e for e in store.evaluations("small", errors=False)]
+    longest = max(e.seconds for e in evs if e.stage != "supernet_train")
+    assert 0.8 * 15 <= info.used_seconds <= 15 + longest
+    first_train = min(e.id for e in evs if e.stage == "train")
+    assert any(e.stage == "screen" and e.id > first_train for e in evs)  # a second screening round ran
+    for e in evs:
+        if e.stage == "train":
+            assert e.device_key and e.metrics["params"] > 0, e
 
 
 def test_worker_raises_and_worker_killed_are_retried(ray_session: Any, tmp_path: Path) -> None:
