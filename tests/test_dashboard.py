@@ -142,7 +142,10 @@ def test_pages_show_the_study(client: Any, store_url: str) -> None:
     data = client.get(f"/api/studies/{STUDY}").json()
     s = data["study"]
     assert s["status"] == "completed" and s["resumable"] and not s["stoppable"]
-    assert 0 < s["budget"]["used"] <= s["budget"]["total"] == 20.0 and s["budget"]["unit"] == "cpu-s"
+    # the budget is spent, overrun by at most the last trial (the gate projects, it cannot pre-empt)
+    longest = max(e["seconds"] for e in data["evaluations"] if e["stage"] != "supernet_train")
+    assert s["budget"]["total"] == 20.0 and s["budget"]["unit"] == "cpu-s"
+    assert 0.8 * 20.0 <= s["budget"]["used"] <= 20.0 + longest
     assert s["best"]["accuracy"] is not None and 0 < s["best"]["accuracy"] <= 1
     assert {"screen", "supernet_train", "supernet", "latency", "train"} <= set(data["stages"])
     assert len(data["evaluations"]) == s["trials_done"] and data["front"]
