@@ -441,18 +441,23 @@ class Driver:
 
 
 class _Gate:
-    """Budget gating of one stage: launch while the projected use stays within the stage's limit."""
+    """Budget gating of one stage: launch while the projected use stays within the stage's limit;
+    ``exclusive``: one trial at a time (careful CPU latency: a second trial on a 2-core machine
+    slowed a measurement 1.2-1.5x and doubled its spread)."""
 
-    def __init__(self, driver: Driver, stage: str, limit: float) -> None:
+    def __init__(self, driver: Driver, stage: str, limit: float, exclusive: bool = False) -> None:
         self.d = driver
         self.stage = stage
         self.limit = limit
+        self.exclusive = exclusive
 
     def decide(self, running: int) -> str:
         from workers.ray_tune import FINISH, LAUNCH, WAIT
 
         if self.d.stop_requested() or self.d.exhausted():
             return FINISH
+        if self.exclusive and running:
+            return WAIT
         used = self.d.stage_used(self.stage)
         each = 1.0 if self.d.budget.kind == "trials" else self.d.stats.mean(self.stage, default=0.0)
         projected = used + running * each
@@ -798,8 +803,11 @@ class _StagePlan:
             base = stage.removesuffix(".eval")
             self.store.set_status(d.name, "running", stage=base)
             left = d._total() - d._used()
-            if refill:  # screening again takes its share of what is left; the other stages may take all of it
-                limit = d.stage_used(base) + (left * d.cfg.shares.get(base, 0.0) if base == self.sampled else left)
+            if refill and base == self.sampled:  # screening again: its share of what is left, room for 2 trials
+                room = max(left * d.cfg.shares.get(base, 0.0), 2.0 * d.stats.mean(base, default=0.0))
+                limit = d.stage_used(base) + min(left, room)
+            elif refill:  # the other stages may take all that is left
+                limit = d.stage_used(base) + left
             else:
                 limit = d.limit(base, self.order)
             if base == self.sampled:
@@ -833,7 +841,8 @@ class _StagePlan:
                 if mark:
                     d.mark_done(mark)
                 continue
-            self.cur = _Stage(base, _Gate(d, base, limit), ListSearcher(configs), mark)
+            exclusive = base == "latency" and d.cfg.target == "cpu"  # measured alone, not beside another trial
+            self.cur = _Stage(base, _Gate(d, base, limit, exclusive), ListSearcher(configs), mark)
             return True
 
     def _supernet_trained(self) -> bool:

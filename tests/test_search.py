@@ -129,11 +129,22 @@ def test_staged_search_on_digits(ray_session: Any, tmp_path: Path) -> None:
     assert best["arch_hash"] in (tmp_path / "best.py").read_text()
 
 
-def test_small_budget_is_spent_by_screening_more(ray_session: Any, tmp_path: Path) -> None:
+def test_small_budget_is_spent_by_screening_more(ray_session: Any, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """When the refill rounds run out of screened candidates, the plan screens more instead of
     stopping with budget left; every training result (ASHA-stopped ones too) carries its params
-    and device."""
-    store = _new(tmp_path, "small", "15s", train_epochs=1, seed=2)
+    and device; CPU latency is measured one trial at a time."""
+    import nas.search as search
+
+    gates: list[tuple[str, bool]] = []
+    gate_init = search._Gate.__init__
+
+    def spy(self: Any, driver: Any, stage: str, limit: float, exclusive: bool = False) -> None:
+        gates.append((stage, exclusive))
+        gate_init(self, driver, stage, limit, exclusive)
+
+    monkeypatch.setattr(search._Gate, "__init__", spy)
+    store = _new(tmp_path, "small", "15s", train_epochs=1, seed=2, workers=2)
     run_study(store, "small")
     info = store.study("small")
     assert info.status == "completed"
@@ -146,6 +157,9 @@ def test_small_budget_is_spent_by_screening_more(ray_session: Any, tmp_path: Pat
     for e in evs:
         if e.stage == "train":
             assert e.device_key and e.metrics["params"] > 0, e
+
+    # on a CPU target the careful latency is measured alone: its gates were exclusive, the others not
+    assert {st for st, ex in gates if ex} == {"latency"} and {"screen", "train"} <= {st for st, ex in gates}
 
 
 def test_worker_raises_and_worker_killed_are_retried(ray_session: Any, tmp_path: Path) -> None:
@@ -293,6 +307,21 @@ def test_stop_is_graceful_and_resume_finishes(tmp_path: Path) -> None:
     out = subprocess.run([NAS, "resume", "s", "--storage", url, "--budget", "+0trials"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2  # a zero increment is bad input
+
+
+def test_exclusive_gate_launches_one_trial_at_a_time(tmp_path: Path) -> None:
+    import types
+
+    from nas.search import _Gate, _Stats
+    from workers.ray_tune import LAUNCH, WAIT
+
+    stats = _Stats()
+    d = types.SimpleNamespace(stop_requested=lambda: False, exhausted=lambda: False, stage_used=lambda s: 0.0,
+                              budget=types.SimpleNamespace(kind="seconds"), stats=stats, _total=lambda: 100.0,
+                              _used=lambda: 0.0)
+    assert _Gate(d, "latency", 50.0).decide(1) == LAUNCH  # type: ignore[arg-type]
+    assert _Gate(d, "latency", 50.0, exclusive=True).decide(1) == WAIT  # type: ignore[arg-type]
+    assert _Gate(d, "latency", 50.0, exclusive=True).decide(0) == LAUNCH  # type: ignore[arg-type]
 
 
 def test_candidates_rank_supernet_accuracy_against_screening_latency(tmp_path: Path) -> None:
