@@ -693,10 +693,7 @@ def _chaos() -> dict[int, str]:
 def _budget_text(info: Any) -> str:
     from nas.budget import Budget
 
-    b = Budget.from_dict(info.budget)
-    if b.kind == "trials":
-        return f"{info.trials_done}/{b.trials} trials"
-    return f"{info.used_seconds:,.1f}/{b.seconds:,.0f} {b.device or 'device'}-s"
+    return Budget.from_dict(info.budget).used_text(info.used_seconds, info.trials_done)
 
 
 def _already_running(store: Any, name: str) -> NoReturn:

@@ -59,6 +59,12 @@ class Budget:
             return trials / self.trials
         return seconds / float(self.seconds)  # type: ignore[arg-type]
 
+    def used_text(self, seconds: float = 0.0, trials: int = 0) -> str:
+        """Used against total as ``nas studies`` and the dashboard show it (``181.2/180 cpu-s``)."""
+        if self.trials is not None:
+            return f"{trials}/{self.trials} trials"
+        return f"{seconds:,.1f}/{self.seconds:,.0f} {self.device or 'device'}-s"
+
     def exhausted(self, seconds: float = 0.0, trials: int = 0) -> bool:
         return self.used_fraction(seconds, trials) >= 1.0
 

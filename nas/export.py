@@ -559,6 +559,20 @@ def check_paths(out: Path, weights: Path | None = None, onnx: Path | None = None
         raise ExportError(f"--onnx {onnx} must be a file name ending in .onnx")
 
 
+def _weight_files(info: Any) -> tuple[Path, Path]:
+    """A study's kept weights: the train stage's folder and the supernet checkpoint."""
+    workdir = Path(info.config.get("workdir", ""))
+    return workdir / "weights", workdir / "supernet" / "supernet.pt"
+
+
+def study_has_weights(info: Any) -> bool:
+    """Whether study ``info`` kept weights an export can carry (trained models or a supernet)."""
+    if not info.config.get("workdir"):
+        return False
+    trained, ckpt = _weight_files(info)
+    return ckpt.is_file() or (trained.is_dir() and any(trained.iterdir()))
+
+
 def study_weights(store: Any, name: str, spec: ArchSpec, model: Any) -> tuple[Any, str]:
     """The best weights study ``name`` has for ``spec``: the train stage's fully trained model
     ("trained"), else the supernet's weights for the subnet with BatchNorm recalibrated on the
@@ -568,12 +582,11 @@ def study_weights(store: Any, name: str, spec: ArchSpec, model: Any) -> tuple[An
     from workers.evaluate import trained_weights_file
 
     info = store.study(name)
-    workdir = Path(info.config.get("workdir", ""))
-    trained = trained_weights_file(workdir / "weights", spec.hash)
+    trained_dir, ckpt = _weight_files(info)
+    trained = trained_weights_file(trained_dir, spec.hash)
     if trained.is_file():
         model.load_state_dict(torch.load(trained, map_location="cpu", weights_only=True), strict=True)
         return model.eval(), "trained"
-    ckpt = workdir / "supernet" / "supernet.pt"
     if not ckpt.is_file():
         return model, "initial"
     from nas.search import SearchConfig, load_data
@@ -639,7 +652,6 @@ def export_study(store: Any, name: str, out: Path, *, pick: str | None = None, t
                  in_chans: int | None = None) -> ExportResult:
     """Export one architecture of study ``name`` (see :func:`pick_from_study`) to ``out``; the
     build sizes default to the study's. Used by ``nas export NAME`` and the dashboard."""
-    check_paths(out, weights, onnx)
     spec, meta, sizes = pick_from_study(store, name, pick=pick, trial=trial, arch=arch)
     for k, v in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
         if v is not None:

@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from nas.store import mask_url
+
 from ._app import LOOPBACK_HOSTS, DashboardError, create_app, default_export_dir
-from ._data import mask_url
 
 __all__ = ["DashboardError", "check_bind", "create_app", "default_export_dir", "is_loopback", "serve"]
 

@@ -39,9 +39,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 
-from nas.store import Store, StoreError, StudyInfo, validate_study_name
+from nas.export import study_has_weights
+from nas.store import Store, StoreError, StudyInfo, mask_url, validate_study_name
 
-from ._data import HEX64, architecture_view, mask_url, study_detail, study_summary
+from ._data import HEX64, architecture_view, study_detail, study_summary
 from ._runner import Launcher, LaunchError
 
 PKG = Path(__file__).resolve().parent
@@ -79,16 +80,6 @@ def export_stem(study: str, arch_hash: str) -> str:
     if safe != study:  # a-b and a_b must not share files
         safe += "_" + hashlib.sha256(study.encode()).hexdigest()[:4]
     return f"model_{safe}_{arch_hash[:12]}"
-
-
-def study_has_weights(info: StudyInfo) -> bool:
-    """Whether the study kept weights an export can carry: trained models or a supernet (``nas export
-    --weights`` picks the best one an architecture has; one with neither gets only its code)."""
-    workdir = info.config.get("workdir")
-    if not workdir:
-        return False
-    trained = Path(workdir) / "weights"
-    return (Path(workdir) / "supernet" / "supernet.pt").is_file() or (trained.is_dir() and any(trained.iterdir()))
 
 
 def _host_name(host_header: str) -> str:

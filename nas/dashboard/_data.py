@@ -8,8 +8,6 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy.engine import make_url
-
 from nas.budget import Budget, BudgetError
 from nas.store import Store, StudyInfo
 
@@ -20,14 +18,6 @@ MINIMIZE = frozenset({"latency_ms", "latency_p90_ms", "latency_cv", "params", "f
                       "memory_mb", "seconds"})
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ERROR_DETAIL = 4000  # characters of a traceback sent to the page
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unreadable URL>"
 
 
 def _finite(v: Any) -> float | None:
@@ -50,10 +40,9 @@ def budget_view(info: StudyInfo) -> dict[str, Any]:
         return {"kind": "?", "used": 0.0, "total": 0.0, "fraction": 0.0, "unit": "", "text": "?", "budget": "?"}
     if b.kind == "trials":
         used, total, unit = float(info.trials_done), float(b.trials or 0), "trials"
-        text = f"{info.trials_done}/{b.trials} trials"
     else:
         used, total, unit = info.used_seconds, float(b.seconds or 0), f"{b.device or 'device'}-s"
-        text = f"{info.used_seconds:,.1f}/{total:,.0f} {unit}"
+    text = b.used_text(info.used_seconds, info.trials_done)
     frac = min(1.0, used / total) if total > 0 else 0.0
     return {"kind": b.kind, "used": used, "total": total, "fraction": frac, "unit": unit, "text": text,
             "budget": str(b), "increment_hint": "+10trials" if b.kind == "trials" else

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ._data import mask_url
+from nas.store import mask_url
 
 _LOG_TAIL = 4000
 

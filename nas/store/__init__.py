@@ -18,6 +18,7 @@ from nas.store._store import (
     StudyInfo,
     default_url,
     device_key,
+    mask_url,
     validate_study_name,
     validate_url,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "StudyInfo",
     "default_url",
     "device_key",
+    "mask_url",
     "validate_study_name",
     "validate_url",
 ]

@@ -54,6 +54,7 @@ __all__ = [
     "StudyInfo",
     "default_url",
     "device_key",
+    "mask_url",
     "validate_study_name",
     "validate_url",
 ]
@@ -105,7 +106,7 @@ def validate_url(url: str) -> str:
         return url
     if driver in ("postgresql", "postgresql+psycopg"):
         if not parsed.database:
-            raise StoreError(f"store URL {_safe(url)} names no database: {_URL_FORMS}")
+            raise StoreError(f"store URL {mask_url(url)} names no database: {_URL_FORMS}")
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     raise StoreError(f"unsupported store URL scheme {driver!r}: {_URL_FORMS}")
 
@@ -130,7 +131,8 @@ def device_key(fingerprint: Mapping[str, Any]) -> str:
     return hashlib.sha256(_json(dict(fingerprint), "device fingerprint").encode()).hexdigest()[:16]
 
 
-def _safe(url: str) -> str:
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages and pages)."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
@@ -328,7 +330,7 @@ class Store:
             self._migrate()
         except DBAPIError as e:
             engine.dispose()
-            raise StoreError(f"cannot open store {_safe(self.url)}: {_one_line(e)}") from None
+            raise StoreError(f"cannot open store {mask_url(self.url)}: {_one_line(e)}") from None
         except BaseException:
             engine.dispose()
             raise
@@ -346,7 +348,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({_safe(self.url)!r})"
+        return f"Store({mask_url(self.url)!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled as its URL (to Ray workers, say); unpickling reconnects."""
@@ -369,7 +371,7 @@ class Store:
         def current(conn: Connection) -> set[str]:
             revs = set(MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_heads())
             if revs - known:
-                raise StoreError(f"store {_safe(self.url)} has schema {', '.join(sorted(revs - known))}, newer than "
+                raise StoreError(f"store {mask_url(self.url)} has schema {', '.join(sorted(revs - known))}, newer than "
                                  f"this hybrid-nas knows ({', '.join(sorted(heads))}): upgrade hybrid-nas")
             return revs
 
