@@ -36,7 +36,7 @@ HOST = socket.gethostname()
 CPU = {"kind": "cpu", "name": "Test CPU", "cores": 2}
 GPU = {"kind": "cuda", "name": "Test GPU", "memory_mb": 80000, "sm_clock_mhz": 1410}
 TABLES = {"nas_studies", "nas_architectures", "nas_devices", "nas_evaluations", "nas_metrics", "nas_front",
-          "nas_exports"}
+          "nas_exports", "nas_inflight"}
 
 
 def arch(i: int) -> tuple[str, str]:
@@ -125,12 +125,32 @@ class StoreSuite:
         assert "alembic_version" not in names  # Optuna's version table is not ours to create
         with store.engine.connect() as c:
             assert c.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all() == \
-                ["v0.1.0_initial"]
+                ["v0.2.0_inflight"]
             # the migration and the models agree: autogenerate would find nothing to do
             ctx = MigrationContext.configure(c, opts={
                 "version_table": VERSION_TABLE, "compare_type": True,
                 "include_name": lambda name, type_, _p: type_ != "table" or name.startswith("nas_")})
             assert compare_metadata(ctx, Base.metadata) == []
+
+    def test_a_v0_1_store_upgrades_and_keeps_its_studies(self, url: str) -> None:
+        from alembic import command
+
+        from nas.store._store import _alembic_config
+
+        command.upgrade(_alembic_config(url), "v0.1.0_initial")  # a store written by the first release
+        eng = sa.create_engine(url)
+        with eng.begin() as c:
+            c.execute(sa.text("INSERT INTO nas_studies (name, space, config, budget, used_seconds, trials_done, "
+                              "status, stop_requested, created_at, updated_at) VALUES ('old', 'nb201', '{}', '{}', "
+                              "1.5, 0, 'stopped', false, :t, :t)"), {"t": utcnow()})
+        eng.dispose()
+        with Store(url) as store:
+            assert store.get_study("old").used_seconds == 1.5  # type: ignore[union-attr]
+            store.start_inflight("old", "train:x", stage="train")
+            assert [r["key"] for r in store.inflight("old")] == ["train:x"]
+            store.record_evaluation("old", stage="train", metrics={}, seconds=2.0, key="train:x:train",
+                                    inflight="train:x")
+            assert store.inflight("old") == [] and store.used("old") == (3.5, 1)
 
     def test_reopen_runs_no_migration(self, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         with Store(url) as s:
@@ -377,7 +397,7 @@ class StoreSuite:
             with store.engine.connect() as c:
                 ours = c.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
                 theirs = c.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
-            assert ours == ["v0.1.0_initial"] and len(theirs) == 1 and theirs != ours
+            assert ours == ["v0.2.0_inflight"] and len(theirs) == 1 and theirs != ours
             loaded = optuna.load_study(study_name="s", storage=store.optuna_storage())
             assert len(loaded.trials) == 3 and loaded.best_value == min(t.value for t in study.trials)
 

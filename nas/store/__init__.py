@@ -11,10 +11,13 @@ the schema history in ``migrations/`` (alembic, version table ``nas_alembic_vers
 from __future__ import annotations
 
 from nas.store._store import (
+    HEARTBEAT_S,
+    LEASE_STALE_S,
     STATUSES,
     EvaluationRow,
     Store,
     StoreError,
+    StoreLost,
     StudyInfo,
     default_url,
     device_key,
@@ -24,10 +27,13 @@ from nas.store._store import (
 )
 
 __all__ = [
+    "HEARTBEAT_S",
+    "LEASE_STALE_S",
     "STATUSES",
     "EvaluationRow",
     "Store",
     "StoreError",
+    "StoreLost",
     "StudyInfo",
     "default_url",
     "device_key",

@@ -38,6 +38,7 @@ from .models import (
     EvaluationModel,
     ExportModel,
     FrontModel,
+    InflightModel,
     MetricModel,
     StudyModel,
     utcnow,
@@ -51,6 +52,7 @@ __all__ = [
     "EvaluationRow",
     "Store",
     "StoreError",
+    "StoreLost",
     "StudyInfo",
     "default_url",
     "device_key",
@@ -62,15 +64,46 @@ __all__ = [
 STATUSES = ("created", "running", "stopping", "stopped", "completed", "failed", "interrupted")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _URL_FORMS = "use sqlite:///PATH/TO/nas.db, postgresql://USER:PASS@HOST:PORT/DB or postgresql+psycopg://..."
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)  # used with fullmatch: no trailing newline
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _DEVICE_KEY = re.compile(r"^[0-9a-f]{16}$")
 _BUSY_TIMEOUT_MS = 30_000
 _PG_MIGRATION_LOCK = 0x6E61_735F_6462  # "nas_db": pg_advisory_lock key of the first upgrade
 
 
+_MAX_MESSAGE = 300
+
+
 class StoreError(ValueError):
-    """A store that cannot be opened or a request it cannot serve: one line, what and what to do."""
+    """A store that cannot be opened or a request it cannot serve: one line, what and what to do.
+
+    The message is kept to one line of at most ~300 characters (a long echoed value is cut)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(str(message)))
+
+
+class StoreLost(StoreError):
+    """The store's file was deleted or replaced while it was open: what is written now is lost."""
+
+
+# A driver beats every HEARTBEAT_S from its own thread. Another host takes a lease over only after
+# LEASE_STALE_S without a beat: a wide margin, so that a loaded machine or a slow database never
+# looks like a dead driver. On the same host the holder's pid decides (see ``_lease_free``).
+HEARTBEAT_S = 5.0
+LEASE_STALE_S = 120.0
+
+
+def one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
+    """``text`` on one line (line breaks become spaces) and cut to ``limit`` characters with "…"."""
+    flat = " ".join(text.split()) if ("\n" in text or "\r" in text) else text
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _clip(value: Any, n: int = 80) -> str:
+    """``repr(value)`` cut to about ``n`` characters, for echoing user input in messages."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,30 +124,43 @@ def validate_url(url: str) -> str:
     if not isinstance(url, str) or not url.strip():
         raise StoreError(f"empty store URL: {_URL_FORMS}")
     url = url.strip()
+    if len(url) > 4096 or not url.isprintable():
+        raise StoreError(f"cannot read store URL {_clip(mask_url(url))}: too long or has control characters; "
+                         f"{_URL_FORMS}")
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise StoreError(f"cannot read store URL {url!r}: {_URL_FORMS}") from None
+        port = parsed.port
+    except (ArgumentError, ValueError, TypeError):  # e.g. a non-numeric port: int() fails inside make_url
+        raise StoreError(f"cannot read store URL {_clip(url.rpartition('@')[2])}: {_URL_FORMS}") from None
+    if port is not None and not 1 <= port <= 65535:
+        raise StoreError(f"store URL {_clip(mask_url(url))} has port {port}; a port is 1-65535")
     driver = parsed.drivername
     if driver == "sqlite":
         db = parsed.database
         if not db or db == ":memory:" or db.startswith("file:"):
-            raise StoreError(f"store URL {url!r} names no database file: {_URL_FORMS}")
-        parent = Path(db).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise StoreError(f"directory {parent} of the SQLite store does not exist: create it or use another path")
+            raise StoreError(f"store URL {_clip(url)} names no database file: {_URL_FORMS}")
+        try:
+            parent = Path(db).expanduser().resolve().parent
+            ok = parent.is_dir()
+            Path(db).expanduser().exists()  # raises for a name too long
+        except (OSError, RuntimeError, ValueError) as e:
+            raise StoreError(f"cannot use SQLite store path {_clip(db)}: "
+                             f"{getattr(e, 'strerror', None) or _one_line(e)}") from None
+        if not ok:
+            raise StoreError(f"directory {_clip(str(parent))} of the SQLite store does not exist: create it or use "
+                             "another path")
         return url
     if driver in ("postgresql", "postgresql+psycopg"):
         if not parsed.database:
-            raise StoreError(f"store URL {mask_url(url)} names no database: {_URL_FORMS}")
+            raise StoreError(f"store URL {_clip(mask_url(url))} names no database: {_URL_FORMS}")
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    raise StoreError(f"unsupported store URL scheme {driver!r}: {_URL_FORMS}")
+    raise StoreError(f"unsupported store URL scheme {_clip(driver)}: {_URL_FORMS}")
 
 
 def validate_study_name(name: Any) -> str:
     """``name`` if it is a study name (1-64 of letters, digits, ``_.-``, starting alphanumeric)."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise StoreError(f"bad study name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise StoreError(f"bad study name {_clip(name)}: use 1-64 letters, digits, '_', '.' or '-', "
                          "starting with a letter or digit")
     return name
 
@@ -135,7 +181,7 @@ def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (for messages and pages)."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError, TypeError):
         return "<unreadable URL>"
 
 
@@ -190,6 +236,35 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # cannot tell: assume alive, the heartbeat will go stale
     return True
+
+
+def _pid_started_after(pid: int, when: datetime) -> bool:
+    """Whether process ``pid`` on this host started after ``when`` (naive UTC): then it is not the
+    process that wrote a heartbeat at ``when``, only one that reuses its pid. False if unknown."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
+        boot = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                    if ln.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    started = datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), timezone.utc).replace(tzinfo=None)
+    return (started - when).total_seconds() > 2.0  # clock-tick rounding and btime's whole seconds
+
+
+def _lease_free(row: StudyModel, pid: int | None, host: str | None, now: datetime, stale_after: float) -> bool:
+    """Whether the driver lease in ``row`` may be taken by ``(pid, host)``: nobody holds it, the
+    holder is the caller, or the holder is dead. On this host a holder is dead only when its pid is
+    gone (or now belongs to a process started after the last heartbeat), however old its heartbeat:
+    a live driver whose stage blocks must never lose its lease. On another host, where the pid
+    cannot be checked, only a heartbeat older than ``stale_after`` seconds counts as dead."""
+    if row.driver_pid is None or row.heartbeat_at is None:
+        return True
+    if pid is not None and row.driver_pid == pid and row.driver_host == host:
+        return True
+    if row.driver_host == socket.gethostname():
+        return not _pid_alive(row.driver_pid) or _pid_started_after(row.driver_pid, row.heartbeat_at)
+    return (now - row.heartbeat_at).total_seconds() > stale_after
 
 
 def _one_line(e: BaseException) -> str:
@@ -271,8 +346,10 @@ class EvaluationRow:
 # --------------------------------------------------------------------------------------------
 
 
-def _sqlite_events(engine: Engine) -> None:
-    """pysqlite: WAL, busy timeout, foreign keys; SQLAlchemy emits BEGIN (IMMEDIATE for writes)."""
+def _sqlite_events(engine: Engine, wal: bool = True) -> None:
+    """pysqlite: WAL, busy timeout, foreign keys; SQLAlchemy emits BEGIN (IMMEDIATE for writes).
+
+    ``wal=False`` leaves the journal mode alone (opening a store without creating it)."""
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -283,7 +360,7 @@ def _sqlite_events(engine: Engine) -> None:
             cur.execute("PRAGMA foreign_keys = ON")
             # switching a fresh file to WAL does not wait on the busy handler: two processes opening
             # it at once get "database is locked" straight away, so retry (the switch takes ~ms)
-            for attempt in range(100):
+            for attempt in range(100 if wal else 0):
                 try:
                     if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                         cur.execute("PRAGMA journal_mode = WAL")
@@ -300,6 +377,25 @@ def _sqlite_events(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("nas_write") else "BEGIN")
 
 
+def _check_sqlite_store(url: str) -> None:
+    """StoreError unless the SQLite file of ``url`` exists and holds a hybrid-NAS store; read-only."""
+    path = Path(make_url(url).database or "").expanduser()
+    if not path.is_file():
+        raise StoreError(f"no store at {_clip(str(path))}: run `nas search` first or pass --storage")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
+        try:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 (VERSION_TABLE,)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open store {_clip(str(path))}: {_one_line(e)}; is it a hybrid-NAS store?") from None
+    if not found:
+        raise StoreError(f"{_clip(str(path))} is not a hybrid-NAS store (no {VERSION_TABLE} table); pass the "
+                         "--storage that `nas search` wrote")
+
+
 def _alembic_config(url: str) -> Any:
     from alembic.config import Config
 
@@ -312,14 +408,22 @@ def _alembic_config(url: str) -> Any:
 class Store:
     """The study store at ``url``: opened, connected and migrated to the newest schema.
 
-    Opening is safe from many processes at once (the first upgrade runs under a lock)."""
+    Opening is safe from many processes at once (the first upgrade runs under a lock).
 
-    def __init__(self, url: str | None = None) -> None:
+    ``create=False`` opens only an existing hybrid-NAS store (the verbs that read or change a
+    study, never create one): a missing file, an empty or foreign database is refused with a
+    StoreError, and nothing is written on the way: no tables, no migration, no journal-mode switch.
+    """
+
+    def __init__(self, url: str | None = None, *, create: bool = True) -> None:
         self.url = validate_url(url if url is not None else default_url())
         self._sqlite = self.url.startswith("sqlite")
+        self._create = create
         if self._sqlite:
+            if not create:
+                _check_sqlite_store(self.url)
             engine = create_engine(self.url, connect_args={"timeout": _BUSY_TIMEOUT_MS / 1000})
-            _sqlite_events(engine)
+            _sqlite_events(engine, wal=create)
         else:
             try:
                 engine = create_engine(self.url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
@@ -334,6 +438,7 @@ class Store:
         except BaseException:
             engine.dispose()
             raise
+        self._identity = self._file_identity()  # what _check_file compares every write with
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -370,6 +475,9 @@ class Store:
 
         def current(conn: Connection) -> set[str]:
             revs = set(MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_heads())
+            if not revs and not self._create:
+                raise StoreError(f"{mask_url(self.url)} is not a hybrid-NAS store (no {VERSION_TABLE} table); pass "
+                                 "the --storage that `nas search` wrote")
             if revs - known:
                 raise StoreError(f"store {mask_url(self.url)} has schema {', '.join(sorted(revs - known))}, newer than "
                                  f"this hybrid-nas knows ({', '.join(sorted(heads))}): upgrade hybrid-nas")
@@ -402,12 +510,45 @@ class Store:
 
     @contextmanager
     def _session(self, write: bool = False) -> Iterator[Session]:
-        """One transaction (committed on success, rolled back on any exception)."""
+        """One transaction (committed on success, rolled back on any exception). A write checks,
+        before and after it commits, that a SQLite store is still the file it opened."""
+        if write:
+            self._check_file()
         with self.engine.connect() as conn:
             if write:
                 conn.execution_options(nas_write=True)
             with Session(bind=conn, expire_on_commit=False, autoflush=True) as session, session.begin():
                 yield session
+        if write:
+            self._check_file()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of a SQLite store's file; None when it is gone (or not a file store)."""
+        db = make_url(self.url).database
+        if not self._sqlite or not db or db == ":memory:":
+            return None
+        try:
+            st = os.stat(db)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def check(self) -> None:
+        """Raise :class:`StoreLost` if this store's SQLite file was deleted or replaced since it was opened."""
+        self._check_file()
+
+    def _check_file(self) -> None:
+        """Raise :class:`StoreLost` when the SQLite file this store opened was deleted or replaced:
+        an open connection would go on writing to the unlinked file, and every result would be
+        lost without a word. Opening notes the file's identity."""
+        if not self._sqlite:
+            return
+        now = self._file_identity()
+        known = self.__dict__.setdefault("_identity", now)  # a Store made without __init__ (tests)
+        if known is not None and now != known:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StoreLost(f"store {mask_url(self.url)} was {what} while in use; results written since "
+                            f"then are lost; restore the file or start again")
 
     def _insert(self, model: type) -> Any:
         if self._sqlite:
@@ -521,53 +662,49 @@ class Store:
             s.execute(delete(EvaluationModel).where(EvaluationModel.study_id == sid))
             s.execute(delete(FrontModel).where(FrontModel.study_id == sid))
             s.execute(delete(ExportModel).where(ExportModel.study_id == sid))
+            s.execute(delete(InflightModel).where(InflightModel.study_id == sid))
             s.execute(delete(StudyModel).where(StudyModel.id == sid))
 
     # ---- driver lease -------------------------------------------------------------------
 
-    def acquire_driver(self, name: str, pid: int, host: str, stale_after: float = 30.0) -> bool:
+    def acquire_driver(self, name: str, pid: int, host: str, stale_after: float = LEASE_STALE_S) -> bool:
         """Take the study's driver lease (one driver per study); False if a live driver holds it.
 
-        Free when: nobody holds it, the holder is ``(pid, host)`` itself, its heartbeat is older
-        than ``stale_after`` seconds, or it ran on this host under a pid that is gone."""
+        Free when nobody holds it, the holder is ``(pid, host)`` itself, or the holder is dead by
+        ``_lease_free``'s rule: its pid is gone (same host) or its heartbeat is older than
+        ``stale_after`` seconds (another host)."""
         pid, host = int(pid), _label(host, "host", 255)
         with self._session(write=True) as s:
             row = self._study(s, name, for_update=True)
             now = utcnow()
-            free = (
-                row.driver_pid is None
-                or (row.driver_pid == pid and row.driver_host == host)
-                or row.heartbeat_at is None
-                or (now - row.heartbeat_at).total_seconds() > stale_after
-                or (row.driver_host == host == socket.gethostname() and not _pid_alive(row.driver_pid))
-            )
-            if not free:
+            if not _lease_free(row, pid, host, now, stale_after):
                 return False
             row.driver_pid, row.driver_host, row.heartbeat_at, row.updated_at = pid, host, now, now
             return True
 
-    def live_driver(self, name: str, stale_after: float = 30.0) -> tuple[int, str] | None:
+    def live_driver(self, name: str, stale_after: float = LEASE_STALE_S) -> tuple[int, str] | None:
         """``(pid, host)`` of the study's driver while its lease is live, else None; reads only.
 
-        Live is what :meth:`acquire_driver` will not take over from another process: a heartbeat
-        at most ``stale_after`` seconds old and, when the driver ran on this host, a pid that exists."""
+        Live is what :meth:`acquire_driver` will not take over from another process."""
         with self._session() as s:
             row = self._study(s, name)
-            if row.driver_pid is None or row.heartbeat_at is None:
+            if _lease_free(row, None, None, utcnow(), stale_after):
                 return None
-            if (utcnow() - row.heartbeat_at).total_seconds() > stale_after:
-                return None
-            if row.driver_host == socket.gethostname() and not _pid_alive(row.driver_pid):
-                return None
-            return int(row.driver_pid), str(row.driver_host)
+            return int(row.driver_pid), str(row.driver_host)  # type: ignore[arg-type]
 
     def heartbeat(self, name: str, pid: int, host: str | None = None) -> bool:
-        """Refresh the lease of driver ``pid`` (on ``host`` if given); False if it no longer holds it."""
+        """Refresh the lease of driver ``pid`` (on ``host`` if given) and the ``alive_at`` of its
+        in-flight trials; False if it no longer holds the lease."""
         cond = [StudyModel.name == name, StudyModel.driver_pid == int(pid)]
         if host is not None:
             cond.append(StudyModel.driver_host == host)
+        now = utcnow()
         with self._session(write=True) as s:
-            return s.execute(update(StudyModel).where(*cond).values(heartbeat_at=utcnow())).rowcount == 1  # type: ignore[attr-defined]
+            held = s.execute(update(StudyModel).where(*cond).values(heartbeat_at=now)).rowcount == 1  # type: ignore[attr-defined]
+            if held:
+                sid = select(StudyModel.id).where(StudyModel.name == name).scalar_subquery()
+                s.execute(update(InflightModel).where(InflightModel.study_id == sid).values(alive_at=now))
+            return held
 
     def release_driver(self, name: str, pid: int, host: str | None = None) -> bool:
         """Give the lease back if driver ``pid`` (on ``host`` if given) holds it; whether it did."""
@@ -578,6 +715,38 @@ class Store:
             res = s.execute(update(StudyModel).where(*cond).values(
                 driver_pid=None, driver_host=None, heartbeat_at=None, updated_at=utcnow()))
             return res.rowcount == 1  # type: ignore[attr-defined]
+
+    # ---- in-flight trials ---------------------------------------------------------------
+
+    def start_inflight(self, study: str, key: str, *, stage: str, arch_hash: str | None = None,
+                       trial: int | None = None, attempt: int = 0) -> None:
+        """Note that the trial ``key`` was launched (replacing an earlier attempt's note).
+        :meth:`record_evaluation` with ``inflight=key`` clears it in the same transaction."""
+        key, stage = _label(key, "trial key", 255), _label(stage, "stage")
+        now = utcnow()
+        with self._session(write=True) as s:
+            sid = self._study_id(s, study)
+            s.execute(delete(InflightModel).where(InflightModel.study_id == sid, InflightModel.key == key))
+            s.add(InflightModel(study_id=sid, key=key, stage=stage, arch_hash=arch_hash,
+                                trial=None if trial is None else int(trial), attempt=int(attempt),
+                                started_at=now, alive_at=now))
+
+    def inflight(self, study: str) -> list[dict[str, Any]]:
+        """The study's trials launched and not recorded: ``{key, stage, arch_hash, trial, attempt,
+        started_at, seconds}``, where ``seconds`` is how long each ran until its driver's last heartbeat."""
+        with self._session() as s:
+            sid = self._study_id(s, study)
+            rows = s.scalars(select(InflightModel).where(InflightModel.study_id == sid)
+                             .order_by(InflightModel.started_at)).all()
+            return [{"key": r.key, "stage": r.stage, "arch_hash": r.arch_hash, "trial": r.trial,
+                     "attempt": int(r.attempt), "started_at": _iso(_utc(r.started_at)),
+                     "seconds": max(0.0, (r.alive_at - r.started_at).total_seconds())} for r in rows]
+
+    def end_inflight(self, study: str, key: str) -> None:
+        """Forget the in-flight note of trial ``key`` (it was recorded, or will not be)."""
+        with self._session(write=True) as s:
+            sid = self._study_id(s, study)
+            s.execute(delete(InflightModel).where(InflightModel.study_id == sid, InflightModel.key == key))
 
     # ---- architectures and devices ------------------------------------------------------
 
@@ -648,6 +817,7 @@ class Store:
         self, study: str, *, stage: str, metrics: Mapping[str, float], seconds: float,
         arch_hash: str | None = None, device: Mapping[str, Any] | None = None, error: str | None = None,
         trial: int | None = None, attempt: int = 0, key: str | None = None, count_seconds: bool = True,
+        inflight: str | None = None,
     ) -> int:
         """Record one evaluation in one transaction; its id.
 
@@ -656,7 +826,8 @@ class Store:
         None). A ``key`` already recorded for the study makes this a no-op that returns the
         existing id, so a retried result is never counted twice. Non-finite metric values (NaN,
         inf) are skipped: the metric is absent rather than stored as a number no query can
-        compare. ``arch_hash`` must have been added with ``add_architecture``."""
+        compare. ``arch_hash`` must have been added with ``add_architecture``. ``inflight``: the
+        in-flight note (:meth:`start_inflight`) this result ends, deleted in the same transaction."""
         stage = _label(stage, "stage")
         secs = _seconds(seconds)
         if not isinstance(metrics, Mapping):
@@ -683,6 +854,9 @@ class Store:
         try:
             with self._session(write=True) as s:
                 sid = self._study_id(s, study)
+                if inflight is not None:
+                    s.execute(delete(InflightModel).where(InflightModel.study_id == sid,
+                                                          InflightModel.key == inflight))
                 if key is not None:
                     prior = s.scalar(select(EvaluationModel.id).where(
                         EvaluationModel.study_id == sid, EvaluationModel.key == key))

@@ -34,6 +34,7 @@ __all__ = [
     "EvaluationModel",
     "ExportModel",
     "FrontModel",
+    "InflightModel",
     "MetricModel",
     "StudyModel",
     "utcnow",
@@ -180,3 +181,19 @@ class ExportModel(Base):
     path: Mapped[str] = mapped_column(Text)
     format: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class InflightModel(Base):
+    """A trial a driver has launched and not yet recorded: what a resume after a crash turns into
+    an ``interrupted`` evaluation, with the device time it ran (``alive_at`` - ``started_at``)."""
+
+    __tablename__ = "nas_inflight"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("nas_studies.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(64))
+    arch_hash: Mapped[str | None] = mapped_column(ForeignKey("nas_architectures.hash"))
+    trial: Mapped[int | None] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    alive_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
