@@ -18,8 +18,9 @@ __all__ = ["Budget", "BudgetError", "parse_budget"]
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MAX_SECONDS = 10 * 365 * 86400.0  # ten device-years: anything larger is a typo
 _MAX_TRIALS = 10_000_000
-_TIME = re.compile(r"^(?P<num>\d+(?:\.\d+)?)(?:(?P<dev>gpu|cpu)-)?(?P<unit>[smhd])$")
-_TRIALS = re.compile(r"^(?P<num>\d+)trials?$")
+_TIME = re.compile(r"(?P<num>[0-9]{1,12}(?:\.[0-9]{1,12})?)(?:(?P<dev>gpu|cpu)-)?(?P<unit>[smhd])", re.ASCII)
+_TRIALS = re.compile(r"(?P<num>[0-9]{1,12})trials?", re.ASCII)
+_MAX_TEXT = 40  # longer than any budget anyone means; longer text is echoed cut short
 _USAGE = "use e.g. 8gpu-h, 30gpu-m, 2cpu-h, 90s, 2h or 500trials"
 
 
@@ -98,10 +99,19 @@ class Budget:
         return cls(seconds=data.get("seconds"), trials=data.get("trials"), device=data.get("device"))
 
 
+def _clip(text: str, n: int = 24) -> str:
+    """``repr(text)`` cut to about ``n`` characters (long input is never echoed whole)."""
+    return repr(text) if len(text) <= n else repr(text[:n]) + "…"
+
+
 def parse_budget(text: str, *, increment: bool = False) -> Budget:
     """Read a budget string. With ``increment`` a leading ``+`` is required (``+2gpu-h``)."""
     if not isinstance(text, str):
         raise BudgetError(f"budget must be a string; {_USAGE}")
+    if len(text) > _MAX_TEXT:
+        raise BudgetError(f"budget {_clip(text)} is too long ({len(text):,} characters); {_USAGE}")
+    if not text.isascii():
+        raise BudgetError(f"budget {text!r} has non-ASCII characters; write digits as 0-9: {_USAGE}")
     raw = text.strip().lower().replace(" ", "")
     if increment:
         if not raw.startswith("+"):
@@ -109,13 +119,13 @@ def parse_budget(text: str, *, increment: bool = False) -> Budget:
         raw = raw[1:]
     if not raw:
         raise BudgetError(f"empty budget; {_USAGE}")
-    m = _TRIALS.match(raw)
+    m = _TRIALS.fullmatch(raw)
     if m:
         n = int(m["num"])
         if not 1 <= n <= _MAX_TRIALS:
             raise BudgetError(f"budget {text!r}: trials must be between 1 and {_MAX_TRIALS:,}")
         return Budget(trials=n)
-    m = _TIME.match(raw)
+    m = _TIME.fullmatch(raw)
     if not m:
         raise BudgetError(f"cannot read budget {text!r}; {_USAGE}")
     seconds = float(m["num"]) * _UNITS[m["unit"]]

@@ -462,6 +462,8 @@ def _npz(path: Path) -> tuple[_Splits, list[str], Any]:
     num_classes = max((int(v.max()) + 1 for v in ys.values() if len(v)), default=0)
     if num_classes == 0:
         raise ValueError(f"{path}: y_train and y_test are empty; save some images")
+    if num_classes < 2:
+        raise ValueError(f"{path}: the labels name 1 class; a dataset needs at least 2 classes")
     classes = [str(c) for c in range(num_classes)]
     if names is not None:
         if len(names) < num_classes:
@@ -792,6 +794,7 @@ def _layout(names: Sequence[str], path: Path) -> tuple[list[str], dict[str, tupl
         }
         classes = sorted({c for c, _ in groups["train"]})
         test_classes = sorted({c for c, _ in groups["test"]})
+        _at_least_two(classes, path)
         if classes != test_classes:
             only_tr = [c for c in classes if c not in test_classes]
             only_te = [c for c in test_classes if c not in classes]
@@ -811,12 +814,21 @@ def _layout(names: Sequence[str], path: Path) -> tuple[list[str], dict[str, tupl
     classes = sorted({c for c, _ in flat})
     if not classes:
         raise ValueError(f"{path}: no class folders with images; {_what('imagefolder')}")
+    _at_least_two(classes, path)
     index = {c: k for k, c in enumerate(classes)}
     order = sorted((index[c], names[i], i) for c, i in flat)
     idx = np.array([i for _, _, i in order], dtype=np.int64)
     labels = np.array([c for c, _, _ in order], dtype=np.int64)
     test = _split_test(labels, len(classes))
     return classes, {"train": (idx[~test], labels[~test]), "test": (idx[test], labels[test])}
+
+
+def _at_least_two(classes: Sequence[str], path: Path) -> None:
+    """A classification dataset needs two classes or more (one class gives nothing to learn or rank)."""
+    if len(classes) < 2:
+        only = f" (only {classes[0][:40]!r})" if classes else ""
+        raise ValueError(f"{path}: found {len(classes)} class folder{only}; a dataset needs at least 2 classes, "
+                         "one folder of images per class")
 
 
 def _pil() -> Any:

@@ -15,12 +15,16 @@ file. Only validated values are written into code: the spec is re-parsed with
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import inspect
 import json
+import keyword
 import math
+import os
 import pprint
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,21 +546,110 @@ class ExportResult:
     onnx_error: float = 0.0
 
 
+def _shown(path: Path, n: int = 80) -> str:
+    """A path for a message, cut to about ``n`` characters."""
+    text = str(path)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """ExportError unless ``path`` can be written: it is not a folder, and its folder exists and is
+    writable, or the nearest existing ancestor is (the missing folders are created on writing)."""
+    try:
+        if path.is_dir():
+            raise ExportError(f"{flag} {_shown(path)} is a directory; pass a file name")
+        parent = path.parent if str(path.parent) else Path(".")
+        while not parent.exists():
+            if parent.parent == parent:
+                break
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ExportError(f"{flag} {_shown(path)}: {_shown(parent)} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ExportError(f"{flag} {_shown(path)}: folder {_shown(parent)} is not writable; write elsewhere")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ExportError(f"{flag} {_shown(path)} exists and is read-only; remove it or write elsewhere")
+    except OSError as e:  # a name too long, a loop of links, ...
+        raise ExportError(f"{flag} {_shown(path)} cannot be written: {e.strerror or type(e).__name__}") from None
+
+
 def check_paths(out: Path, weights: Path | None = None, onnx: Path | None = None) -> None:
     """Refuse output paths an export cannot write (ExportError, before anything is written)."""
-    if out.is_dir():
-        raise ExportError(f"--out {out} is a directory; pass a file name such as model.py")
-    if out.suffix != ".py" or not out.stem.isidentifier():
-        raise ExportError(f"--out {out} must be an importable file name ending in .py (e.g. model.py)")
+    _check_writable("--out", out)
+    if out.suffix != ".py" or not out.stem.isidentifier() or keyword.iskeyword(out.stem):
+        raise ExportError(f"--out {_shown(out)} must be an importable file name ending in .py (e.g. model.py)")
     if weights is not None:
-        if weights.is_dir() or weights.suffix != ".safetensors":
-            raise ExportError(f"--weights {weights} must be a file name ending in .safetensors")
+        if weights.suffix != ".safetensors":
+            raise ExportError(f"--weights {_shown(weights)} must be a file name ending in .safetensors")
+        _check_writable("--weights", weights)
         try:
             import safetensors.torch  # noqa: F401
         except ImportError:
             raise ExportError("--weights needs the safetensors package (pip install safetensors)") from None
-    if onnx is not None and (onnx.suffix != ".onnx" or onnx.is_dir()):
-        raise ExportError(f"--onnx {onnx} must be a file name ending in .onnx")
+    if onnx is not None:
+        if onnx.suffix != ".onnx":
+            raise ExportError(f"--onnx {_shown(onnx)} must be a file name ending in .onnx")
+        _check_writable("--onnx", onnx)
+
+
+def check_forward(code: str, img_size: int, in_chans: int) -> None:
+    """Run the generated file's ``build_model()`` (fp32) on a batch of two images, in eval and in
+    train mode: ExportError (one line) when the architecture cannot take these sizes."""
+    import torch
+
+    namespace: dict[str, Any] = {"__name__": "nas_export_check"}
+    # the exact file that is about to be written, but not registered with timm (this is only a check)
+    code = code.replace("from timm.models import register_model", "raise ImportError")
+    try:
+        exec(compile(code, "<export>", "exec"), namespace)
+        model = namespace["build_model"](precision="fp32")
+        x = torch.randn(2, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for train in (False, True):
+                model.train(train)
+                model(x)
+    except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ExportError(f"the model cannot run on {in_chans}x{img_size}x{img_size} images ({first}); "
+                          "pick another --img-size or --in-chans") from None
+
+
+def _write_all(files: list[tuple[Path, bytes]]) -> None:
+    """Write every file or none: each goes to a temporary file beside it first, and only when all
+    are written are they renamed into place. ExportError (one line) on a failed write."""
+    staged: list[tuple[str, Path]] = []
+    made: list[Path] = []  # folders this call created, removed again when a write fails
+
+    def undo() -> None:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    try:
+        for path, data in files:
+            missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+            for folder in reversed(missing):
+                folder.mkdir()
+                made.append(folder)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as e:
+        undo()
+        raise ExportError(f"cannot write {_shown(Path(e.filename or ''))}: {e.strerror or type(e).__name__}; "
+                          "nothing was written") from None
+    except BaseException:
+        undo()
+        raise
 
 
 def _weight_files(info: Any) -> tuple[Path, Path]:
@@ -610,14 +703,13 @@ def write_export(spec: ArchSpec, out: Path, *, num_classes: int, img_size: int, 
     ``onnx`` when asked). Everything is computed and checked first and then written atomically,
     so a refused export writes nothing. With a ``store`` and ``study`` the weights are the study's
     (see :func:`study_weights`) and the export is recorded in the store."""
-    from predictors._io import atomic_write
-
     check_paths(out, weights, onnx)
     sizes = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
     try:
         code = generate(spec, metadata=metadata, **sizes)
     except ValueError as e:
         raise ExportError(str(e).splitlines()[0]) from None
+    check_forward(code, img_size, in_chans)
     if onnx is not None and onnx_blockers(spec):
         raise ExportError(f"--onnx: this architecture cannot be exported to ONNX: {'; '.join(onnx_blockers(spec))}")
     model, source = None, "initial"
@@ -632,15 +724,15 @@ def write_export(spec: ArchSpec, out: Path, *, num_classes: int, img_size: int, 
         onnx_bytes, onnx_err = export_onnx(model, spec, in_chans, img_size)
         if onnx_err > 1e-3:
             raise ExportError(f"--onnx: ONNX Runtime differs from torch by {onnx_err:.2e} (> 1e-3); nothing written")
-    atomic_write(out, lambda f: f.write(code.encode()))
+    files = [(out, code.encode())]
     if weights is not None:
         from safetensors.torch import save
 
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # type: ignore[union-attr]
-        blob = save(state, metadata={"spec_hash": spec.hash, "weights": source})
-        atomic_write(weights, lambda f: f.write(blob))
+        files.append((weights, save(state, metadata={"spec_hash": spec.hash, "weights": source})))
     if onnx is not None:
-        atomic_write(onnx, lambda f: f.write(onnx_bytes))
+        files.append((onnx, onnx_bytes))
+    _write_all(files)
     if store is not None and study is not None:
         store.add_export(study, spec.hash, str(out.resolve()), "py")
     return ExportResult(spec, out, weights, source, onnx, onnx_err)

@@ -650,18 +650,28 @@ class ParZC:
 
     @classmethod
     def load(cls, path: str | Path) -> ParZC:
-        """Load a model written by :meth:`save`; it predicts exactly as the saved one."""
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        """Load a model written by :meth:`save`; it predicts exactly as the saved one.
+
+        ValueError (one line) for anything else: a missing, unreadable, foreign or damaged file."""
+        shown = str(path) if len(str(path)) <= 80 else str(path)[:79] + "…"
+        try:
+            state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # any unreadable file is the same user error
+            raise ValueError(f"{shown} is not a readable ParZC checkpoint ({type(e).__name__}); save one with "
+                             "ParZC.save(PATH)") from None
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a ParZC checkpoint (written by ParZC.save)")
+            raise ValueError(f"{shown} is not a ParZC checkpoint (written by ParZC.save)")
         if state.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported ParZC checkpoint version {state.get('version')!r}")
-        model = cls(**json.loads(state["config"]))
-        model.feature_mean = state["feature_mean"].numpy()
-        model.feature_std = state["feature_std"].numpy()
-        model.feature_fill = state["feature_fill"].numpy()
-        net = model._build(int(state["in_features"]))
-        net.load_state_dict(state["state_dict"])
+            raise ValueError(f"{shown}: unsupported ParZC checkpoint version {str(state.get('version'))[:20]!r}")
+        try:
+            model = cls(**json.loads(state["config"]))
+            model.feature_mean = state["feature_mean"].numpy()
+            model.feature_std = state["feature_std"].numpy()
+            model.feature_fill = state["feature_fill"].numpy()
+            net = model._build(int(state["in_features"]))
+            net.load_state_dict(state["state_dict"])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as e:
+            raise ValueError(f"{shown} is a damaged ParZC checkpoint ({type(e).__name__}); save it again") from None
         net.eval()
         model.net = net
         return model

@@ -17,12 +17,9 @@ from search_spaces.spec import ArchSpec, BlockSpec, HeadSpec, StageSpec, StemSpe
 
 def spec_from_json(text: str, space: str | None = None) -> Any:
     """Parse a spec of any registered space (read from its "space" field unless ``space`` is given)."""
-    import json
+    from search_spaces.spec import loads
 
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"spec is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    data = loads(text, "spec")
     if not isinstance(data, dict):
         raise ValueError("spec must be a JSON object")
     name = space or data.get("space")

@@ -161,6 +161,8 @@ class NB201Spec:
             data = json.loads(text)
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"NB201 spec is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("NB201 spec JSON is nested too deeply") from None
         return cls.from_dict(data)
 
     @property

@@ -29,6 +29,32 @@ MAX_STAGES = 4
 SPEC_VERSION = 1
 
 
+def loads(text: str, what: str = "spec") -> Any:
+    """``json.loads`` for user input: ValueError (one line) on bad or too deeply nested JSON."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise ValueError(f"{what} must be JSON text, got {type(text).__name__}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ValueError(f"{what} JSON is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{what} is not valid JSON: {type(e).__name__}") from None
+
+
+def _show(value: Any, n: int = 60) -> str:
+    """``repr(value)`` cut to about ``n`` characters (bad values are echoed, never whole)."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _check_name(where: str, name: str, value: Any) -> None:
+    """A mixer/norm/... name must be a string (a list or dict is a bad spec, not a crash)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}.{name} must be a string, got {type(value).__name__} {_show(value)}")
+
+
 def _norms() -> tuple[str, ...]:
     from search_spaces.layers.norm import NORMS
 
@@ -37,20 +63,26 @@ def _norms() -> tuple[str, ...]:
 
 def _check_int(where: str, name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}.{name} must be an integer, got {value!r}")
+        raise ValueError(f"{where}.{name} must be an integer, got {_show(value)}")
     if not low <= value <= high:
         raise ValueError(f"{where}.{name} must be in [{low}, {high}], got {value}")
 
 
 def _check_choice(where: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{where}.{name} must be one of {', '.join(choices)}; got {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{where}.{name} must be one of {', '.join(choices)}; got {_show(value)}")
 
 
 def _as_float(where: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}.{name} must be a number, got {value!r}")
-    return float(value)
+        raise ValueError(f"{where}.{name} must be a number, got {_show(value)}")
+    try:
+        out = float(value)
+    except OverflowError:
+        raise ValueError(f"{where}.{name} is too large, got {_show(value)}") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ValueError(f"{where}.{name} must be finite, got {_show(value)}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,8 +96,8 @@ class StemSpec:
 
     def __post_init__(self) -> None:
         _check_choice("stem", "kind", self.kind, STEM_KINDS)
-        if self.stride not in STEM_STRIDES or isinstance(self.stride, bool):
-            raise ValueError(f"stem.stride must be one of 4, 8, 16; got {self.stride!r}")
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride not in STEM_STRIDES:
+            raise ValueError(f"stem.stride must be one of 4, 8, 16; got {_show(self.stride)}")
         _check_choice("stem", "norm", self.norm, _norms())
 
 
@@ -75,6 +107,10 @@ class BlockSpec:
 
     token_mixer: str
     channel_mixer: str
+
+    def __post_init__(self) -> None:
+        _check_name("block", "token_mixer", self.token_mixer)
+        _check_name("block", "channel_mixer", self.channel_mixer)
 
 
 @dataclass(frozen=True)
@@ -169,6 +205,9 @@ class ArchSpec:
         canon = []
         for i, st in enumerate(stages):
             where = f"stages[{i}]"
+            _check_name(where, "token_mixer", st.token_mixer)
+            _check_name(where, "channel_mixer", st.channel_mixer)
+            _check_int(where, "depth", st.depth, 1, 64)
             mlp_ratio = _as_float(where, "mlp_ratio", st.mlp_ratio)
             ls = None if st.layer_scale is None else _as_float(where, "layer_scale", st.layer_scale)
             blocks = tuple(st.blocks)
@@ -231,11 +270,7 @@ class ArchSpec:
     @classmethod
     def from_json(cls, text: str) -> ArchSpec:
         """Parse and validate; ValueError with a one-line reason on bad JSON or a bad spec."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"spec is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(loads(text, "spec"))
 
     @classmethod
     def from_dict(cls, data: Any) -> ArchSpec:
@@ -244,10 +279,10 @@ class ArchSpec:
         data = dict(data)
         space = data.pop("space", cls.space)
         if space != cls.space:
-            raise ValueError(f"spec is for space {space!r}, not {cls.space!r}")
+            raise ValueError(f"spec is for space {_show(space)}, not {cls.space!r}")
         version = data.pop("version", SPEC_VERSION)
-        if version != SPEC_VERSION:
-            raise ValueError(f"spec version {version!r} is not supported (this release reads {SPEC_VERSION})")
+        if isinstance(version, bool) or version != SPEC_VERSION:
+            raise ValueError(f"spec version {_show(version)} is not supported (this release reads {SPEC_VERSION})")
         _no_extra("spec", data, {"stem", "stages", "head", "pos_embed", "precision"})
         if "stem" not in data or "stages" not in data:
             raise ValueError("spec needs 'stem' and 'stages'")
@@ -296,7 +331,7 @@ def _obj(where: str, value: Any) -> dict[str, Any]:
 def _no_extra(where: str, data: dict[str, Any], allowed: set[str]) -> None:
     extra = sorted(set(data) - allowed)
     if extra:
-        raise ValueError(f"unknown field {extra[0]!r} in {where}; allowed: {', '.join(sorted(allowed))}")
+        raise ValueError(f"unknown field {_show(extra[0])} in {where}; allowed: {', '.join(sorted(allowed))}")
 
 
 def _make(where: str, cls: type, data: dict[str, Any]) -> Any:

@@ -62,11 +62,11 @@ _FUSED: dict[str, dict[str, int | tuple[int | None, ...]]] = {
 
 def _tuple(where: str, name: str, value: Any, kind: type | tuple[type, ...]) -> tuple[Any, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"{where}.{name} must be a non-empty list, got {value!r}")
+        raise ValueError(f"{where}.{name} must be a non-empty list, got {repr(value)[:60]}")
     out = tuple(value)
     for v in out:
         if isinstance(v, bool) or not isinstance(v, kind):
-            raise ValueError(f"{where}.{name} holds {v!r}, not a {getattr(kind, '__name__', 'number')}")
+            raise ValueError(f"{where}.{name} holds {repr(v)[:60]}, not a {getattr(kind, '__name__', 'number')}")
     if len(set(out)) != len(out):
         raise ValueError(f"{where}.{name} lists a choice twice: {list(out)}")
     return out
@@ -94,6 +94,8 @@ class StageFrame:
         if min(self.widths) < 1:
             raise ValueError(f"stage.widths must be positive, got {list(self.widths)}")
         set_(self, "heads", tuple(sorted(_tuple("stage", "heads", self.heads, int))))
+        if min(self.heads) < 1 or max(self.widths) > 8192 or max(self.heads) > 1024:
+            raise ValueError(f"stage.heads must be in [1, 1024] and widths at most 8192, got heads {list(self.heads)}")
         ratios = _tuple("stage", "mlp_ratios", self.mlp_ratios, (int, float))
         set_(self, "mlp_ratios", tuple(sorted(float(r) for r in ratios)))
         tms = tuple(self.token_mixers) or tuple(token_mixer_names())
@@ -104,6 +106,8 @@ class StageFrame:
             get_channel_mixer(name)
         set_(self, "token_mixers", tms)
         set_(self, "channel_mixers", cms)
+        if not isinstance(self.norm, str) or not isinstance(self.downsample, str):
+            raise ValueError("stage.norm and stage.downsample must be strings")
         make_norm(self.norm, 8)
         if self.downsample not in DOWNSAMPLES:
             raise ValueError(f"stage.downsample must be one of {', '.join(DOWNSAMPLES)}; got {self.downsample!r}")
@@ -147,8 +151,9 @@ class SupernetFrame:
         object.__setattr__(self, "stages", stages)
         for name in ("img_size", "in_chans", "num_classes"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"frame.{name} must be a positive integer, got {v!r}")
+            high = {"img_size": 4096, "in_chans": 1024, "num_classes": 1_000_000}[name]
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
+                raise ValueError(f"frame.{name} must be an integer in [1, {high:,}], got {str(v)[:40]!r}")
         object.__setattr__(self, "precisions", _tuple("frame", "precisions", self.precisions, str))
         for p in self.precisions:
             if p not in PRECISIONS:
@@ -182,10 +187,19 @@ class SupernetFrame:
             raise ValueError(f"unknown frame field {extra[0]!r}; allowed: {', '.join(sorted(allowed))}")
         if "stem" not in data or "stages" not in data:
             raise ValueError("a frame needs 'stem' and 'stages'")
+        stem, stages = data.pop("stem"), data.pop("stages")
+        if not isinstance(stem, dict):
+            raise ValueError("frame.stem must be a JSON object")
+        if not isinstance(stages, list) or not all(isinstance(st, dict) for st in stages):
+            raise ValueError("frame.stages must be a list of JSON objects")
+        for key, kind in (("head_norm", str), ("pos_embed", str), ("per_block", bool)):
+            if key in data and not isinstance(data[key], kind):
+                raise ValueError(f"frame.{key} must be a {kind.__name__}, got {type(data[key]).__name__}")
+        if data.get("layer_scale") is not None and (isinstance(data["layer_scale"], bool)
+                                                    or not isinstance(data["layer_scale"], (int, float))):
+            raise ValueError(f"frame.layer_scale must be a number or null, got {type(data['layer_scale']).__name__}")
         try:
-            stem = StemSpec(**data.pop("stem"))
-            stages = tuple(StageFrame(**s) for s in data.pop("stages"))
-            return cls(stem=stem, stages=stages, **data)
+            return cls(stem=StemSpec(**stem), stages=tuple(StageFrame(**st) for st in stages), **data)
         except TypeError as e:
             raise ValueError(f"bad frame field: {e}") from None
 
@@ -336,11 +350,9 @@ FRAMES: dict[str, SupernetFrame] = _frames()
 
 
 def frame_from_json(text: str) -> SupernetFrame:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"frame is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    return SupernetFrame.from_dict(data)
+    from search_spaces.spec import loads
+
+    return SupernetFrame.from_dict(loads(text, "frame"))
 
 
 def get_frame(name: str, **overrides: Any) -> SupernetFrame:

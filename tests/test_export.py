@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,8 +160,10 @@ def test_generate_rejects_bad_input() -> None:
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a fresh process, its output a pipe with COLUMNS=80: output for scripts must not wrap."""
+    env = {**os.environ, "COLUMNS": "80"}
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          input=stdin, cwd=ROOT)
+                          input=stdin, cwd=ROOT, env=env)
 
 
 def test_cli_export(tmp_path: Path) -> None:
