@@ -6,6 +6,7 @@ and exit code 2; nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -66,9 +67,22 @@ class _App(typer.Typer):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+_MAX_ERROR = 300  # characters of an error line: a long bad value is never echoed whole
+
+
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    print(f"nas: error: {msg}", file=sys.stderr)
+    """Print ``nas: error: MSG`` as one line of at most ~300 characters and exit with ``code``."""
+    text = " ".join(str(msg).split())
+    if len(text) > _MAX_ERROR:
+        text = text[: _MAX_ERROR - 1] + "…"
+    print(f"nas: error: {text}", file=sys.stderr)
     sys.exit(code)
+
+
+def _show(value: Any, n: int = 80) -> str:
+    """``repr(value)`` cut to about ``n`` characters, for echoing user input."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 app = _App(
@@ -78,7 +92,27 @@ app = _App(
     rich_markup_mode=None,
     no_args_is_help=True,
 )
-console = Console(highlight=False)
+
+
+class _Console(Console):
+    """rich's Console, but where stdout is not a terminal (a pipe, a file, a test) nothing is wrapped
+    or cut at 80 columns (or $COLUMNS): output for scripts and logs keeps whole lines."""
+
+    _WIDE = 100_000
+
+    @property
+    def size(self) -> Any:  # type: ignore[override]
+        dims = super().size
+        if self.is_terminal:
+            return dims
+        return type(dims)(self._WIDE, dims.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+console = _Console(highlight=False)
 
 
 def _space(name: str) -> Any:
@@ -106,14 +140,21 @@ def _read_spec(space: Any, spec: str | None, preset: str | None) -> Any:
 def _read_text(spec: str) -> str:
     """The text of a spec file, or of stdin for ``-``."""
     if spec == "-":
-        return sys.stdin.read()
+        try:
+            return sys.stdin.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"cannot read a spec from stdin: {e}") from None
     path = Path(spec)
-    if not path.is_file():
-        raise BadInput(f"spec file {spec!r} not found; pass a JSON file from 'nas sample --json' or - for stdin")
+    try:
+        found = path.is_file()
+    except OSError:  # a name too long for the file system
+        found = False
+    if not found:
+        raise BadInput(f"spec file {_show(spec)} not found; pass a JSON file from 'nas sample --json' or - for stdin")
     try:
         return path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"cannot read spec file {spec!r}: {e}") from None
+        raise BadInput(f"cannot read spec file {_show(spec)}: {e}") from None
 
 
 def _parse_spec(space: Any, text: str, what: str) -> Any:
@@ -123,13 +164,50 @@ def _parse_spec(space: Any, text: str, what: str) -> Any:
         text = json.dumps({"space": "nb201", "version": 1, "arch": text})
     try:
         return space.spec_from_json(text)
-    except ValueError as e:
-        raise BadInput(f"invalid {what}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise BadInput(f"invalid {what}: {e or 'nested too deeply'}") from None
 
 
 def _positive(name: str, value: int) -> None:
     if value < 1:
         raise BadInput(f"{name} must be at least 1, got {value}")
+
+
+#: Upper bounds of counts and sizes: a larger value is a typo, and would hang or exhaust memory.
+MAX_IMG_SIZE = 4096
+MAX_CLASSES = 1_000_000
+MAX_CHANNELS = 1024
+MAX_BATCH = 65_536
+MAX_COUNT = 10_000  # --n: architectures drawn or measured
+MAX_REPEATS = 100_000
+MAX_SEED = 2**32 - 1
+
+
+def _max_threads() -> int:
+    from nas.search import max_threads  # one bound for the CLI and for Python callers of prepare_study
+
+    return max_threads()
+
+
+def _max_epochs() -> int:
+    from nas.search import MAX_TRAIN_EPOCHS
+
+    return MAX_TRAIN_EPOCHS
+
+
+def _between(name: str, value: int | None, low: int, high: int) -> None:
+    """BadInput unless ``low <= value <= high`` (None passes: the option was not given)."""
+    if value is None:
+        return
+    if not low <= value <= high:
+        shown = str(value) if len(str(value)) <= 24 else str(value)[:20] + "…"
+        raise BadInput(f"{name} must be between {low:,} and {high:,}, got {shown}")
+
+
+def _ascii_number(name: str, text: str | None) -> None:
+    """Counts and shares are written with ASCII digits (Python alone would read '３０' as 30)."""
+    if text is not None and not text.isascii():
+        raise BadInput(f"{name} {_show(text, 40)} has non-ASCII characters; write numbers with 0-9")
 
 
 @app.command()
@@ -177,6 +255,8 @@ def sample(
     """Draw random architectures from a space and print their specs."""
     sp = _space(space)
     _positive("--n", n)
+    _between("--n", n, 1, MAX_COUNT)
+    _between("--seed", seed, 0, MAX_SEED)
     specs = [sp.random(seed + i) for i in range(n)]
     if json_out:
         for s in specs:
@@ -205,11 +285,13 @@ def describe(
 ) -> None:
     """Parameters, FLOPs and a per-stage table of one architecture."""
     sp = _space(space)
-    s = _read_spec(sp, spec, preset)
     if img_size is not None:
         _positive("--img-size", img_size)
     if num_classes is not None:
         _positive("--num-classes", num_classes)
+    _between("--img-size", img_size, 1, MAX_IMG_SIZE)
+    _between("--num-classes", num_classes, 1, MAX_CLASSES)
+    s = _read_spec(sp, spec, preset)
     try:
         info = sp.describe(s, img_size=img_size, num_classes=num_classes)
     except ValueError as e:
@@ -261,8 +343,11 @@ def proxies(
         raise BadInput("give exactly one of --spec FILE|-, --arch STR or --preset NAME")
     s = _parse_spec(sp, arch, "--arch") if arch is not None else _read_spec(sp, spec, preset)
     _positive("--batch-size", batch_size)
+    _between("--batch-size", batch_size, 1, MAX_BATCH)
     size = img_size or sp.default_img_size
     _positive("--img-size", size)
+    _between("--img-size", size, 1, MAX_IMG_SIZE)
+    _between("--seed", seed, 0, MAX_SEED)
     from predictors.zero_cost import PROXIES, compute
 
     wanted = [n.strip() for n in names.split(",") if n.strip()] if names else list(PROXIES)
@@ -275,7 +360,12 @@ def proxies(
         ds = load(data, split="train", limit=batch_size, img_size=size, seed=seed)
     except (ValueError, OSError) as e:
         raise BadInput(str(e).splitlines()[0]) from None
-    x, y = one_batch(ds, batch_size, seed=seed)
+    if batch_size > len(ds):
+        raise BadInput(f"--batch-size {batch_size} is more than the {len(ds)} training images of {data}; ask fewer")
+    try:
+        x, y = one_batch(ds, batch_size, seed=seed)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
     in_chans = ds.in_chans
     if space == "nb201" and in_chans != 3:  # the benchmark's stem is RGB
         x, in_chans = x.expand(-1, 3, -1, -1).contiguous(), 3
@@ -344,6 +434,13 @@ def device(
 
     if threads is not None:
         _positive("--threads", threads)
+    _between("--threads", threads, 1, _max_threads())
+    from predictors.latency import LatencyError, parse_device
+
+    try:
+        parse_device(device)
+    except LatencyError as e:
+        raise BadInput(str(e)) from None
     fp = device_fingerprint(device, threads=threads)
     fp["precisions"] = list(supported_precisions(device if fp["kind"] == "cuda" else "cpu"))
     if json_out:
@@ -388,6 +485,11 @@ def latency(
             _positive(name, value)
     if warmup < 0:
         raise BadInput(f"--warmup must be at least 0, got {warmup}")
+    for name, value, high in (("--batch", batch, MAX_BATCH), ("--repeats", repeats, MAX_REPEATS),
+                              ("--warmup", warmup, MAX_REPEATS), ("--n", n, MAX_COUNT),
+                              ("--threads", threads, _max_threads()), ("--img-size", img_size, MAX_IMG_SIZE),
+                              ("--num-classes", num_classes, MAX_CLASSES), ("--seed", seed, MAX_SEED)):
+        _between(name, value, 0 if name in ("--warmup", "--seed") else 1, high)
     from predictors.latency import LatencyError, measure, parse_device
     from predictors.precision import PrecisionError, check_precision, supported_precisions
     from search_spaces.counting import count_params
@@ -448,6 +550,17 @@ supernet_app = _App(help="Weight-sharing supernet: train once, evaluate subnets 
 app.add_typer(supernet_app, name="supernet")
 
 
+def _writable_dir(flag: str, folder: Path) -> None:
+    """BadInput unless ``folder`` exists and this process may create files in it."""
+    import os
+
+    folder = folder if str(folder) else Path(".")
+    if not folder.is_dir():
+        raise BadInput(f"{flag}: folder {_show(str(folder))} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag}: folder {_show(str(folder))} is not writable; pick another place")
+
+
 def _load_data(source: str, split: str, limit: int | None, img_size: int | None, seed: int = 0) -> Any:
     from nas.data import load
 
@@ -504,9 +617,18 @@ def supernet_train(
             _positive(name, value)
     if not lr > 0 or n_random < 0:
         raise BadInput("--lr must be positive and --n-random at least 0")
+    import math
+
+    if not math.isfinite(lr) or lr > 10:
+        raise BadInput(f"--lr must be a finite number at most 10, got {lr}")
+    for name, value, high in (("--epochs", epochs, _max_epochs()), ("--batch-size", batch_size, MAX_BATCH),
+                              ("--threads", threads, _max_threads()), ("--img-size", img_size, MAX_IMG_SIZE),
+                              ("--n-random", n_random, 64), ("--seed", seed, MAX_SEED)):
+        _between(name, value, 0 if name in ("--n-random", "--seed") else 1, high)
     out_path = Path(out)
     if out_path.exists() and not out_path.is_dir():
-        raise BadInput(f"--out {out} is a file; pass a directory")
+        raise BadInput(f"--out {_show(out)} is a file; pass a directory")
+    _writable_dir("--out", out_path if out_path.is_dir() else out_path.parent)
     from predictors.latency import LatencyError, parse_device
     from predictors.supernet import SupernetError, TrainConfig, train_supernet
 
@@ -576,6 +698,9 @@ def supernet_eval(
             _positive(name, value)
     if limit is not None and limit < 0:
         raise BadInput(f"--limit must be at least 0, got {limit}")
+    for name, value, high in (("--n", n, MAX_COUNT), ("--threads", threads, _max_threads()),
+                              ("--calib-batches", calib_batches, 10_000), ("--seed", seed, MAX_SEED)):
+        _between(name, value, 0 if name == "--seed" else 1, high)
     import time
 
     import torch
@@ -637,13 +762,15 @@ _STORAGE_HELP = "Store URL: sqlite:///nas.db (default) or postgresql+psycopg://U
 
 
 def _open_store(storage: str, must_exist: bool = False) -> Any:
+    """The store at ``storage``. ``must_exist``: only an existing hybrid-NAS store is opened, and
+    nothing is created, migrated or switched to WAL on the way (every verb but ``search``)."""
     from nas.store import Store, StoreError, validate_url
 
     try:
         url = validate_url(storage)
         if must_exist and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-            raise BadInput(f"no store at {url[len('sqlite:///'):]}; run `nas search` first or pass --storage")
-        return Store(url)
+            raise BadInput(f"no store at {_show(url[len('sqlite:///'):])}; run `nas search` first or pass --storage")
+        return Store(url, create=not must_exist)
     except StoreError as e:
         raise BadInput(str(e)) from None
 
@@ -659,7 +786,7 @@ def _study(store: Any, name: str) -> Any:
     if info is None:
         names = [s.name for s in store.studies()][-5:]
         hint = f"; studies here: {', '.join(names)}" if names else "; `nas studies` lists them"
-        raise BadInput(f"no study {name!r} in {store.url}{hint}")
+        raise BadInput(f"no study {name!r} in {_show(store.url)}{hint}")
     return info
 
 
@@ -668,8 +795,8 @@ def _reachable(address: str) -> None:
     import socket
 
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise BadInput(f"--address must be auto or HOST:PORT, got {address!r}")
+    if not host or not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise BadInput(f"--address must be auto or HOST:PORT (port 1-65535), got {_show(address)}")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
@@ -709,7 +836,7 @@ def _run_driver(store: Any, name: str, json_out: bool) -> None:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nas.search import SearchError, install_stop_handlers, run_study
+    from nas.search import SearchError, StudyLost, install_stop_handlers, run_study
 
     chaos = _chaos()
     pid, host = os.getpid(), socket.gethostname()
@@ -734,6 +861,9 @@ def _run_driver(store: Any, name: str, json_out: bool) -> None:
     except SearchError as e:
         store.set_status(name, "failed")
         raise BadInput(str(e)) from None
+    except StudyLost as e:  # the store is gone or another driver owns the study: write nothing more
+        status = "lost"
+        _fail(f"study {name!r} stopped: {e}", code=1)
     except KeyboardInterrupt:
         status = "interrupted"
         store.set_status(name, "interrupted")
@@ -743,9 +873,11 @@ def _run_driver(store: Any, name: str, json_out: bool) -> None:
         _fail(f"study {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
               f"stored results are kept, continue with `nas resume {name}`", code=1)
     finally:
-        store.release_driver(name, pid, host)
+        from nas.store import StoreError
         from workers.ray_tune import shutdown_ray
 
+        with contextlib.suppress(StoreError):  # a store that is gone has no lease to give back
+            store.release_driver(name, pid, host)
         shutdown_ray()
     _print_front(store, name, json_out, next_steps=status in ("completed", "stopped"))
 
@@ -756,7 +888,11 @@ def _front_json(store: Any, name: str) -> list[dict[str, Any]]:
     out = []
     for row in store.front(name):
         spec = spec_from_json(row["spec"] if isinstance(row["spec"], str) else json.dumps(row["spec"]), "hybrid_vit")
-        out.append({"rank": row["rank"], "hash": row["arch_hash"], "short": spec.short(), "metrics": row["metrics"],
+        metrics = dict(row["metrics"])
+        if metrics.get("source") == "screen" and "accuracy" in metrics:  # stored before screening had its own key
+            metrics.setdefault("score", metrics.pop("accuracy"))
+            metrics.pop("accuracy", None)
+        out.append({"rank": row["rank"], "hash": row["arch_hash"], "short": spec.short(), "metrics": metrics,
                     "params": row.get("params"), "flops": row.get("flops"), "spec": spec.to_dict()})
     return out
 
@@ -768,14 +904,18 @@ def _print_front(store: Any, name: str, json_out: bool, next_steps: bool = False
         print(json.dumps({"study": info.to_dict(), "front": rows}, indent=2, default=str))
         return
     src = rows[0]["metrics"].get("source", "") if rows else ""
-    t = Table(title=f"study {name}: {info.status}, {_budget_text(info)}, {info.trials_done} evaluations; "
-                    f"Pareto front ({len(rows)}, accuracy from {src or '-'})", box=box.SIMPLE)
-    for col in ("#", "hash", "accuracy", "latency ms", "params", "architecture"):
+    screening = src == "screen"  # nothing trained: a screening ranking, its score never shown as accuracy
+    what = (f"no architecture trained yet: screening ranking, not a front ({len(rows)}, score from screen)"
+            if screening else f"Pareto front ({len(rows)}, accuracy from {src or '-'})")
+    t = Table(title=f"study {name}: {info.status}, {_budget_text(info)}, {info.trials_done} evaluations; {what}",
+              box=box.SIMPLE)
+    key = "score" if screening else "accuracy"
+    for col in ("#", "hash", key, "latency ms", "params", "architecture"):
         t.add_column(col, justify="left" if col in ("hash", "architecture") else "right",
                      overflow="fold" if col == "architecture" else "ellipsis")
     for r in rows:
         m = r["metrics"]
-        t.add_row(str(r["rank"]), r["hash"][:10], f"{m.get('accuracy', float('nan')):.4f}",
+        t.add_row(str(r["rank"]), r["hash"][:10], f"{m.get(key, float('nan')):.4f}",
                   f"{m['latency_ms']:.3f}" if "latency_ms" in m else "-",
                   f"{int(m.get('params', r.get('params') or 0)):,}", r["short"])
     console.print(t)
@@ -815,9 +955,12 @@ def search(
     import datetime
 
     from nas.search import (
+        MAX_TRAIN_EPOCHS,
+        MAX_WORKERS,
         SearchConfig,
         SearchError,
         create_study,
+        max_threads,
         parse_budget_arg,
         parse_count,
         parse_shares,
@@ -827,6 +970,17 @@ def search(
 
     try:
         bud = parse_budget_arg(budget)
+        _between("--workers", workers, 1, MAX_WORKERS)
+        _between("--threads", threads, 1, max_threads())
+        _between("--train-epochs", train_epochs, 1, MAX_TRAIN_EPOCHS)
+        _between("--img-size", img_size, 8, 1024)
+        _between("--seed", seed, 0, MAX_SEED)
+        _between("--limit", data_limit, 20, 10_000_000)
+        for flag, text in (("--max-params", max_params), ("--stages", stages), ("--objectives", objectives),
+                           ("--address", address)):
+            _ascii_number(flag, text)
+        if max_latency_ms is not None and not 0 < max_latency_ms < 1e9:
+            raise BadInput(f"--max-latency-ms must be a positive number of milliseconds, got {max_latency_ms}")
         if space not in ("hybrid_vit",):
             _space(space)
             raise BadInput(f"nas search runs on space hybrid_vit; {space!r} is a benchmark space for the proxies")
@@ -888,13 +1042,15 @@ def resume(
             new = Budget.from_dict(info.budget) + add
         except BudgetError as e:
             raise BadInput(str(e)) from None
-        import os
-        import socket
+    import os
+    import socket
 
-        if not store.acquire_driver(name, os.getpid(), socket.gethostname()):
-            _already_running(store, name)
+    # the lease first: a resume refused because a driver is live must change nothing (it used to
+    # clear that driver's pending `nas stop`, and the study ran on to completed)
+    if not store.acquire_driver(name, os.getpid(), socket.gethostname()):
+        _already_running(store, name)
+    if add is not None:
         store.set_budget(name, new.to_dict())
-        store.release_driver(name, os.getpid(), socket.gethostname())
     store.clear_stop(name)
     if not json_out:
         info = store.study(name)
@@ -1034,6 +1190,10 @@ def export_cmd(
     for flag, v in (("--num-classes", num_classes), ("--img-size", img_size), ("--in-chans", in_chans)):
         if v is not None:
             _positive(flag, v)
+    _between("--num-classes", num_classes, 1, MAX_CLASSES)
+    _between("--img-size", img_size, 1, 1024)  # the studies' range; the export runs the model once to check
+    _between("--in-chans", in_chans, 1, MAX_CHANNELS)
+    _between("--trial", trial, 0, 2**31 - 1)
     from nas.export import ExportError, check_paths, export_study, write_export
 
     onnx = None if onnx_file is None else Path(onnx_file)
@@ -1064,8 +1224,9 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; any non-loopback one requires a token."),
     port: int = typer.Option(8765, "--port", help="TCP port."),
     storage: str = typer.Option("sqlite:///nas.db", "--storage", help=_STORAGE_HELP),
-    token: str | None = typer.Option(None, "--token", help="Required on every request (generated and printed when "
-                                                            "binding a non-loopback address without one)."),
+    token: str | None = typer.Option(None, "--token", help="Required on every request, at least 16 characters "
+                                                            "(generated and printed when binding a non-loopback "
+                                                            "address without one)."),
     export_dir: str | None = typer.Option(None, "--export-dir", help="Where exports are written and downloads "
                                                                      "served from (default: nas_exports/ beside "
                                                                      "the store)."),

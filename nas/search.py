@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -34,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from nas.budget import Budget, BudgetError, parse_budget
-from nas.store import Store, validate_study_name
+from nas.store import HEARTBEAT_S, Store, StoreError, StoreLost, validate_study_name
 
 __all__ = [
     "OBJECTIVES",
     "STRATEGIES",
     "SearchConfig",
     "SearchError",
+    "StudyLost",
     "create_study",
     "front_rows",
     "prepare_study",
@@ -56,6 +58,11 @@ PRECISION_CHOICES = ("any", "fp32", "bf16", "fp16", "int8", "fp8")
 
 class SearchError(ValueError):
     """A search request that cannot run (one line: what was wrong and what to do)."""
+
+
+class StudyLost(RuntimeError):
+    """The driver can no longer keep its results: the store was deleted or replaced, or another
+    driver took the study over. Nothing more is written; the study is not "completed"."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +241,15 @@ def check_target(target: str) -> None:
         raise SearchError("--target cuda needs a CUDA GPU and a CUDA build of torch; use --target cpu here")
 
 
+MAX_WORKERS = 1024
+MAX_TRAIN_EPOCHS = 1000
+
+
+def max_threads() -> int:
+    """The most torch threads a trial may ask for: 4 per core, and at least 256."""
+    return max(256, 4 * (os.cpu_count() or 1))
+
+
 def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dict[str, Any]:
     """Check everything about a new study that needs no store (data, frame, target, precision,
     limits) and return the config to store. Writes nothing."""
@@ -248,12 +264,47 @@ def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dic
             check_precision(p, cfg.target)
         except PrecisionError as e:
             raise SearchError(f"--precision {p} cannot run on --target {cfg.target}: {e}") from None
+    for what, value, high in (("workers", cfg.workers, MAX_WORKERS), ("threads", cfg.threads, max_threads()),
+                              ("train-epochs", cfg.train_epochs, MAX_TRAIN_EPOCHS)):
+        if value > high:
+            raise SearchError(f"--{what} {value} is more than the {high:,} allowed; ask for fewer")
     if cfg.supernet and not (Path(cfg.supernet) / "supernet.pt").is_file() and not Path(cfg.supernet).is_file():
         raise SearchError(f"no supernet checkpoint at {cfg.supernet}; train one with `nas supernet train`")
     if cfg.parzc and not Path(cfg.parzc).is_file():
         raise SearchError(f"no ParZC predictor at {cfg.parzc}; save one with ParZC.save(PATH)")
+    if cfg.parzc:  # load it now: a damaged file must fail here, not as 0 evaluations of a "completed" study
+        from predictors.parzc import ParZC
+
+        try:
+            ParZC.load(cfg.parzc)
+        except (ValueError, OSError) as e:
+            raise SearchError(f"--parzc: {e}") from None
+    net = None
+    if cfg.supernet:
+        from predictors.supernet import SupernetError, load_checkpoint
+
+        try:
+            net, _ = load_checkpoint(cfg.supernet)
+        except (SupernetError, OSError) as e:
+            raise SearchError(f"--supernet: {e}") from None
     data = load_data(cfg)
     frame = make_frame(cfg, data.in_chans, data.num_classes, data.img_size)
+    if net is not None:  # its subnets must be the study's: same data shape, the frame inside the supernet's
+        theirs = net.frame
+        if (theirs.in_chans, theirs.num_classes) != (frame.in_chans, frame.num_classes):
+            raise SearchError(f"--supernet takes {theirs.in_chans} channels / {theirs.num_classes} classes; "
+                              f"the data has {frame.in_chans} / {frame.num_classes}")
+        try:
+            for corner in (frame.smallest(), frame.largest()):
+                theirs.check(replace(corner, precision=theirs.precisions[0]))
+        except ValueError as e:
+            raise SearchError(f"--supernet does not cover this study's frame ({e}); pass its --frame") from None
+        for i, (mine, sup) in enumerate(zip(frame.stages, theirs.stages)):
+            for field_ in ("widths", "heads", "mlp_ratios", "token_mixers", "channel_mixers"):
+                extra = sorted(set(getattr(mine, field_)) - set(getattr(sup, field_)), key=str)
+                if extra:
+                    raise SearchError(f"--supernet does not cover this study's frame: stage {i} {field_} "
+                                      f"{extra[:4]} are not in it; pass its --frame")
     if cfg.max_params is not None:
         small = _params(frame.smallest(__import__("random").Random(0)), frame)
         if small > cfg.max_params:
@@ -295,10 +346,121 @@ def _params(spec: Any, frame: Any) -> int:
 class _Stats:
     seconds: dict[str, float] = field(default_factory=dict)
     trials: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)  # the last trials' seconds, per stage
 
     def mean(self, stage: str, default: float = 1.0) -> float:
         n = self.trials.get(stage, 0)
         return self.seconds.get(stage, 0.0) / n if n else default
+
+    def high(self, stage: str) -> float | None:
+        """The slowest of the stage's last 8 trials (None before one has finished)."""
+        xs = self.samples.get(stage)
+        return max(xs[-8:]) if xs else None
+
+
+TRAIN_BATCH = 64  # EvalConfig.train_batch and proxy_batch: the screening probe's batch is a training batch
+
+
+class _CostModel:
+    """What a trial will cost, in device-seconds, before it runs.
+
+    The unit is the seconds of one forward/backward of an architecture on a training batch: the
+    driver probes the frame's largest architecture once at the start (``probe_s``), and screening
+    measures each candidate's own (``probe_step_s``). A stage's cost is that unit times the stage's
+    work: training ``epochs x steps`` plus a validation pass per epoch; a supernet evaluation a
+    forward pass over the calibration and validation images; a careful latency its repeats of the
+    screening latency. Training is calibrated by the ratio of measured to modelled seconds of the
+    study's finished training trials; the other stages, once a trial of theirs finished, cost the
+    slowest of their last 8 trials."""
+
+    def __init__(self) -> None:
+        self.probe_s = 0.05
+        self.n_train = 1000
+        self.n_val = 250
+        self.step: dict[str, float] = {}  # per architecture: probe_step_s from screening
+        self.latency_ms: dict[str, float] = {}  # per architecture: the screening latency
+        self.ratios: list[float] = []  # measured / modelled seconds of finished training trials
+        self.stage_ratios: dict[str, list[float]] = {}  # the same for supernet evaluation and latency
+        self.screen_ratios: list[float] = []  # measured / modelled seconds of screening trials
+
+    def load(self) -> float:
+        """How much slower than modelled this machine runs trials now (at least 1): the median
+        measured/modelled ratio of screening. A stage's first trial is costed at its model times
+        this, so a loaded machine's first latency or supernet trial is not costed at quiet speed."""
+        xs = sorted(self.screen_ratios[-16:])
+        return min(50.0, max(1.0, xs[len(xs) // 2])) if xs else 1.0
+
+    def unit(self, arch: str | None) -> float:
+        return self.step.get(arch or "", self.probe_s)
+
+    def train(self, arch: str | None, epochs: float, calibrated: bool = True) -> float:
+        step = self.unit(arch)
+        spe = max(1, self.n_train // TRAIN_BATCH)
+        per_epoch = spe * 1.5 * step + 0.5 * step * math.ceil(self.n_val / TRAIN_BATCH)
+        model = 0.3 + epochs * per_epoch
+        if not calibrated:
+            return model
+        return model * (max(self.ratios[-5:]) if self.ratios else self.load())
+
+    def prior(self, stage: str, arch: str | None) -> float:
+        """A stage's cost before any trial of it finished."""
+        step = self.unit(arch)
+        if stage == "screen":  # proxies (about 4 passes), the probe step, a quick latency
+            return 0.5 + 6.0 * self.probe_s
+        if stage == "supernet":  # extract, BN calibration (8 x 128 images), one validation pass
+            return 0.5 + 0.5 * step * math.ceil((self.n_val + 1024) / TRAIN_BATCH)
+        if stage == "latency":  # 50 repeats and 10 warm-up runs at batch 1
+            return 0.3 + 1.5 * 60 * self.latency_ms.get(arch or "", 1000 * step) / 1000
+        if stage == "supernet_train":  # a few sandwich steps (4 subnets each) at least
+            return 4 * 4 * 1.5 * self.probe_s
+        return 0.0
+
+    def learn(self, stage: str, arch: str | None, seconds: float, metrics: dict[str, float]) -> None:
+        """What a finished evaluation tells the model: a candidate's unit, or a training ratio."""
+        if stage == "screen" and seconds > 0:
+            self.screen_ratios.append(seconds / self.prior("screen", arch))
+        if stage == "screen" and arch:
+            if metrics.get("probe_step_s", 0.0) > 0:
+                self.step[arch] = float(metrics["probe_step_s"])
+            if "latency_ms" in metrics:
+                self.latency_ms[arch] = float(metrics["latency_ms"])
+        elif stage == "train" and metrics.get("epochs", 0.0) > 0 and seconds > 0:
+            self.ratios.append(seconds / self.train(arch, float(metrics["epochs"]), calibrated=False))
+        elif stage in ("supernet", "latency") and arch and seconds > 0:
+            self.stage_ratios.setdefault(stage, []).append(seconds / self.prior(stage, arch))
+
+    def calibrated(self, stage: str, arch: str | None) -> float | None:
+        """A supernet evaluation or latency trial of ``arch``: its modelled cost times the largest
+        measured/modelled ratio of the stage's last 8 trials (candidates differ in size)."""
+        xs = self.stage_ratios.get(stage)
+        return self.prior(stage, arch) * max(xs[-8:]) if xs and arch else None
+
+
+def _probe_seconds(frame: Any, data: Any, threads: int) -> float:
+    """Seconds of one forward/backward of the frame's largest architecture on a training batch
+    (after one untimed pass): the driver's cost unit before screening measured any candidate."""
+    import random
+
+    import torch
+    import torch.nn.functional as F
+
+    from search_spaces.hybrid_vit import build
+
+    spec = frame.largest(random.Random(0))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        model = build(spec, num_classes=frame.num_classes, img_size=frame.img_size, in_chans=frame.in_chans).train()
+        x, y = data.train.x[:TRAIN_BATCH], data.train.y[:TRAIN_BATCH]
+        seconds = math.inf
+        for _ in range(2):
+            t = time.perf_counter()
+            F.cross_entropy(model(x), y).backward()
+            seconds = time.perf_counter() - t
+            model.zero_grad(set_to_none=True)
+        return seconds
+    finally:
+        torch.set_num_threads(prev)
 
 
 class Driver:
@@ -320,14 +482,19 @@ class Driver:
         self.trials_done = info.trials_done
         self._stop_checked = 0.0
         self._stop = False
-        self._beat = 0.0
         self.pid = os.getpid()
         self.host = socket.gethostname()
+        self.lost: str | None = None  # why results can no longer be kept (the store went away, the lease was taken)
+        self._beating = threading.Event()
+        self._beater: threading.Thread | None = None
         self.best: float | None = None
         self.errors = 0
         self._ordinal = 0
+        self.cost = _CostModel()
+        self.reserved: dict[str, tuple[str, float]] = {}  # running trials: key -> (stage, seconds reserved)
         for ev in store.evaluations(name, errors=False):
             self._account(ev.stage, ev.seconds, ev.metrics)
+            self._learn(ev.stage, ev.arch_hash, ev.seconds, ev.metrics)
 
     # ---- budget ------------------------------------------------------------------------
 
@@ -358,17 +525,111 @@ class Driver:
         return {s: v / t for s, v in sh.items()}
 
     def stop_requested(self) -> bool:
+        """A stop was asked for (``nas stop``, Ctrl-C, SIGTERM), or results can no longer be kept."""
         now = time.monotonic()
-        if now - self._stop_checked > 0.5:
+        if now - self._stop_checked > 0.5 and self.lost is None:
             self._stop_checked = now
-            self._stop = self._stop or self.store.stop_requested(self.name)
-        if now - self._beat > 5.0:
-            self._beat = now
-            self.store.heartbeat(self.name, self.pid, self.host)
-        return self._stop
+            try:
+                self._stop = self._stop or self.store.stop_requested(self.name)
+            except StoreError as e:  # the study row (or its database) is gone
+                self._lose(str(e))
+        return self._stop or self.lost is not None
+
+    def _lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+
+    # ---- the lease's heartbeat ------------------------------------------------------------
+
+    def start_heartbeat(self, every: float | None = None) -> None:
+        """Beat the driver lease every ``every`` seconds (default ``$NAS_HEARTBEAT_S`` or
+        ``HEARTBEAT_S``) from a thread of its own, so a stage that blocks (supernet training, a long
+        trial) never lets the lease go stale. Only when this process holds the lease; if another
+        driver has taken it, or the store is gone, the study stops (``lost``)."""
+        if every is None:
+            every = float(os.environ.get("NAS_HEARTBEAT_S") or HEARTBEAT_S)
+        info = self.store.study(self.name)
+        if (info.driver_pid, info.driver_host) != (self.pid, self.host) or self._beater is not None:
+            return
+
+        def beat() -> None:
+            while not self._beating.wait(every):
+                try:
+                    if not self.store.heartbeat(self.name, self.pid, self.host):
+                        self._lose(f"another driver took over study {self.name!r}; this one stops")
+                        return
+                except StoreLost as e:
+                    self._lose(str(e))
+                    return
+                except Exception:  # the database did not answer this time: beat again next round
+                    continue
+
+        self._beater = threading.Thread(target=beat, name=f"nas-heartbeat-{self.name}", daemon=True)
+        self._beater.start()
+
+    def stop_heartbeat(self) -> None:
+        self._beating.set()
+        if self._beater is not None:
+            self._beater.join(timeout=30)
+            self._beater = None
 
     def exhausted(self) -> bool:
         return self._used() >= self._total() * (1 - 1e-9)
+
+    # ---- costs and allowances -----------------------------------------------------------
+
+    def calibrate(self, frame: Any, data: Any) -> None:
+        """Size the cost model to this study's data and frame (one probe step in the driver)."""
+        cost = self.cost = _CostModel()
+        cost.n_train, cost.n_val = len(data.train.x), len(data.val.x)
+        cost.probe_s = _probe_seconds(frame, data, self.cfg.threads)
+        for ev in self.store.evaluations(self.name, errors=False):  # a resumed study: what it measured
+            cost.learn(ev.stage, ev.arch_hash, ev.seconds, ev.metrics)
+
+    def _learn(self, stage: str, arch: str | None, seconds: float, metrics: dict[str, float]) -> None:
+        self.stats.samples.setdefault(stage, []).append(seconds)
+        self.cost.learn(stage, arch, seconds, metrics)
+
+    def estimate(self, stage: str, config: dict[str, Any] | None = None) -> float:
+        """The cost of the next trial of ``stage`` (``config``: its candidate, when known): one
+        trial on a trial budget; for training the calibrated cost model of the candidate; for the
+        other stages the slowest of their last trials, or the model before any finished."""
+        if self.budget.kind == "trials":
+            return 1.0
+        arch = (config or {}).get("spec_hash")
+        if stage == "supernet_train":  # launched for a few steps at least; its allowance bounds the rest
+            return self.cost.prior(stage, arch)
+        if stage == "train":
+            est = self.cost.train(arch, float(self.cfg.train_epochs))
+            if self.cfg.strategy != "staged":  # the baselines measure latency in the same trial
+                est += self.estimate("latency", config)
+            return est
+        high = self.stats.high(stage)
+        if high is None:
+            return self.cost.prior(stage, arch) * (1.0 if stage == "screen" else self.cost.load())
+        scaled = self.cost.calibrated(stage, arch)
+        return high if scaled is None else scaled
+
+    def left(self) -> float:
+        """What the budget still holds, less what the running trials have reserved."""
+        return self._total() - self._used() - sum(v for _, v in self.reserved.values())
+
+    def reserved_in(self, stage: str) -> float:
+        return sum(v for s, v in self.reserved.values() if s == stage)
+
+    def reserve(self, key: str, stage: str, seconds: float) -> None:
+        """A launched trial holds ``seconds`` of the budget until it is recorded."""
+        self.reserved[key] = (stage, max(0.0, float(seconds)))
+
+    def release(self, key: str | None) -> None:
+        self.reserved.pop(key or "", None)
+
+    def allowance(self, stage: str, estimate: float, stage_left: float | None = None) -> float:
+        """The device-seconds a training trial launched now may use: what is left after the running
+        trials' reservations (and ``stage_left``), at most 1.5x its estimate so that another worker
+        can start beside it."""
+        out = min(self.left(), 1.5 * estimate if stage == "train" else math.inf)
+        return max(0.0, out if stage_left is None else min(out, stage_left))
 
     # ---- recording ---------------------------------------------------------------------
 
@@ -376,16 +637,21 @@ class Driver:
         kind = (device or {}).get("kind") or self.cfg.target
         return self.budget.counts(kind)
 
-    def record(self, stage: str, ev: dict[str, Any], key: str, trial: int | None, spec_json: str | None) -> None:
+    def record(self, stage: str, ev: dict[str, Any], key: str, trial: int | None, spec_json: str | None,
+               attempt: int = 0, inflight: str | None = None) -> None:
         arch = ev.get("spec_hash")
-        if arch and spec_json:
-            self.store.add_architecture(arch, self.cfg.space, spec_json, params=ev.get("params"),
-                                        flops=ev.get("flops"))
         seconds = float(ev.get("seconds", 0.0))
         counts = self._counts(ev.get("device"))
-        self.store.record_evaluation(self.name, stage=stage, metrics=ev.get("metrics", {}), seconds=seconds,
-                                     arch_hash=arch, device=ev.get("device") or None, trial=trial, key=key,
-                                     count_seconds=counts)
+        try:
+            if arch and spec_json:
+                self.store.add_architecture(arch, self.cfg.space, spec_json, params=ev.get("params"),
+                                            flops=ev.get("flops"))
+            self.store.record_evaluation(self.name, stage=stage, metrics=ev.get("metrics", {}), seconds=seconds,
+                                         arch_hash=arch, device=ev.get("device") or None, trial=trial, key=key,
+                                         count_seconds=counts, attempt=attempt, inflight=inflight)
+        except StoreLost as e:  # nothing more can be kept: the plan finishes, run_study reports it
+            self._lose(str(e))
+            return
         if counts:
             self.used_seconds += seconds
         self.trials_done += 1
@@ -404,23 +670,53 @@ class Driver:
         """A finished Tune trial: one evaluation, with the later stages of the trial (latency) merged
         into the first; cached results (already in the store) are not recorded again."""
         cfg = trial.config
-        if trial.result.get("cached") or not trial.evaluations:
+        self.release(cfg.get("key"))
+        if trial.result.get("cached"):
+            return
+        if not trial.evaluations:  # it reported nothing to keep: not in flight any more either
+            self._guard(self.store.end_inflight, self.name, cfg["key"])
             return
         ev = dict(trial.evaluations[0])
         for extra in trial.evaluations[1:]:
             ev["metrics"] = {**extra["metrics"], **ev["metrics"]}
             ev["seconds"] += extra["seconds"]
             ev["flops"] = ev.get("flops") or extra.get("flops")
-        self.record(ev["stage"], ev, f"{cfg['key']}:{ev['stage']}", cfg.get("number"), cfg.get("spec"))
+        self.record(ev["stage"], ev, f"{cfg['key']}:{ev['stage']}", cfg.get("number"), cfg.get("spec"),
+                    attempt=getattr(trial, "attempt", 0), inflight=cfg["key"])
+        self._learn(ev["stage"], ev.get("spec_hash"), float(ev.get("seconds", 0.0)), ev.get("metrics", {}))
+
+    def _guard(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """A store write whose failure because the store is gone stops the study instead of Tune."""
+        try:
+            fn(*args, **kw)
+        except StoreLost as e:
+            self._lose(str(e))
+
+    def started(self, config: dict[str, Any], attempt: int) -> None:
+        """A trial began on a worker: note it in flight, so that if this driver dies before its
+        result is recorded, the resume records it as interrupted with the device time it ran."""
+        if config.get("cached") is not None or "key" not in config:
+            return
+        arch = config.get("spec_hash")
+        if arch and config.get("spec"):
+            self._guard(self.store.add_architecture, arch, self.cfg.space, config["spec"])
+        stage = (config.get("stages") or ["?"])[0]
+        self._guard(self.store.start_inflight, self.name, config["key"], stage=stage, arch_hash=arch,
+                    trial=config.get("number"), attempt=attempt)
 
     def record_error(self, stage: str, config: dict[str, Any], error: str, seconds: float, attempt: int) -> None:
         arch = config.get("spec_hash")
-        if arch:
-            self.store.add_architecture(arch, self.cfg.space, config["spec"])
         counts = self._counts(None)
-        self.store.record_evaluation(self.name, stage=stage, metrics={}, seconds=seconds, arch_hash=arch,
-                                     error=error, trial=config.get("number"), attempt=attempt,
-                                     key=f"{config.get('key', stage)}:error:{attempt}", count_seconds=counts)
+        try:
+            if arch:
+                self.store.add_architecture(arch, self.cfg.space, config["spec"])
+            self.store.record_evaluation(self.name, stage=stage, metrics={}, seconds=seconds, arch_hash=arch,
+                                         error=error, trial=config.get("number"), attempt=attempt,
+                                         key=f"{config.get('key', stage)}:error:{attempt}", count_seconds=counts,
+                                         inflight=config.get("key"))
+        except StoreLost as e:
+            self._lose(str(e))
+            return
         if counts:
             self.used_seconds += seconds
         self.errors += 1
@@ -451,7 +747,12 @@ class _Gate:
         self.limit = limit
         self.exclusive = exclusive
 
+    peek: Callable[[], dict[str, Any] | None] = staticmethod(lambda: None)  # the stage's next candidate
+
     def decide(self, running: int) -> str:
+        """LAUNCH only when the next trial's estimated cost (:meth:`Driver.estimate`, known before
+        the stage's first trial) fits in what the budget holds beyond the running trials'
+        reservations, and half of it in the stage's share; WAIT while trials run, else FINISH."""
         from workers.ray_tune import FINISH, LAUNCH, WAIT
 
         if self.d.stop_requested() or self.d.exhausted():
@@ -459,11 +760,15 @@ class _Gate:
         if self.exclusive and running:
             return WAIT
         used = self.d.stage_used(self.stage)
-        each = 1.0 if self.d.budget.kind == "trials" else self.d.stats.mean(self.stage, default=0.0)
-        projected = used + running * each
-        total_left = self.d._total() - self.d._used() - running * each
-        if projected + 0.5 * each < self.limit and total_left > 0.5 * each and (
-                self.d.budget.kind != "trials" or total_left >= 1):
+        if self.d.budget.kind == "trials":
+            total_left = self.d._total() - self.d._used() - running
+            if used + running + 0.5 < self.limit and total_left >= 1:
+                return LAUNCH
+            return WAIT if running else FINISH
+        if running and self.stage not in ("train", "supernet_train") and not self.d.stats.samples.get(self.stage):
+            return WAIT  # no allowance bounds this stage: its first trial measures the cost alone
+        each = self.d.estimate(self.stage, self.peek())
+        if each <= self.d.left() and used + self.d.reserved_in(self.stage) + 0.5 * each < self.limit:
             return LAUNCH
         return WAIT if running else FINISH
 
@@ -471,20 +776,57 @@ class _Gate:
         self.d.record_trial(trial)
 
     def failed(self, trial: Any) -> None:
+        if getattr(trial, "final", True):
+            self.d.release(trial.config.get("key"))
         self.d.record_error(self.stage, trial.config, trial.error, trial.seconds, trial.attempt)
 
 
-def front_rows(points: list[dict[str, Any]], objectives: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Non-dominated points (each a dict with the objectives' metrics), ranked by accuracy."""
+class _Queue:
+    """A later stage's fixed list of candidates, in order (duck-types the Tune ``Searcher`` that
+    ``workers.ray_tune`` asks). At launch each trial reserves its estimated cost in the driver, and a
+    training trial gets its allowance: the device-seconds it may use, checked at every step."""
+
+    def __init__(self, driver: Driver, stage: str, configs: list[dict[str, Any]],
+                 stage_left: Callable[[], float] | None = None) -> None:
+        self.d, self.stage, self.todo, self.stage_left = driver, stage, list(configs), stage_left
+
+    def peek(self) -> dict[str, Any] | None:
+        return self.todo[0] if self.todo else None
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        from ray.tune.search import Searcher
+
+        if not self.todo:
+            return Searcher.FINISHED
+        cfg = dict(self.todo.pop(0))
+        est = self.d.estimate(self.stage, cfg)
+        hold = est
+        if self.stage in ("train", "supernet_train") and self.d.budget.kind == "seconds":
+            cfg["allowance"] = hold = self.d.allowance(self.stage, est,
+                                                       None if self.stage_left is None else self.stage_left())
+        self.d.reserve(cfg["key"], self.stage, hold)
+        return cfg
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        pass
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        pass
+
+
+def front_rows(points: list[dict[str, Any]], objectives: tuple[str, ...],
+               rank_by: str = "accuracy") -> list[dict[str, Any]]:
+    """Non-dominated points (each a dict with the objectives' metrics), ranked by accuracy
+    (``rank_by="score"``: the screening score stands where accuracy would, for a screening ranking)."""
     from predictors.metrics import pareto_front
 
-    keys = [OBJECTIVES[o] for o in objectives]
+    keys = [(rank_by, "max") if o == "accuracy" else OBJECTIVES[o] for o in objectives]
     pts = [p for p in points if all(k in p["metrics"] for k, _ in keys)]
     if not pts:
         return []
     vals = [[p["metrics"][k] for k, _ in keys] for p in pts]
     idx = pareto_front(vals, minimize=[m == "min" for _, m in keys])
-    chosen = sorted((pts[i] for i in idx), key=lambda p: -p["metrics"]["accuracy"])
+    chosen = sorted((pts[i] for i in idx), key=lambda p: -p["metrics"][rank_by])
     return [{**p, "rank": r} for r, p in enumerate(chosen)]
 
 
@@ -509,12 +851,31 @@ def run_study(store: Store, name: str, *, progress: Callable[[dict[str, Any]], N
     """Run (or continue) study ``name`` until its budget is spent or a stop is requested.
 
     Returns the Pareto front (also stored). The caller holds the driver lease."""
+    d = Driver(store, name, progress=progress, chaos=chaos)
+    d.start_heartbeat()
+    try:
+        return _run(d, store, name)
+    except StoreLost as e:
+        raise StudyLost(str(e)) from None
+    except Exception:
+        if d.lost is None:  # Tune wraps what failed inside it: was it the store going away?
+            try:
+                store.check()
+            except StoreLost as e:
+                d._lose(str(e))
+        if d.lost is not None:
+            raise StudyLost(d.lost) from None
+        raise
+    finally:
+        d.stop_heartbeat()
+
+
+def _run(d: Driver, store: Store, name: str) -> list[dict[str, Any]]:
     import optuna
     import ray
 
     from workers.ray_tune import init_ray, run_trials
 
-    d = Driver(store, name, progress=progress, chaos=chaos)
     cfg = d.cfg
     check_target(cfg.target)
     data = load_data(cfg)
@@ -534,7 +895,7 @@ def run_study(store: Store, name: str, *, progress: Callable[[dict[str, Any]], N
     sampled_stage = "screen" if cfg.strategy == "staged" else "train"
     sample_metrics = _sample_metrics(cfg)
     modes = [OBJECTIVES[o][1] for o in cfg.objectives]
-    _recover_optuna(store, storage, name, d)
+    _recover_optuna(store, storage, name, d, _recover_inflight(store, name, d))
 
     def chaos_for(ordinal: int) -> dict[str, Any] | None:
         kind = d.chaos.get(ordinal)
@@ -571,6 +932,11 @@ def run_study(store: Store, name: str, *, progress: Callable[[dict[str, Any]], N
         fault = chaos_for(d._ordinal)
         if fault:
             out["fault"] = fault
+        est = 0.0 if "cached" in out else d.estimate(sampled_stage, out)
+        if sampled_stage == "train" and "cached" not in out and d.budget.kind == "seconds":
+            out["allowance"] = est = d.allowance("train", est)  # the baselines train in the sampled trial
+            out["reserve"] = d.estimate("latency", out)
+        d.reserve(out["key"], sampled_stage, est)
         return out
 
     def constraints(trial: Any) -> list[float]:
@@ -612,15 +978,16 @@ def run_study(store: Store, name: str, *, progress: Callable[[dict[str, Any]], N
                             seed=seed)
 
     tune_dir = d.workdir / "tune"
+    d.calibrate(frame, data)  # the cost model's unit, before any trial runs
     plan = _StagePlan(d, store, frame, order, sampled_stage, searcher, on_complete)
     from workers.ray_tune import asha
 
     run_trials(name="search", plan=plan, data_ref=data_ref, common=common, workers=cfg.workers,
                resources=resources, scheduler=asha(cfg.train_epochs) if cfg.strategy == "staged" else None,
                max_failures=cfg.max_failures, storage_path=tune_dir)
+    if d.lost is not None:  # never "completed" for results that could not be kept
+        raise StudyLost(d.lost)
     stop_reason = "stop requested" if d.stop_requested() else ""
-    if d.stop_requested():
-        stop_reason = "stop requested"
     front = _front(d, store)
     store.set_front(name, front)
     status = "stopped" if stop_reason else "completed"
@@ -646,9 +1013,32 @@ def _sample_metrics(cfg: SearchConfig) -> list[str]:
     return ["score" if o == "accuracy" and cfg.strategy == "staged" else OBJECTIVES[o][0] for o in cfg.objectives]
 
 
-def _recover_optuna(store: Store, storage: Any, name: str, d: Driver) -> None:
+def _recover_inflight(store: Store, name: str, d: Driver) -> set[int]:
+    """Trials a dead driver left in flight (any stage): each becomes an ``interrupted`` evaluation
+    that counts the device time it ran until the driver's last heartbeat (within HEARTBEAT_S of
+    its death). Returns the Optuna trial numbers it covered."""
+    covered: set[int] = set()
+    for row in store.inflight(name):
+        seconds = row["seconds"]
+        counts = d._counts(None)
+        store.record_evaluation(
+            name, stage=row["stage"], metrics={}, seconds=seconds, arch_hash=row["arch_hash"], trial=row["trial"],
+            attempt=row["attempt"], count_seconds=counts, inflight=row["key"],
+            key=f"{row['key']}:interrupted:{row['started_at']}",
+            error=f"interrupted: the driver stopped while this trial ran ({seconds:.1f} device-s counted); "
+                  "it was not finished and may run again")
+        if counts:
+            d.used_seconds += seconds
+        if row["trial"] is not None:
+            covered.add(int(row["trial"]))
+    return covered
+
+
+def _recover_optuna(store: Store, storage: Any, name: str, d: Driver,
+                    covered: frozenset[int] | set[int] = frozenset()) -> None:
     """Optuna trials left RUNNING by a dead driver: completed from the store if their result was
-    recorded, otherwise failed and marked interrupted (they will not be counted)."""
+    recorded, otherwise failed and marked interrupted (``_recover_inflight`` recorded the device
+    time of those it knew were in flight; the others get an uncounted row)."""
     import optuna
 
     try:
@@ -666,6 +1056,8 @@ def _recover_optuna(store: Store, storage: Any, name: str, d: Driver) -> None:
             study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             h = t.user_attrs.get("spec_hash")
+            if t.number in covered:
+                continue
             if h and t.user_attrs.get("spec"):
                 store.add_architecture(h, d.cfg.space, t.user_attrs["spec"])
             store.record_evaluation(name, stage=stage, metrics={}, seconds=0.0, arch_hash=h, trial=t.number,
@@ -764,11 +1156,16 @@ class _StagePlan:
         if inner is self.optuna:
             self._on_complete(inner, trial_id, result)
 
+    def started(self, config: dict[str, Any], attempt: int) -> None:
+        self.d.started(config, attempt)
+
     def finished(self, trial: Any) -> None:
         self.d.record_trial(trial)
 
     def failed(self, trial: Any) -> None:
         stage = (trial.config.get("stages") or ["?"])[0]
+        if getattr(trial, "final", True):  # a retried attempt keeps its reservation
+            self.d.release(trial.config.get("key"))
         self.d.record_error(stage, trial.config, trial.error, trial.seconds, trial.attempt)
 
     # -- stages -----------------------------------------------------------------------------
@@ -779,8 +1176,6 @@ class _StagePlan:
         self.cur = None
 
     def _start_next(self) -> bool:
-        from workers.ray_tune import ListSearcher
-
         d = self.d
         while True:
             if d.stop_requested() or d.exhausted():
@@ -804,7 +1199,7 @@ class _StagePlan:
             self.store.set_status(d.name, "running", stage=base)
             left = d._total() - d._used()
             if refill and base == self.sampled:  # screening again: its share of what is left, room for 2 trials
-                room = max(left * d.cfg.shares.get(base, 0.0), 2.0 * d.stats.mean(base, default=0.0))
+                room = max(left * d.cfg.shares.get(base, 0.0), 2.0 * d.estimate(base))
                 limit = d.stage_used(base) + min(left, room)
             elif refill:  # the other stages may take all that is left
                 limit = d.stage_used(base) + left
@@ -815,18 +1210,30 @@ class _StagePlan:
                 return True
             if stage == "supernet":
                 if not d.cfg.supernet and not self._supernet_trained():
+                    # a first training, or the continuation of one its allowance stopped (a resume
+                    # with more budget): the checkpoint resumes exactly, each part has its own key
                     self.queue.insert(0, "supernet.eval")
+                    parts = self.store.evaluations(d.name, stage="supernet_train", errors=False)
+                    # training seconds in the checkpoint that rows already count: a finished part
+                    # records the checkpoint's total; a failed or interrupted one, the time it ran
+                    counted = 0.0
+                    for e in self.store.evaluations(d.name, stage="supernet_train"):
+                        counted = counted + e.seconds if e.error else max(counted,
+                                                                          e.metrics.get("train_seconds", 0.0))
+                    share_left = limit - d.stage_used("supernet")
                     cfg_json = {"task": "supernet", "frame": self.frame.to_json(), "out": str(d.workdir / "supernet"),
                                 "epochs": d.cfg.supernet_epochs, "max_epochs": d.cfg.max_supernet_epochs,
-                                "allowance": 0.6 * (limit - d.stage_used("supernet"))
-                                if d.budget.kind == "seconds" else None, "key": "supernet_train", "number": None,
-                                "spec_hash": None, "seed": d.cfg.seed, "stages": ["supernet_train"]}
+                                "plan_seconds": 0.6 * share_left if d.budget.kind == "seconds" else None,
+                                "counted": counted,
+                                "key": "supernet_train" if not parts else f"supernet_train.{len(parts)}",
+                                "number": None, "spec_hash": None, "seed": d.cfg.seed, "stages": ["supernet_train"]}
                     self.cur = _Stage("supernet_train", _OneShot(d, "supernet_train", limit),
-                                      ListSearcher([cfg_json]), None)
+                                      _Queue(d, "supernet_train", [cfg_json],
+                                             lambda cap=0.8 * share_left: cap), None)
                     return True
                 stage = "supernet.eval"
             if stage == "supernet.eval":
-                if not (d.cfg.supernet or self._supernet_trained()):
+                if not (d.cfg.supernet or self._supernet_usable()):
                     continue  # no supernet (no budget, a stop, or training failed): screening scores rank
                 configs = [{"spec": sp, "spec_hash": h, "number": None, "key": f"supernet:{h}", "stages": ["supernet"]}
                            for h, sp in _screen_front(d, self.store)]
@@ -842,15 +1249,26 @@ class _StagePlan:
                     d.mark_done(mark)
                 continue
             exclusive = base == "latency" and d.cfg.target == "cpu"  # measured alone, not beside another trial
-            self.cur = _Stage(base, _Gate(d, base, limit, exclusive), ListSearcher(configs), mark)
+            queue = _Queue(d, base, configs)
+            gate = _Gate(d, base, limit, exclusive)
+            gate.peek = queue.peek  # type: ignore[method-assign]
+            self.cur = _Stage(base, gate, queue, mark)
             return True
 
     def _supernet_trained(self) -> bool:
+        """The supernet's training ran to the end of its schedule (parts an allowance stopped say
+        ``complete`` = 0; rows from before parts existed are complete)."""
+        parts = self.store.evaluations(self.d.name, stage="supernet_train", errors=False)
+        return any(p.metrics.get("complete", 1.0) >= 1.0 for p in parts)
+
+    def _supernet_usable(self) -> bool:
+        """A supernet checkpoint exists, complete or not: its subnets can be ranked."""
         return bool(self.store.evaluations(self.d.name, stage="supernet_train", errors=False))
 
 
 class _OneShot(_Gate):
-    """Launches exactly one trial (supernet training) if any budget is left."""
+    """Launches exactly one trial (supernet training) if the budget holds a few of its steps; the
+    trial's allowance (set at launch by :class:`_Queue`) bounds it at step granularity."""
 
     def __init__(self, driver: Driver, stage: str, limit: float) -> None:
         super().__init__(driver, stage, limit)
@@ -861,7 +1279,8 @@ class _OneShot(_Gate):
 
         if running:
             return WAIT
-        if self.launched or self.d.stop_requested() or self.d.exhausted():
+        if self.launched or self.d.stop_requested() or self.d.exhausted() or \
+                self.d.estimate(self.stage) > self.d.left():
             return FINISH
         self.launched = True
         return LAUNCH
@@ -888,32 +1307,36 @@ def _screen_front(d: Driver, store: Store) -> list[tuple[str, str]]:
 
 
 def _front(d: Driver, store: Store) -> list[dict[str, Any]]:
-    """The study's Pareto front from the best evidence each architecture has."""
+    """The study's Pareto front from the best evidence each architecture has: trained accuracy, else
+    inherited-weight (supernet) accuracy. When nothing was trained, the rows are the screening
+    ranking instead (non-dominated by screening ``score``; ``source`` = ``screen``): a score is
+    never stored, shown or ranked as an accuracy."""
     name = d.name
-    train = store.done(name, "train")
+    train = {h: m for h, m in store.done(name, "train").items() if "accuracy" in m}  # a budget stop may have none
     lat = store.done(name, "latency")
-    sup = store.done(name, "supernet")
+    sup = {h: m for h, m in store.done(name, "supernet").items() if "accuracy" in m}
     scr = store.done(name, "screen")
+    key = "accuracy"
     if train:
         src, source = train, "train"
     elif sup:
         src, source = sup, "supernet"
     else:
-        src, source = {h: {**m, "accuracy": m["score"]} for h, m in scr.items() if "score" in m}, "screen"
+        src, source, key = {h: m for h, m in scr.items() if "score" in m}, "screen", "score"
     points = []
     for h, m in src.items():
         merged = {**scr.get(h, {}), **m}
         if h in lat:
             merged["latency_ms"] = lat[h]["latency_ms"]
-        merged["accuracy"] = m["accuracy"]
-        metrics = {k: merged[k] for k in ("accuracy", "latency_ms", "params", "flops", "epochs") if k in merged}
+        merged[key] = m[key]
+        metrics = {k: merged[k] for k in (key, "latency_ms", "params", "flops", "epochs") if k in merged}
         metrics["source"] = source  # type: ignore[assignment]
         points.append({"arch_hash": h, "metrics": metrics})
     if d.cfg.max_params is not None:
         points = [p for p in points if p["metrics"].get("params", 0.0) <= d.cfg.max_params]
     if d.cfg.max_latency_ms is not None:
         points = [p for p in points if p["metrics"].get("latency_ms", math.inf) <= d.cfg.max_latency_ms]
-    rows = front_rows(points, d.cfg.objectives)
+    rows = front_rows(points, d.cfg.objectives, rank_by=key)
     return [{"arch_hash": r["arch_hash"], "rank": r["rank"], "metrics": r["metrics"]} for r in rows]
 
 

@@ -12,6 +12,10 @@
 - :func:`train_standalone`: the same recipe for one plain model (the reference the supernet's
   ranking is judged against).
 
+Both training loops take an allowance in seconds (``max_seconds``, ``before_step``) and check it
+before every optimisation step, so a budget is held to one step, not one epoch; the supernet
+checkpoints where it stops and continues from there.
+
 ``data`` is anything with ``x`` (N, C, H, W float tensor) and ``y`` (N int64) attributes, such as
 ``nas.data.ImageDataset``. Imports torch and the project only.
 """
@@ -122,8 +126,8 @@ def augment(x: Tensor, gen: torch.Generator, flip: bool = True) -> Tensor:
     return out.contiguous()
 
 
-def _lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
+def _lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int, warm: int | None = None) -> float:
+    warm = int(cfg.warmup_epochs * steps_per_epoch) if warm is None else warm
     if step < warm:
         return cfg.lr * (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
@@ -191,6 +195,7 @@ class TrainState:
     steps_per_epoch: int = 0
     seconds: float = 0.0
     history: list[dict[str, float]] | None = None
+    stopped: bool = False  # this run stopped at its allowance before ``total_steps``
 
 
 def sandwich(frame: SupernetFrame, cfg: TrainConfig, step: int) -> list[ArchSpec]:
@@ -253,9 +258,13 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Supern
             from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise SupernetError(f"{p} is not a supernet checkpoint of format {CKPT_FORMAT}")
-    frame = SupernetFrame.from_dict(ckpt["frame"])
-    net = Supernet(frame, seed=int(ckpt["config"].get("seed", 0)))
-    net.load_state_dict(ckpt["model"])
+    try:
+        frame = SupernetFrame.from_dict(ckpt["frame"])
+        net = Supernet(frame, seed=int(ckpt["config"].get("seed", 0)))
+        net.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as e:
+        raise SupernetError(f"{p} is a damaged supernet checkpoint ({type(e).__name__}); retrain or restore it") \
+            from None
     return net, ckpt
 
 
@@ -271,13 +280,19 @@ def train_supernet(
     meta: dict[str, Any] | None = None,
     progress: Callable[[TrainState, float], None] | None = None,
     device: str | torch.device = "cpu",
+    total_steps: int | None = None,
+    max_seconds: float | None = None,
 ) -> Supernet:
     """Train a supernet of ``frame`` on ``data`` for ``epochs`` with the sandwich rule.
 
     With ``out`` the run is checkpointed there (atomically, every ``ckpt_every`` steps, at each
     epoch end and at the end) and an existing checkpoint is resumed exactly; a checkpoint made
     with another frame, recipe or epoch count is refused. ``max_steps`` stops early (after a
-    checkpoint), e.g. to split a run. ``progress(state, loss)`` is called after every step."""
+    checkpoint), e.g. to split a run. ``progress(state, loss)`` is called after every step.
+    ``total_steps`` caps the schedule below ``epochs`` whole epochs (the learning-rate schedule,
+    warm-up included, fits in it). ``max_seconds`` is this call's allowance: before each step the
+    loop stops if the step (timed as the slowest of the last ones) would end past it, checkpoints
+    there and sets ``train_state.stopped``; calling again with the same settings continues."""
     cfg = config or TrainConfig()
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise SupernetError(f"epochs must be a positive integer, got {epochs!r}")
@@ -285,7 +300,9 @@ def train_supernet(
     n = len(data.x)
     bs = min(cfg.batch_size, n)
     spe = n // bs
-    st = TrainState(step=0, total_steps=spe * epochs, steps_per_epoch=spe, history=[])
+    total = spe * epochs if total_steps is None else max(1, min(spe * epochs, int(total_steps)))
+    warm = None if total == spe * epochs else min(int(cfg.warmup_epochs * spe), total // 4)
+    st = TrainState(step=0, total_steps=total, steps_per_epoch=spe, history=[])
     ckpt_path = Path(out) / CKPT_NAME if out is not None else None
     dev = torch.device(device)
     if ckpt_path is None or not ckpt_path.exists():
@@ -296,7 +313,8 @@ def train_supernet(
         net.to(dev)
         if ckpt["frame"] != frame.to_dict():
             raise SupernetError(f"{out} holds a supernet of another frame; pass the same frame or a new --out")
-        if ckpt["config"] != asdict(cfg) or ckpt["epochs"] != epochs or ckpt["steps_per_epoch"] != spe:
+        if ckpt["config"] != asdict(cfg) or ckpt["epochs"] != epochs or ckpt["steps_per_epoch"] != spe or \
+                ckpt["total_steps"] != total:
             raise SupernetError(f"{out} was trained with another recipe ({ckpt['epochs']} epochs, "
                                 f"{ckpt['steps_per_epoch']} steps an epoch); pass the same settings or a new --out")
         opt = _optimizer(net, cfg)
@@ -314,13 +332,20 @@ def train_supernet(
     net.train()
     stop = st.total_steps if max_steps is None else min(st.total_steps, max_steps)
     epoch_loss, epoch_n = 0.0, 0
+    began = time.perf_counter()
+    recent: list[float] = []  # the last steps' seconds, batch included
     while st.step < stop:
+        if max_seconds is not None and time.perf_counter() - began + max(recent, default=0.0) > max_seconds:
+            st.stopped = True
+            break
+        t_step = time.perf_counter()
         x, y = _batch(data, cfg, st.step, spe, bs, dev)
-        _set_lr(opt, _lr_at(cfg, st.step, st.total_steps, spe))
+        _set_lr(opt, _lr_at(cfg, st.step, st.total_steps, spe, warm))
         t0 = time.perf_counter()
         loss = supernet_step(net, opt, x, y, sandwich(frame, cfg, st.step), cfg)
         st.seconds += time.perf_counter() - t0
         st.step += 1
+        recent = [*recent[-4:], time.perf_counter() - t_step]
         epoch_loss, epoch_n = epoch_loss + loss, epoch_n + 1
         if progress is not None:
             progress(st, loss)
@@ -331,7 +356,7 @@ def train_supernet(
             save()
         elif ckpt_every and st.step % ckpt_every == 0:
             save()
-    if st.step % spe:
+    if st.step % spe or st.stopped:
         save()
     net.train_state = st  # type: ignore[attr-defined]
     return net
@@ -418,11 +443,15 @@ def evaluate_subnet(
 def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainConfig | None = None,
                      num_classes: int | None = None, seed: int | None = None,
                      device: str | torch.device = "cpu",
-                     on_epoch: Callable[[int, nn.Module], bool | None] | None = None) -> nn.Module:
+                     on_epoch: Callable[[int, nn.Module], bool | None] | None = None,
+                     before_step: Callable[[int, float], bool] | None = None) -> nn.Module:
     """Train ``build(spec)`` from scratch with the supernet's recipe (no sandwich, labels only).
 
     ``on_epoch(epoch, model)`` runs after each epoch (1-based) with the model in eval mode; returning
-    True stops training there (early stopping, e.g. ASHA)."""
+    True stops training there (early stopping, e.g. ASHA). ``before_step(step, step_seconds)`` runs
+    before every optimisation step with the slowest of the last steps' seconds; returning True stops
+    there (an allowance in seconds). The model's ``train_state`` (:class:`TrainState`) says how many
+    steps ran and whether ``before_step`` stopped it."""
     cfg = config or TrainConfig()
     _check_data(data, "training")
     _, c, h, _ = data.x.shape
@@ -433,8 +462,15 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
     bs = min(cfg.batch_size, n)
     spe = n // bs
     total = spe * epochs
+    st = TrainState(step=0, total_steps=total, steps_per_epoch=spe)
+    model.train_state = st  # type: ignore[assignment]
     model.train()
+    recent: list[float] = []
     for step in range(total):
+        if before_step is not None and before_step(step, max(recent, default=0.0)):
+            st.stopped = True
+            break
+        t_step = time.perf_counter()
         x, y = _batch(data, cfg, step, spe, bs, device)
         _set_lr(opt, _lr_at(cfg, step, total, spe))
         opt.zero_grad(set_to_none=True)
@@ -442,6 +478,9 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        st.step = step + 1
+        recent = [*recent[-4:], time.perf_counter() - t_step]
+        st.seconds += recent[-1]
         if on_epoch is not None and (step + 1) % spe == 0:
             model.eval()
             stop = on_epoch((step + 1) // spe, model)

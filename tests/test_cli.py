@@ -290,3 +290,17 @@ def test_supernet_eval_refuses_a_spec_outside_the_frame(capsys: pytest.CaptureFi
     (garbage / "supernet.pt").write_bytes(b"not a checkpoint")
     code, _, err = run(["supernet", "eval", "--ckpt", str(garbage), "--n", "1"], capsys)
     assert code == 2 and "not a readable supernet checkpoint" in err
+
+
+def test_output_does_not_wrap_where_it_is_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """rich would wrap at 80 columns (or $COLUMNS) on a pipe: lines for scripts and logs stay whole."""
+    from search_spaces.hybrid_vit import PRESETS
+
+    short = PRESETS["hybrid_tiny"].short()
+    assert len(short) > 80
+    code, out, _ = run(["describe", "--preset", "hybrid_tiny"], capsys)
+    assert code == 0 and short in out.splitlines()
+    exe = [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py")]
+    env = {**os.environ, "COLUMNS": "80", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([*exe, "describe", "--preset", "hybrid_tiny"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and short in r.stdout.splitlines(), r.stdout[:500]

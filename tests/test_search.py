@@ -45,15 +45,26 @@ def _check_accounting(store: Store, name: str) -> None:
     in the stages that evaluate a fixed candidate list."""
     info = store.study(name)
     evs = store.evaluations(name)
-    counted = sum(e.seconds for e in evs if not (e.error or "").startswith("interrupted"))
+    counted = sum(e.seconds for e in evs)  # interrupted rows count the device time they ran (0 if unknown)
     assert info.used_seconds == pytest.approx(counted, rel=1e-9, abs=1e-9)
     keys = [e.key for e in evs]
     assert len(keys) == len(set(keys))
     ok = [e for e in evs if e.error is None]
     assert info.trials_done == len(ok)
-    for stage in ("supernet", "latency", "train", "supernet_train"):
+    for stage in ("supernet", "latency", "train"):
         archs = [e.arch_hash for e in ok if e.stage == stage]
         assert len(archs) == len(set(archs)), f"{stage} evaluated an architecture twice"
+    parts = [e for e in ok if e.stage == "supernet_train"]  # parts of one training, each continuing the last
+    assert all(p.metrics.get("complete", 1.0) == 0.0 for p in parts[:-1])
+
+
+def _overrun_bound(store: Store, name: str) -> float:
+    """What a study may spend: its budget plus the larger of one screening trial's recorded cost and
+    2% of the budget (the issue's target; it holds at any machine speed)."""
+    info = store.study(name)
+    budget = float(info.budget["seconds"])
+    screens = [e.seconds for e in store.evaluations(name) if e.stage == "screen"]
+    return budget + max(max(screens, default=0.0), 0.02 * budget)
 
 
 def _check_optuna(store: Store, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -150,16 +161,43 @@ def test_small_budget_is_spent_by_screening_more(ray_session: Any, tmp_path: Pat
     assert info.status == "completed"
     _check_accounting(store, "small")
     evs = [e for e in store.evaluations("small", errors=False)]
-    longest = max(e.seconds for e in evs if e.stage != "supernet_train")
-    assert 0.8 * 15 <= info.used_seconds <= 15 + longest
-    first_train = min(e.id for e in evs if e.stage == "train")
-    assert any(e.stage == "screen" and e.id > first_train for e in evs)  # a second screening round ran
+    # the budget holds within one screening trial (or 2%), at any speed; what is left unspent is
+    # less than the slowest screening trial per worker (screening more fills the rest)
+    assert info.used_seconds <= _overrun_bound(store, "small")
+    slowest = max(e.seconds for e in evs if e.stage == "screen")
+    assert info.used_seconds >= 15 - 2 * slowest - 0.02 * 15
+    later = [e.id for e in evs if e.stage in ("supernet", "latency", "train")]
+    if later and info.used_seconds < 15 - 2 * slowest:  # budget was left after the planned stages
+        assert any(e.stage == "screen" and e.id > min(later) for e in evs)  # a second screening round ran
     for e in evs:
         if e.stage == "train":
             assert e.device_key and e.metrics["params"] > 0, e
 
     # on a CPU target the careful latency is measured alone: its gates were exclusive, the others not
     assert {st for st, ex in gates if ex} == {"latency"} and {"screen", "train"} <= {st for st, ex in gates}
+
+
+def test_budget_holds_when_training_costs_more_than_is_left(ray_session: Any, tmp_path: Path) -> None:
+    """Long training (40 epochs) on a small budget: every stage's first trial is costed before it
+    runs and training stops at its allowance, so the study spends at most its budget plus one
+    screening trial (or 2%), however fast the machine is; the first trials of a stage are no longer
+    costed at 0 s (which let both workers start a long train trial with little budget left)."""
+    store = _new(tmp_path, "long", "15s", train_epochs=40, seed=3, workers=2)
+    run_study(store, "long")
+    info = store.study("long")
+    assert info.status == "completed"
+    _check_accounting(store, "long")
+    assert info.used_seconds <= _overrun_bound(store, "long")
+    for e in store.evaluations("long", errors=False):
+        if e.stage == "train" and e.metrics.get("budget_stop"):  # stopped by its allowance: what it did
+            assert e.metrics["steps"] < 40 * (len(load_data_for(info)) // 64)
+            assert e.metrics["epochs"] < 40
+
+
+def load_data_for(info: Any) -> Any:
+    from nas.search import load_data
+
+    return load_data(SearchConfig.from_dict(info.config)).train.x
 
 
 def test_worker_raises_and_worker_killed_are_retried(ray_session: Any, tmp_path: Path) -> None:
@@ -309,19 +347,144 @@ def test_stop_is_graceful_and_resume_finishes(tmp_path: Path) -> None:
     assert out.returncode == 2  # a zero increment is bad input
 
 
-def test_exclusive_gate_launches_one_trial_at_a_time(tmp_path: Path) -> None:
-    import types
+def _driver(tmp_path: Path, budget: str) -> Any:
+    from nas.search import Driver
 
-    from nas.search import _Gate, _Stats
+    store = _new(tmp_path, "g", budget)
+    d = Driver(store, "g")
+    d.stop_requested = lambda: False  # type: ignore[method-assign]
+    return d
+
+
+def test_exclusive_gate_launches_one_trial_at_a_time(tmp_path: Path) -> None:
+    from nas.search import _Gate
     from workers.ray_tune import LAUNCH, WAIT
 
-    stats = _Stats()
-    d = types.SimpleNamespace(stop_requested=lambda: False, exhausted=lambda: False, stage_used=lambda s: 0.0,
-                              budget=types.SimpleNamespace(kind="seconds"), stats=stats, _total=lambda: 100.0,
-                              _used=lambda: 0.0)
-    assert _Gate(d, "latency", 50.0).decide(1) == LAUNCH  # type: ignore[arg-type]
-    assert _Gate(d, "latency", 50.0, exclusive=True).decide(1) == WAIT  # type: ignore[arg-type]
-    assert _Gate(d, "latency", 50.0, exclusive=True).decide(0) == LAUNCH  # type: ignore[arg-type]
+    d = _driver(tmp_path, "100s")
+    d._learn("latency", None, 0.5, {})
+    assert _Gate(d, "latency", 50.0).decide(1) == LAUNCH
+    assert _Gate(d, "latency", 50.0, exclusive=True).decide(1) == WAIT
+    assert _Gate(d, "latency", 50.0, exclusive=True).decide(0) == LAUNCH
+
+
+def test_gate_costs_a_stage_before_its_first_trial(tmp_path: Path) -> None:
+    """A stage with no finished trial is costed by the model (not at 0 s): a train trial whose
+    estimate exceeds what is left is not launched, and running trials' reservations count."""
+    from nas.search import _Gate
+    from workers.ray_tune import FINISH, LAUNCH, WAIT
+
+    d = _driver(tmp_path, "10s")
+    d.cost.n_train, d.cost.n_val, d.cost.probe_s = 1000, 250, 0.05  # 4 epochs of 15 steps: about 5.5 s
+    est = d.estimate("train")
+    assert est > 4.0 and not d.stats.samples.get("train")
+    d.used_seconds = 10.0 - 0.5 * est  # less is left than one train trial costs
+    assert _Gate(d, "train", 100.0).decide(0) == FINISH
+    d.used_seconds = 0.0
+    assert _Gate(d, "train", 100.0).decide(0) == LAUNCH
+    d.reserve("train:a", "train", 10.0 - 0.5 * est)  # a running trial holds the rest
+    assert _Gate(d, "train", 100.0).decide(1) == WAIT
+    d.release("train:a")
+    assert _Gate(d, "train", 100.0).decide(1) == LAUNCH
+    # a stage without an allowance measures its first trial alone, then costs the slowest measured
+    assert _Gate(d, "screen", 100.0).decide(1) == WAIT
+    d._learn("screen", "h", 3.0, {"probe_step_s": 0.01})
+    assert d.estimate("screen") == 3.0 and _Gate(d, "screen", 100.0).decide(1) == LAUNCH
+    d.used_seconds = 8.0
+    assert _Gate(d, "screen", 100.0).decide(0) == FINISH
+    # screening measured the candidate: its training is costed from its own step, calibrated by
+    # what finished training trials measured against the model
+    small = d.estimate("train", {"spec_hash": "h"})
+    assert small < d.estimate("train")
+    # before any training finished, the model is scaled by how much slower screening ran than modelled
+    assert small == pytest.approx(d.cost.train("h", 4.0, calibrated=False) * d.cost.load()) and d.cost.load() > 1
+    d._learn("train", "h", 2.0 * d.cost.train("h", 1.0, calibrated=False), {"epochs": 1.0})
+    assert d.estimate("train", {"spec_hash": "h"}) == pytest.approx(2.0 * d.cost.train("h", 4.0, calibrated=False))
+
+
+def test_training_stops_at_its_allowance_and_the_supernet_continues(tmp_path: Path) -> None:
+    """An allowance stops training at a step, mid-epoch: the train stage reports its steps, a
+    fractional epoch count and the flag; the supernet checkpoints there, says it is incomplete,
+    and the next part continues from the checkpoint to the end of the same schedule."""
+    import torch
+
+    from nas.search import SearchConfig as Cfg
+    from nas.search import load_data, make_frame
+    from predictors.supernet import load_checkpoint, train_standalone
+    from workers.evaluate import EvalConfig, evaluate
+    from workers.ray_tune import _train_supernet
+
+    data = load_data(Cfg())
+    frame = make_frame(Cfg(), data.in_chans, data.num_classes, data.img_size)
+    spec = frame.random(3)
+    spe = len(data.train.x) // 64
+    # the loop itself: stopped before step 5 of an epoch of spe steps
+    model = train_standalone(spec, data.train, 2, num_classes=data.num_classes, before_step=lambda i, _s: i == 5)
+    assert model.train_state.stopped and model.train_state.step == 5 < spe  # type: ignore[union-attr]
+    # the train stage: no step fits in no allowance; an allowance of 1.5 epochs stops 200 epochs
+    ev = evaluate(spec, "train", data, config=EvalConfig(train_epochs=200), allowance=0.0)
+    assert ev.metrics["budget_stop"] == 1.0 and ev.metrics["steps"] == 0 and "accuracy" not in ev.metrics
+    one = evaluate(spec, "train", data, config=EvalConfig(train_epochs=1))  # what an epoch costs here, now
+    assert one.metrics["steps"] == spe and "budget_stop" not in one.metrics
+    ev = evaluate(spec, "train", data, config=EvalConfig(train_epochs=200), allowance=1.5 * one.seconds)
+    steps = ev.metrics["steps"]
+    assert ev.metrics["budget_stop"] == 1.0 and steps < 200 * spe
+    assert ev.metrics["epochs"] == pytest.approx(steps / spe)
+    assert ev.seconds <= 1.5 * one.seconds + one.seconds  # the allowance, plus less than an epoch
+    # the supernet: a part stopped at its allowance checkpoints there; the next part continues to the
+    # end of the same schedule, and the result is the uninterrupted run's, weight for weight
+    base = {"frame": frame.to_json(), "epochs": 2, "seed": 0, "device": "cpu", "threads": 1}
+    total = 2 * (len(data.train.x) // 64)
+    ref = json.loads(_train_supernet({**base, "out": str(tmp_path / "ref"), "allowance": None},
+                                     data)["evaluations"])[0]
+    assert ref["metrics"]["steps"] == total and ref["metrics"]["complete"] == 1.0
+    out = tmp_path / "sn"
+    r1 = json.loads(_train_supernet({**base, "out": str(out), "allowance": 0.5 * ref["seconds"]},
+                                    data)["evaluations"])[0]
+    assert r1["metrics"]["complete"] == 0.0 and r1["metrics"]["steps"] < total
+    _, ckpt = load_checkpoint(out)
+    assert ckpt["step"] == r1["metrics"]["steps"]
+    r2 = json.loads(_train_supernet({**base, "out": str(out), "allowance": None,
+                                     "counted": r1["metrics"]["train_seconds"]}, data)["evaluations"])[0]
+    assert r2["metrics"]["complete"] == 1.0 and r2["metrics"]["steps"] == total
+    a, _ = load_checkpoint(out)
+    b, _ = load_checkpoint(tmp_path / "ref")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_a_study_stopped_before_training_shows_a_screening_ranking(tmp_path: Path) -> None:
+    """Nothing trained: the front rows hold the screening ``score`` (source ``screen``), never an
+    ``accuracy`` copied from it, in the store, in ``nas best --json`` and in the printed table."""
+    from nas.search import Driver, _front
+
+    store = _new(tmp_path, "s0", "60s")
+    frame_specs = []
+    from search_spaces.supernet import get_frame
+
+    frame = get_frame("tiny", in_chans=1, num_classes=10)
+    for i, (score, lat) in enumerate([(391.56, 2.0), (300.0, 1.0), (200.0, 3.0)]):
+        spec = frame.random(i)
+        frame_specs.append(spec)
+        store.add_architecture(spec.hash, "hybrid_vit", spec.to_json())
+        store.record_evaluation("s0", stage="screen", metrics={"score": score, "latency_ms": lat, "params": 1e4},
+                                seconds=0.1, arch_hash=spec.hash, key=f"screen:{i}")
+    front = _front(Driver(store, "s0"), store)
+    assert [r["arch_hash"] for r in front] == [frame_specs[0].hash, frame_specs[1].hash]
+    for r in front:
+        assert "accuracy" not in r["metrics"] and r["metrics"]["source"] == "screen" and "score" in r["metrics"]
+    store.set_front("s0", front)
+    assert all("accuracy" not in r["metrics"] for r in store.front("s0"))
+    url = store.url
+    out = subprocess.run([NAS, "best", "s0", "--storage", url, "--json"], capture_output=True, text=True,
+                         timeout=120, env={**_env(), "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout)
+    assert rows and all("accuracy" not in r["metrics"] and r["metrics"]["score"] > 1 for r in rows)
+    out = subprocess.run([NAS, "best", "s0", "--storage", url], capture_output=True, text=True, timeout=120,
+                         env={**_env(), "COLUMNS": "200"})
+    assert "no architecture trained yet: screening ranking, not a front" in " ".join(out.stdout.split())
+    header = next(line for line in out.stdout.splitlines() if "hash" in line and "latency" in line)
+    assert "score" in header and "accuracy" not in header
 
 
 def test_candidates_rank_supernet_accuracy_against_screening_latency(tmp_path: Path) -> None:

@@ -11,7 +11,13 @@ device's fingerprint. The stages (``STAGES``):
   and in-place distillation, Yu et al. 2020 "BigNAS"; ``predictors.supernet``);
 - ``latency``: a careful latency measurement on the target device (``predictors.latency``);
 - ``train``: short training from scratch, validation accuracy after every epoch through ``report``
-  (which can stop it: ASHA, Li et al. 2020).
+  (which can stop it: ASHA, Li et al. 2020). With an ``allowance`` in seconds it stops at the
+  optimisation step where the allowance runs out and reports what it did: ``steps``, fractional
+  ``epochs``, ``budget_stop`` = 1, and the accuracy at that point only when the validation pass
+  still fits (else none).
+
+Screening also times one training step of the candidate on its batch (``probe_step_s``): the driver
+costs later stages of the same architecture from it before any of them has run.
 
 Accuracies are on a validation split carved out of the training data (``split_train_val``): the
 test split stays untouched by the search.
@@ -258,8 +264,22 @@ def _screen(spec: Any, model: nn.Module, data: EvalData, device: str, cfg: EvalC
         if isinstance(v, (int, float)):
             metrics[f"zc.{name}"] = float(v)
     metrics["score"] = metrics["parzc"] if cfg.score == "parzc" else metrics.get(f"zc.{cfg.score}", float("nan"))
+    metrics["probe_step_s"] = _probe_step(model, x, y)
     metrics.update(_latency(model, data, device, spec.precision, cfg, cfg.screen_repeats))
     return metrics
+
+
+def _probe_step(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Seconds of one forward/backward of ``model`` on the screening batch (the train stage's batch
+    size): the per-architecture unit the driver's cost model scales by steps and images."""
+    was = model.training
+    model.train()
+    t = time.perf_counter()
+    nn.functional.cross_entropy(model(x), y).backward()
+    seconds = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    model.train(was)
+    return seconds
 
 
 def _supernet_accuracy(spec: Any, data: EvalData, device: str, cfg: EvalConfig) -> dict[str, float]:
@@ -292,23 +312,51 @@ def save_trained(model: nn.Module, spec_hash: str, weights_dir: str | Path) -> P
 
 
 def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
-           report: Callable[[int, dict[str, float]], bool | None] | None, t0: float) -> dict[str, float]:
+           report: Callable[[int, dict[str, float]], bool | None] | None, t0: float,
+           allowance: float | None = None) -> dict[str, float]:
     from predictors.precision import activation_dtype, to_precision
     from predictors.supernet import TrainConfig, accuracy, train_standalone
 
     tcfg = TrainConfig(batch_size=cfg.train_batch, lr=cfg.train_lr, warmup_epochs=min(1.0, cfg.train_epochs / 3),
                        augment=False, seed=cfg.seed)
     last: dict[str, float] = {}
+    passes: list[float] = []  # seconds of each validation pass so far
+    n_val, bs = len(data.val.x), min(cfg.train_batch, len(data.train.x))
+
+    def val_cost(step_s: float) -> float:
+        """A validation pass: as measured, or before the first one, half a training step per batch
+        (forward only, larger batches)."""
+        return max(passes) if passes else 0.5 * step_s * math.ceil(n_val / bs)
+
+    def before_step(step: int, step_s: float) -> bool:
+        if allowance is None:
+            return False
+        left = allowance - (time.perf_counter() - t0)
+        # the step, the validation pass at an epoch end (or at the stop), and what follows the loop
+        return left < 1.5 * step_s + val_cost(step_s) + 0.02
 
     def on_epoch(epoch: int, model: nn.Module) -> bool | None:
+        t = time.perf_counter()
         acc = accuracy(model, data.val, batch_size=256)
+        passes.append(time.perf_counter() - t)
         last.update({"accuracy": acc, "epochs": float(epoch)})
         if report is not None:
             return report(epoch, {**last, "seconds": time.perf_counter() - t0})
         return None
 
     model = train_standalone(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
-                             device=device, on_epoch=on_epoch)
+                             device=device, on_epoch=on_epoch, before_step=before_step)
+    st = model.train_state  # type: ignore[attr-defined]
+    if st.stopped:  # the allowance ran out mid-training: report what was done
+        spe = max(1, st.steps_per_epoch)
+        last.update({"steps": float(st.step), "epochs": st.step / spe, "budget_stop": 1.0})
+        if st.step % spe:  # mid-epoch: an accuracy at this point only if a validation pass still fits
+            last.pop("accuracy", None)
+            left = float(allowance or 0.0) - (time.perf_counter() - t0)
+            if st.step and left >= val_cost(st.seconds / st.step):
+                last["accuracy"] = accuracy(model.eval(), data.val, batch_size=256)
+        return last
+    last["steps"] = float(st.step)
     if cfg.weights_dir and last.get("epochs") == cfg.train_epochs:
         save_trained(model, spec.hash, cfg.weights_dir)
     if spec.precision != "fp32" and last.get("epochs") == cfg.train_epochs:
@@ -319,11 +367,14 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
 
 
 def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, config: EvalConfig | None = None,
-             report: Callable[[int, dict[str, float]], bool | None] | None = None) -> Evaluation:
+             report: Callable[[int, dict[str, float]], bool | None] | None = None,
+             allowance: float | None = None) -> Evaluation:
     """Run ``stage`` on ``spec`` and return its :class:`Evaluation` (metrics, seconds, fingerprint).
 
     ``report(epoch, metrics)`` is called after each training epoch of the ``train`` stage; returning
-    True stops the training there. Raises :class:`EvaluationError` for a request that cannot run."""
+    True stops the training there. ``allowance``: the device-seconds the ``train`` stage may use,
+    checked before every optimisation step (see the module docstring). Raises
+    :class:`EvaluationError` for a request that cannot run."""
     from predictors.latency import parse_device
     from search_spaces.counting import count_flops, count_params
     from search_spaces.hybrid_vit import build
@@ -351,7 +402,8 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
         else:
             n_params = float(params)  # in every per-epoch report too: a scheduler may stop the run there
             metrics = _train(spec, data, dev, cfg,
-                             None if report is None else lambda e, m: report(e, {**m, "params": n_params}), t0)
+                             None if report is None else lambda e, m: report(e, {**m, "params": n_params}), t0,
+                             allowance)
         metrics["params"] = float(params)
         if flops is not None:
             metrics["flops"] = float(flops)

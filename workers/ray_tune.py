@@ -15,8 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -47,6 +51,7 @@ __all__ = [
 ]
 
 LAUNCH, WAIT, FINISH = "launch", "wait", "finish"
+_TEMP_DIR: str | None = None  # the private local Ray's temp folder (None: joined a cluster, or not started)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
@@ -61,14 +66,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports lack latency
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C is the driver's graceful stop
+    # trials are timed in wall-clock device-seconds: at Ray's default worker niceness (15) a trial
+    # starves beside any ordinary process and its seconds balloon 20-100x (see _unniced)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
                           "logging_level": "ERROR"}
-    if address:
-        ray.init(address=address, **kw)
-        return
-    tmp = temp_dir or tempfile.mkdtemp(prefix="nas-ray-")
-    ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, _node_ip_address="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": "workers.ray_tune.warm_worker"}, **kw)
+    # ray.init replaces the driver's SIGTERM handler with one that exits the process (it ended in
+    # SIGABRT within seconds, the study left `running`); the caller's graceful stop is put back
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if address:
+            ray.init(address=address, **kw)
+            return
+        global _TEMP_DIR
+        tmp = temp_dir or tempfile.mkdtemp(prefix="nas-ray-")
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, _node_ip_address="127.0.0.1",
+                 runtime_env={"worker_process_setup_hook": "workers.ray_tune.warm_worker"}, **kw)
+        if temp_dir is None:  # our own folder: removed by shutdown_ray, or by the reaper if we are killed
+            _TEMP_DIR = tmp
+            subprocess.Popen([sys.executable, str(Path(__file__).with_name("_reaper.py")), str(os.getpid()), tmp],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, close_fds=True)
+    finally:
+        if callable(term):
+            signal.signal(signal.SIGTERM, term)
 
 
 def warm_worker() -> None:
@@ -82,8 +104,13 @@ def warm_worker() -> None:
 
 
 def shutdown_ray() -> None:
+    """Stop the local Ray (or leave a joined cluster) and remove the temp folder init_ray made."""
+    global _TEMP_DIR
     if ray.is_initialized():
         ray.shutdown()
+    if _TEMP_DIR is not None:
+        shutil.rmtree(_TEMP_DIR, ignore_errors=True)
+        _TEMP_DIR = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,17 +134,51 @@ def _fault(config: dict[str, Any]) -> None:
     raise RuntimeError(f"injected failure in trial {config.get('ordinal')}")
 
 
+_WARMED: set[str] = set()
+
+
+def _warm_evaluation(device: str, threads: int) -> None:
+    """Once per worker process, before the first trial's clock starts: import the evaluation code
+    and read the device fingerprint. Process set-up is not the candidate's device time, and on a
+    loaded machine it made a worker's first trial cost 10-30x the next (31 s for a digits screening)."""
+    if device in _WARMED:
+        return
+    import predictors.latency
+    import predictors.precision
+    import predictors.supernet
+    import predictors.zero_cost  # noqa: F401
+    from predictors.latency import parse_device
+
+    fingerprint(str(parse_device(device)), threads)
+    _WARMED.add(device)
+
+
+def _unniced() -> None:
+    """Run this trial's thread at the driver's priority where the OS allows it. Ray starts workers
+    at niceness 15 (``RAY_worker_niceness``); beside ordinary processes on a busy machine a niced
+    trial got a few percent of a core, so its wall-clock device-seconds grew 20-100x (151 s for one
+    CIFAR-10 screening trial that takes 6 s) and a budget bought almost nothing."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)  # the calling thread on Linux: the one running the trial
+    except (OSError, AttributeError):  # no permission to lower niceness (or no such call): keep it
+        pass
+
+
 def trainable(config: dict[str, Any], data: EvalData | None = None) -> None:
     """Evaluate ``config["spec"]`` for each stage in ``config["stages"]`` and report the result.
 
     A ``train`` stage reports after every epoch (``accuracy``, ``epochs``); the last report holds
-    ``evaluations``: a JSON list of :class:`workers.evaluate.Evaluation` dicts, one per stage."""
+    ``evaluations``: a JSON list of :class:`workers.evaluate.Evaluation` dicts, one per stage.
+    ``config["allowance"]`` (device-seconds, set by the driver at launch) bounds the train stage,
+    less ``config["reserve"]`` for the stages after it (the latency of the baselines)."""
     import torch
 
     from search_spaces import spec_from_json
 
     assert data is not None
     torch.set_num_threads(int(config.get("threads", 1)))
+    _unniced()
     if config.get("task") == "supernet":
         _fault(config)
         tune.report(_train_supernet(config, data))
@@ -128,6 +189,7 @@ def trainable(config: dict[str, Any], data: EvalData | None = None) -> None:
     _fault(config)
     spec = spec_from_json(config["spec"], "hybrid_vit")
     cfg = EvalConfig.from_dict(config["eval"])
+    _warm_evaluation(config["device"], cfg.threads)
     metrics: dict[str, float] = {}
     evals: list[dict[str, Any]] = []
     used = 0.0
@@ -140,18 +202,29 @@ def trainable(config: dict[str, Any], data: EvalData | None = None) -> None:
         tune.report({**metrics, **m, **extra, "seconds": used + m["seconds"], "evaluations": json.dumps(evals),
                      "device": json.dumps(device), "final": False})
 
+    allowance = config.get("allowance")
     for stage in config["stages"]:
+        left = None if allowance is None else float(allowance) - used - float(config.get("reserve") or 0.0)
         ev = evaluate(spec, stage, data, config["device"], config=cfg,
-                      report=report if stage == "train" else None)
+                      report=report if stage == "train" else None, allowance=left if stage == "train" else None)
         used += ev.seconds
         metrics.update(ev.metrics)
         evals.append(ev.to_dict())
+        if left is not None and stage == "train":  # what it was allowed, next to what it used
+            evals[-1]["metrics"]["allowance"] = float(left)
     tune.report({**metrics, "seconds": used, "evaluations": json.dumps(evals), "final": True})
 
 
 def _train_supernet(config: dict[str, Any], data: EvalData) -> dict[str, Any]:
-    """Train (or finish training) the study's supernet in ``config["out"]``; the epoch count is
-    fixed once, from ``config["epochs"]`` or from the time ``config["allowance"]`` allows."""
+    """Train (or continue training) the study's supernet in ``config["out"]``.
+
+    The schedule (epochs, and steps when less than an epoch fits) is fixed once, from
+    ``config["epochs"]`` or from the time ``config["plan_seconds"]`` allows, and kept in
+    ``plan.json``. ``config["allowance"]`` (device-seconds) is this trial's hard limit: training
+    stops at the step where it runs out and checkpoints there (``complete`` = 0 in the result), and
+    the next supernet trial of the study continues from that checkpoint. ``config["counted"]`` is
+    the checkpoint's training seconds already recorded by earlier trials, so a crash's lost
+    seconds are counted once and a continuation's are not counted twice."""
     from predictors.latency import parse_device
     from predictors.supernet import TrainConfig, train_supernet
     from search_spaces.supernet import frame_from_json
@@ -164,31 +237,44 @@ def _train_supernet(config: dict[str, Any], data: EvalData) -> dict[str, Any]:
     n = len(data.train.x)
     cfg = TrainConfig(batch_size=64 if n < 5000 else 128, lr=3e-3 if n < 5000 else 2e-3, augment=rgb, flip=rgb,
                       seed=int(config.get("seed", 0)))
+    allowance = config.get("allowance")
     plan = out / "plan.json"
+    steps: int | None = None
+    spe = max(1, n // min(cfg.batch_size, n))
     if plan.is_file():
-        epochs = int(json.loads(plan.read_text())["epochs"])
+        saved = json.loads(plan.read_text())
+        epochs, steps = int(saved["epochs"]), saved.get("steps")
     elif config.get("epochs"):
         epochs = int(config["epochs"])
-    else:  # time a few sandwich steps, then take as many epochs as the allowance holds
+    else:  # time a few sandwich steps, then take as many epochs (or steps) as the plan's time holds
         marks: list[float] = []
         train_supernet(frame, data.train, 1, config=cfg, max_steps=4, device=config["device"],
-                       progress=lambda st, _loss: marks.append(st.seconds))
-        per_step = (marks[-1] - marks[0]) / max(1, len(marks) - 1)
-        spe = max(1, n // min(cfg.batch_size, n))
-        left = float(config.get("allowance") or 0.0) - (time.perf_counter() - t0)
-        epochs = int(max(1, min(int(config.get("max_epochs", 30)), left * 0.85 // max(per_step * spe, 1e-9))))
-    plan.write_text(json.dumps({"epochs": epochs}))
+                       progress=lambda st, _loss: marks.append(st.seconds),
+                       max_seconds=None if allowance is None else 0.25 * float(allowance))
+        per_step = max((marks[-1] - marks[0]) / max(1, len(marks) - 1) if len(marks) > 1 else
+                       (marks or [1.0])[0], 1e-9)
+        plan_s = float(config.get("plan_seconds", allowance) or 0.0)
+        left = plan_s - (time.perf_counter() - t0)
+        epochs = int(max(1, min(int(config.get("max_epochs", 30)), left * 0.85 // (per_step * spe))))
+        if left * 0.85 < per_step * spe:  # less than an epoch fits: a schedule of the steps that do
+            steps = max(1, int(left * 0.85 / per_step))
+    plan.write_text(json.dumps({"epochs": epochs, "steps": steps}))
     prior = 0.0  # training time checkpointed by an earlier, interrupted run: used, and not counted yet
     if (out / "supernet.pt").is_file():
         import torch
 
-        prior = float(torch.load(out / "supernet.pt", map_location="cpu", weights_only=False).get("seconds", 0.0))
-    net = train_supernet(frame, data.train, epochs, config=cfg, out=out, device=config["device"])
+        ckpt_s = float(torch.load(out / "supernet.pt", map_location="cpu", weights_only=False).get("seconds", 0.0))
+        prior = max(0.0, ckpt_s - float(config.get("counted") or 0.0))
+    budget_left = None if allowance is None else float(allowance) - (time.perf_counter() - t0) - prior - 0.05
+    net = train_supernet(frame, data.train, epochs, config=cfg, out=out, device=config["device"],
+                         total_steps=steps, max_seconds=None if budget_left is None else max(0.0, budget_left))
     st = net.train_state  # type: ignore[attr-defined]
     seconds = time.perf_counter() - t0 + prior
     ev = {"spec_hash": None, "stage": "supernet_train", "seconds": seconds, "params": None, "flops": None,
-          "metrics": {"epochs": float(epochs), "steps": float(st.step),
-                      "loss": float((st.history or [{"loss": float("nan")}])[-1]["loss"])},
+          "metrics": {"epochs": float(epochs), "steps": float(st.step), "total_steps": float(st.total_steps),
+                      "complete": float(st.step >= st.total_steps), "train_seconds": float(st.seconds),
+                      **({"allowance": float(allowance)} if allowance is not None else {}),
+                      **({"loss": float(st.history[-1]["loss"])} if st.history else {})},
           "device": fingerprint(str(parse_device(config["device"])), int(config.get("threads", 1)))}
     return {"seconds": seconds, "evaluations": json.dumps([ev]), "final": True}
 
@@ -206,6 +292,7 @@ class TrialResult:
     result: dict[str, Any]
     evaluations: list[dict[str, Any]]
     stopped_early: bool = False
+    attempt: int = 0  # failed attempts before this one (a retry that succeeded is attempt 1, 2, ...)
 
 
 @dataclass
@@ -224,6 +311,9 @@ class Gate(Protocol):
 
     def decide(self, running: int) -> str:
         """LAUNCH a new trial, WAIT (ask again later) or FINISH the stage."""
+
+    def started(self, config: dict[str, Any], attempt: int) -> None:
+        """A trial (or its retry) began running on a worker."""
 
     def finished(self, trial: TrialResult) -> None: ...
 
@@ -262,6 +352,11 @@ class _OneStage:
         if self._on_complete is not None:
             self._on_complete(inner, trial_id, result)
 
+    def started(self, config: dict[str, Any], attempt: int) -> None:
+        started = getattr(self.gate, "started", None)
+        if started is not None:
+            started(config, attempt)
+
     def finished(self, trial: TrialResult) -> None:
         self.gate.finished(trial)
 
@@ -298,11 +393,13 @@ class _Gated(Searcher):
     """The experiment's searcher: asks the plan before each suggestion, takes it from the current
     stage's searcher, adds the ``common`` keys, and routes results back to the searcher that made it."""
 
-    def __init__(self, plan: Plan, common: dict[str, Any]) -> None:
+    def __init__(self, plan: Plan, common: dict[str, Any], attempts: dict[str, int] | None = None) -> None:
         super().__init__()
         self.plan = plan
         self.common = common
         self.running: dict[str, Searcher] = {}
+        self.configs: dict[str, dict[str, Any]] = {}
+        self.attempts = attempts if attempts is not None else {}  # failed attempts per trial (the recorder's)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
@@ -333,7 +430,8 @@ class _Gated(Searcher):
             if out is None:
                 return None
             self.running[trial_id] = inner
-            return {**self.common, **out}
+            self.configs[trial_id] = {**self.common, **out}
+            return self.configs[trial_id]
         return None
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -341,11 +439,20 @@ class _Gated(Searcher):
             self.running[trial_id].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        """The trial's result is recorded in the store first, then its searcher is told: Tune
+        calls the searcher before its callbacks, and Optuna's ``tell`` commits the trial as
+        COMPLETE, so a driver killed between the two would leave a COMPLETE trial with no row."""
         inner = self.running.pop(trial_id, None)
+        config = self.configs.pop(trial_id, None)
         if inner is None:
             return
+        if result and not error and config is not None:
+            done = _trial_result(config, result, self.attempts.get(trial_id, 0))
+            if done is not None:
+                self.plan.finished(done)
         self.plan.on_complete(inner, trial_id, result)
         inner.on_trial_complete(trial_id, result=result, error=error)
+        _chaos_pause("NAS_CHAOS_PAUSE_AFTER_TELL")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -362,8 +469,34 @@ def _error_text(trial: Any) -> str:
     return str(err)[-8000:]
 
 
+def _chaos_pause(var: str) -> None:
+    """Reliability tests: where ``$var`` names a file that does not exist yet, create it and stall
+    this process, so a test can kill the driver at exactly this point."""
+    path = os.environ.get(var)
+    if path and not Path(path).exists():
+        Path(path).write_text(str(os.getpid()))
+        time.sleep(600)
+
+
+def _trial_result(config: dict[str, Any], res: dict[str, Any], attempt: int) -> TrialResult | None:
+    """A finished trial's evaluations from its last report (None when it reported none); a trial
+    that ASHA stopped between epochs gets its partial training as the last evaluation."""
+    if "evaluations" not in res:
+        return None
+    evals = json.loads(res.get("evaluations") or "[]")
+    early = not res.get("final", True) and not res.get("cached")
+    if early:  # stopped by the scheduler between epochs: record the partial training
+        m = {k: float(v) for k, v in res.items() if k in ("accuracy", "epochs", "params") and v is not None}
+        evals.append({"stage": "train", "metrics": m, "seconds": float(res.get("seconds", 0.0)) -
+                      sum(e["seconds"] for e in evals), "device": json.loads(res.get("device") or "{}"),
+                      "spec_hash": config.get("spec_hash"), "params": int(m["params"]) if "params" in m
+                      else None, "flops": None})
+    return TrialResult(dict(config), dict(res), evals, stopped_early=early, attempt=attempt)
+
+
 class _Recorder(Callback):
-    """Hands every finished trial and every failed attempt to the gate (driver process)."""
+    """Tells the plan when a trial starts and hands it every failed attempt (driver process).
+    Results are recorded by the searcher (``_Gated``), before Optuna hears of them."""
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
@@ -378,6 +511,9 @@ class _Recorder(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started[trial.trial_id] = time.perf_counter()
+        started = getattr(self.gate, "started", None)
+        if started is not None:
+            started(dict(trial.config), self.attempts.get(trial.trial_id, 0))
 
     def _failed(self, trial: Any, final: bool) -> None:
         attempt = self.attempts.get(trial.trial_id, 0)
@@ -391,20 +527,6 @@ class _Recorder(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._failed(trial, final=True)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        res = dict(trial.last_result or {})
-        if not res or "evaluations" not in res:
-            return
-        evals = json.loads(res.get("evaluations") or "[]")
-        early = not res.get("final", True) and not res.get("cached")
-        if early:  # stopped by the scheduler between epochs: record the partial training
-            m = {k: float(v) for k, v in res.items() if k in ("accuracy", "epochs", "params") and v is not None}
-            evals.append({"stage": "train", "metrics": m, "seconds": float(res.get("seconds", 0.0)) -
-                          sum(e["seconds"] for e in evals), "device": json.loads(res.get("device") or "{}"),
-                          "spec_hash": trial.config.get("spec_hash"), "params": int(m["params"]) if "params" in m
-                          else None, "flops": None})
-        self.gate.finished(TrialResult(dict(trial.config), res, evals, stopped_early=early))
 
 
 def run_trials(
@@ -433,14 +555,15 @@ def run_trials(
         plan = _OneStage(searcher, gate, on_complete)
     fn = tune.with_parameters(trainable, data=data_ref)
     fn = tune.with_resources(fn, resources or {"cpu": 1})
+    recorder = _Recorder(plan)
     tuner = tune.Tuner(
         fn,
-        tune_config=tune.TuneConfig(search_alg=_Gated(plan, common), num_samples=-1, max_concurrent_trials=workers,
-                                    scheduler=scheduler, reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=_Gated(plan, common, recorder.attempts), num_samples=-1,
+                                    max_concurrent_trials=workers, scheduler=scheduler, reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=str(Path(storage_path).resolve()), verbose=0, log_to_file=False,
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[_Recorder(plan)],
+            callbacks=[recorder],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
