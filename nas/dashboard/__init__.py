@@ -19,7 +19,7 @@ from typing import TextIO
 
 from nas.store import mask_url
 
-from ._app import LOOPBACK_HOSTS, DashboardError, create_app, default_export_dir
+from ._app import LOOPBACK_HOSTS, MIN_TOKEN, DashboardError, create_app, default_export_dir
 
 __all__ = ["DashboardError", "check_bind", "create_app", "default_export_dir", "is_loopback", "serve"]
 
@@ -42,7 +42,8 @@ def check_bind(host: str, port: int, token: str | None) -> tuple[str | None, boo
     """The token to require when serving on ``host:port`` and whether it was generated here.
 
     A loopback bind needs no token (one given is still required). Any other bind requires one: a
-    missing token is generated, an empty one is refused."""
+    missing token is generated; an empty one, or one shorter than MIN_TOKEN characters, is refused
+    (as :func:`create_app` refuses it on any bind)."""
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise DashboardError(f"--port must be between 1 and 65535, got {port}")
     if not host or not host.strip():
@@ -51,6 +52,9 @@ def check_bind(host: str, port: int, token: str | None) -> tuple[str | None, boo
     if token is not None and not token.strip():
         raise DashboardError("--token is empty: give a non-empty token, or leave --token out "
                              + ("to run without one" if loopback else "and one is generated"))
+    if token is not None and len(token) < MIN_TOKEN:
+        raise DashboardError(f"--token is too short ({len(token)} characters): use at least {MIN_TOKEN}, or leave "
+                             "--token out " + ("to run without one" if loopback else "and one is generated"))
     if token is None and not loopback:
         return secrets.token_urlsafe(24), True
     return token, False

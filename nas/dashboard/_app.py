@@ -12,7 +12,12 @@ Security model:
   ``csrf_token`` form field, constant-time compare), from the same origin when the browser says so.
   GET never changes anything.
 - Downloads are files this app wrote, served from the export directory only: a whitelisted name
-  pattern, no path separators, resolved inside the directory, never a symlink.
+  pattern, no path separators, resolved inside the directory, never a symlink, and the very file
+  (device, inode, size, mtime) this process wrote there with a single link; anything else is a 404.
+- Tokens are at least 16 characters; a client address that sends 10 wrong tokens within a minute
+  is locked out (429) for 30 s, doubling with each further lockout.
+- Request bodies are counted while they are read and refused (413) past 64 KiB, chunked or not.
+- Every answer, errors included, carries the security headers (CSP, nosniff, no framing, no referrer).
 - Study names and architecture hashes in URLs are validated; store content reaches HTML only through
   Jinja2 autoescaping, and JavaScript only as JSON (``|tojson``, or fetched) inserted with textContent.
 """
@@ -22,22 +27,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
+import stat
 import threading
+import time
 import zipfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import jinja2
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nas.export import study_has_weights
 from nas.store import Store, StoreError, StudyInfo, mask_url, validate_study_name
@@ -50,9 +60,13 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 EXPORT_NAME = re.compile(r"^model_[A-Za-z0-9_]{1,100}_[0-9a-f]{12}\.(py|safetensors|zip)$")
 _MEDIA = {".py": "text/x-python", ".safetensors": "application/octet-stream", ".zip": "application/zip"}
 _MAX_BODY = 64 * 1024
+MIN_TOKEN = 16  # characters: shorter tokens are refused
 _CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
         "connect-src 'self'; font-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
         "frame-ancestors 'none'")
+_SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                     ("Referrer-Policy", "no-referrer"), ("Content-Security-Policy", _CSP),
+                     ("Cache-Control", "no-store"))
 
 
 class DashboardError(ValueError):
@@ -94,6 +108,71 @@ def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/") or "application/json" in request.headers.get("accept", "")
 
 
+def check_token(token: str | None) -> None:
+    """Refuse an empty or short token (DashboardError, one line)."""
+    if token is None:
+        return
+    if not token.strip():
+        raise DashboardError("the dashboard token is empty: give a non-empty --token or leave it out")
+    if len(token) < MIN_TOKEN:
+        raise DashboardError(f"the dashboard token is too short ({len(token)} characters): use at least {MIN_TOKEN}, "
+                             "or leave --token out and one is generated")
+
+
+def check_export_dir(path: Path) -> Path:
+    """The export directory, resolved, without creating it: a directory, or a path whose nearest
+    existing parent is a writable directory (DashboardError otherwise). It is created only when
+    the first export is written, so a dashboard that fails to start writes nothing."""
+    resolved = path.expanduser().resolve()
+    if resolved.exists():
+        if not resolved.is_dir():
+            raise DashboardError(f"the export directory {resolved} is not a directory: give another --export-dir")
+        if not os.access(resolved, os.W_OK | os.X_OK):
+            raise DashboardError(f"the export directory {resolved} is not writable: give another --export-dir")
+        return resolved
+    parent = resolved.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise DashboardError(f"cannot create the export directory {resolved} ({parent} is not a writable "
+                             "directory): give another --export-dir")
+    return resolved
+
+
+class Guesses:
+    """Wrong tokens per client address: ``LIMIT`` of them within ``WINDOW`` seconds lock the address
+    out (429) for ``LOCK`` seconds, doubling with each further lockout (at most ``MAX_LOCK``)."""
+
+    LIMIT, WINDOW, LOCK, MAX_LOCK, MAX_CLIENTS = 10, 60.0, 30.0, 3600.0, 10_000
+
+    def __init__(self) -> None:
+        self._fails: dict[str, list[float]] = {}
+        self._until: dict[str, float] = {}
+        self._lockouts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def locked(self, client: str, now: float) -> float:
+        """Seconds left of ``client``'s lockout (0 when none)."""
+        with self._lock:
+            return max(0.0, self._until.get(client, 0.0) - now)
+
+    def fail(self, client: str, now: float) -> None:
+        with self._lock:
+            if len(self._fails) + len(self._until) > self.MAX_CLIENTS:  # bounded memory: forget quiet clients
+                for c in [c for c, ts in self._fails.items() if not ts or now - ts[-1] > self.WINDOW]:
+                    self._fails.pop(c, None)
+                for c in [c for c, t in self._until.items() if t < now - self.MAX_LOCK]:
+                    self._until.pop(c, None)
+                    self._lockouts.pop(c, None)
+            recent = [t for t in self._fails.get(client, []) if now - t < self.WINDOW] + [now]
+            if len(recent) >= self.LIMIT:
+                n = self._lockouts.get(client, 0)
+                self._until[client] = now + min(self.MAX_LOCK, self.LOCK * 2 ** n)
+                self._lockouts[client] = n + 1
+                recent = []
+            self._fails[client] = recent
+
+
 class Dashboard:
     """The app's state: the store, its secrets, the export directory and the resume launcher."""
 
@@ -107,14 +186,13 @@ class Dashboard:
         self.token = token
         self.cookie = None if token is None else "nas_dashboard_" + hashlib.sha256(token.encode()).hexdigest()[:10]
         self.csrf = secrets.token_urlsafe(32)
-        try:
-            export_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DashboardError(f"cannot create the export directory {export_dir}: {e.strerror or e}") from None
-        self.export_dir = export_dir.resolve()
+        self.export_dir = check_export_dir(export_dir)
         self.launcher = Launcher(self.url, log_dir)
         self.allowed_hosts = allowed_hosts
         self.export_lock = threading.Lock()
+        self.written: dict[str, tuple[int, int, int, int]] = {}  # export name -> (dev, inode, size, mtime_ns)
+        self.guesses = Guesses()
+        self.clock: Callable[[], float] = time.monotonic
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(PKG / "templates")), autoescape=True,
                                       undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
@@ -131,6 +209,55 @@ class Dashboard:
 
     def token_ok(self, supplied: str) -> bool:
         return self.token is not None and hmac.compare_digest(supplied.encode(), self.token.encode())
+
+    def offers_token(self, request: Request) -> bool:
+        """Whether the request carries a token to check (a guess, when it is wrong)."""
+        return ("token" in request.query_params or request.headers.get("authorization", "").lower()
+                .startswith("bearer ") or bool(self.cookie and self.cookie in request.cookies))
+
+    # ---- exports ------------------------------------------------------------------------
+
+    def make_export_dir(self) -> None:
+        """Create the export directory (at the first export); it must still resolve to itself."""
+        try:
+            self.export_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HTTPException(500, f"cannot create the export directory {self.export_dir}: {e.strerror or e}") \
+                from None
+        if self.export_dir.resolve() != self.export_dir or self.export_dir.is_symlink():
+            raise HTTPException(500, f"the export directory {self.export_dir} was replaced by a link")
+
+    def remember(self, path: Path) -> None:
+        """Note a file this process just wrote in the export directory: only such files are served."""
+        st = os.lstat(path)
+        self.written[path.name] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def open_export(self, name: str) -> tuple[int, os.stat_result] | None:
+        """An open descriptor on export ``name`` and its stat, if it is exactly the file this process
+        wrote there (same device, inode, size and mtime; a regular file with one link; no symlink)."""
+        ident = self.written.get(name)
+        if ident is None or not EXPORT_NAME.match(name):
+            return None
+        try:
+            fd = os.open(self.export_dir / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or \
+                (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != ident:
+            os.close(fd)
+            return None
+        return fd, st
+
+    def exported_files(self, stem: str) -> list[str]:
+        """The downloadable files of an export stem (written by this process, unchanged)."""
+        out = []
+        for name in sorted(n for n in self.written if n.startswith(stem + ".")):
+            opened = self.open_export(name)
+            if opened is not None:
+                os.close(opened[0])
+                out.append(name)
+        return out
 
     def study(self, name: str) -> StudyInfo:
         """The study named in a URL: 400 for a name that cannot be a study's, 404 for an unknown one."""
@@ -169,17 +296,100 @@ class Dashboard:
         return self.page("error.html", status=status, status_code=status, message=message, back=back)
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """A request body past the limit (raised while it is read)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body too large (at most {limit // 1024} KiB)")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse (413) a request whose body passes ``limit`` bytes, as it is read.
+
+    A Content-Length over the limit is refused before any of the body is read; otherwise every
+    chunk the app receives is counted (chunked bodies, absent or lying lengths) and the read
+    that passes the limit raises :class:`BodyTooLarge`, answered 413 at once."""
+
+    def __init__(self, app: ASGIApp, limit: int = _MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = self.limit + 1
+                if declared > self.limit:
+                    await self._refuse(send)
+                    return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"detail": BodyTooLarge(self.limit).detail}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class SecurityHeaders:
+    """ASGI middleware: the security headers on every response, errors included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for k, v in _SECURITY_HEADERS:
+                    headers.setdefault(k, v)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 async def _read_form(request: Request) -> dict[str, str]:
-    """The POST body's fields (urlencoded or JSON), at most 64 KiB."""
-    try:
-        length = int(request.headers.get("content-length") or 0)
-    except ValueError:
-        length = 0
-    if length > _MAX_BODY:
-        raise HTTPException(413, "request body too large")
-    body = await request.body()
-    if len(body) > _MAX_BODY:
-        raise HTTPException(413, "request body too large")
+    """The POST body's fields (urlencoded or JSON), at most 64 KiB (counted as it is read)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _MAX_BODY:
+            raise BodyTooLarge(_MAX_BODY)
+        chunks.append(chunk)
+    body = b"".join(chunks)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not body:
         return {}
@@ -204,15 +414,26 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
     served from (default: ``nas_exports/`` beside a SQLite store). ``log_dir``: where resumes started
     here log (default: the study's work directory). ``allowed_hosts``: Host header names accepted
     (default: the loopback names without a token, any with one). ``poll_ms``: how often pages refresh."""
-    if token is not None and not token:
-        raise DashboardError("the dashboard token is empty: give a non-empty --token or leave it out")
+    check_token(token)
     exports = Path(export_dir) if export_dir is not None else default_export_dir(absolute_url(storage_url))
     hosts = allowed_hosts if allowed_hosts is not None else (None if token else set(LOOPBACK_HOSTS))
     dash = Dashboard(storage_url, token=token, export_dir=exports, log_dir=None if log_dir is None else Path(log_dir),
                      allowed_hosts=None if hosts is None else {h.lower() for h in hosts})
     app = FastAPI(title="hybrid-NAS dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.dashboard = dash
+    # innermost (added first): its 413 is raised in the endpoint's own reads, where the exception
+    # handlers answer it, not inside the guard's task group
+    app.add_middleware(BodyLimit, limit=_MAX_BODY)
     app.add_middleware(GZipMiddleware, minimum_size=2048)
+
+    def locked_out(request: Request, wait: float) -> Response:
+        msg = f"too many wrong tokens from this address: try again in {math.ceil(wait)} s"
+        headers = {"Retry-After": str(math.ceil(wait))}
+        if _wants_json(request):
+            return _secure(JSONResponse({"detail": msg}, status_code=429, headers=headers))
+        resp = dash.page("error.html", status=429, status_code=429, message=msg, back=None, csrf_token="", storage="")
+        resp.headers.update(headers)
+        return _secure(resp)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -220,6 +441,12 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
             return _secure(Response("this dashboard answers only on a loopback address (open http://127.0.0.1:PORT/)\n",
                                     status_code=400, media_type="text/plain"))
         if request.url.path != "/healthz" and dash.token is not None:
+            client = request.client.host if request.client else "?"
+            guessing = dash.offers_token(request)
+            if guessing:
+                wait = dash.guesses.locked(client, dash.clock())
+                if wait > 0:
+                    return locked_out(request, wait)
             supplied = request.query_params.get("token")
             if supplied is not None and dash.token_ok(supplied):
                 rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
@@ -228,7 +455,13 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
                 resp.set_cookie(dash.cookie or "", dash.token, httponly=True, samesite="strict", path="/",
                                 secure=request.url.scheme == "https")
                 return _secure(resp)
-            if not dash.authorized(request):
+            ok = dash.authorized(request)
+            if supplied is not None or (guessing and not ok):  # a wrong ?token=, or a wrong bearer or cookie
+                dash.guesses.fail(client, dash.clock())
+                wait = dash.guesses.locked(client, dash.clock())
+                if wait > 0:
+                    return locked_out(request, wait)
+            if not ok:
                 msg = ("this dashboard needs its token: open the URL `nas dashboard` printed (…/?token=TOKEN) "
                        "or send 'Authorization: Bearer TOKEN'")
                 if _wants_json(request):
@@ -237,8 +470,12 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
                                          csrf_token="", storage=""))  # nothing about the store before the token
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             origin = request.headers.get("origin")
-            if origin is not None and origin != "null" and \
-                    origin.rstrip("/").split("://", 1)[-1].lower() != request.headers.get("host", "").lower():
+            fetch_site = request.headers.get("sec-fetch-site", "").lower()
+            # an opaque origin ("null": sandboxed frames, file: pages, some redirects) is never ours
+            if (origin is not None and (origin.strip().lower() == "null" or
+                                        origin.rstrip("/").split("://", 1)[-1].lower()
+                                        != request.headers.get("host", "").lower())) \
+                    or fetch_site in ("cross-site", "same-site"):
                 return _secure(JSONResponse({"detail": "cross-origin request refused"}, status_code=403))
         return _secure(await call_next(request))
 
@@ -256,6 +493,14 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         return dash.page("error.html", status=exc.status_code, status_code=exc.status_code,
                          message=str(exc.detail), back="/")
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> Response:
+        """A bug or a store that went away: a short 500 with the security headers, no traceback."""
+        msg = f"internal error ({type(exc).__name__}); the dashboard's log has the details"
+        if _wants_json(request):
+            return _secure(JSONResponse({"detail": msg}, status_code=500))
+        return _secure(HTMLResponse(f"<!doctype html><title>500</title><p>{msg}</p>", status_code=500))
 
     # ---- pages --------------------------------------------------------------------------
 
@@ -284,7 +529,7 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
         arch = dash.architecture(info, arch_hash)
         view = architecture_view(dash.store, info, arch)
         stem = export_stem(name, arch_hash)
-        files = [p.name for p in sorted(dash.export_dir.glob(stem + ".*")) if EXPORT_NAME.match(p.name)]
+        files = dash.exported_files(stem)
         front = {r["arch_hash"]: r for r in dash.store.front(name)}
         return dash.page("arch.html", study=study_summary(dash.store, info, dash.launcher.get(name)), arch=arch,
                          view=view, files=files, has_weights=study_has_weights(info),
@@ -317,17 +562,24 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
         back = f"/studies/{name}"
         text = (form.get("budget") or "").strip()
         budget = None
+        try:
+            current = Budget.from_dict(info.budget)
+        except (BudgetError, TypeError, ValueError):
+            raise HTTPException(500, f"study {name!r} has an unreadable budget {info.budget!r}") from None
+        new = current
         if text:
             text = text if text.startswith("+") else "+" + text
             try:
                 add = parse_budget_arg(text, increment=True)
-                _ = Budget.from_dict(info.budget) + add  # the same unit kind, or BudgetError
+                new = current + add  # the same unit kind, or BudgetError
             except (SearchError, BudgetError) as e:
                 raise HTTPException(400, str(e)) from None
             budget = f"+{add}"
         elif info.status == "completed":
             hint = "+10trials" if info.budget.get("trials") else "+1cpu-m"
             raise HTTPException(400, f"study {name!r} is complete; give it more budget, e.g. {hint}")
+        if new.exhausted(info.used_seconds, info.trials_done):  # nothing would run: say so, start nothing
+            raise HTTPException(400, _nothing_to_run(name, info, current, budget))
 
         def refuse_if_live() -> None:
             live = dash.store.live_driver(name)
@@ -336,7 +588,8 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
                                          "stop it first or wait for it")
 
         try:
-            launch = dash.launcher.start(name, budget, info.config.get("workdir"), refuse_if_live)
+            launch = dash.launcher.start(name, budget, info.config.get("workdir"), refuse_if_live,
+                                         trials_before=info.trials_done)
         except LaunchError as e:
             raise HTTPException(409 if "still running" in str(e) else 500, str(e)) from None
         return dash.answer(request, f"resuming {name}" + (f" with {budget} more budget" if budget else "")
@@ -381,6 +634,7 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
             dash.architecture(info, arch)
         weights = form.get("weights", "") in ("1", "on", "true", "yes") and study_has_weights(info)
         with dash.export_lock:
+            dash.make_export_dir()
             try:
                 if not arch:
                     arch = pick_from_study(dash.store, name, pick=pick)[0].hash
@@ -398,10 +652,13 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
                 wfile.unlink(missing_ok=True)
                 wfile = None
             target = out.name
+            dash.remember(out)
             if wfile is not None:
                 files.append(wfile.name)
                 target = f"{stem}.zip"
                 _zip(dash.export_dir / target, [out, wfile])
+                dash.remember(wfile)
+                dash.remember(dash.export_dir / target)
         url = f"/exports/{target}"
         return dash.answer(request, f"exported {res.spec.short()}", f"/studies/{name}", url=url, files=files,
                            weights=res.weights_source if wfile is not None else None, hash=arch)
@@ -413,13 +670,15 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
         if not EXPORT_NAME.match(filename):
             raise HTTPException(404, "no such export")
         path = dash.export_dir / filename
-        if path.is_symlink():
+        if path.is_symlink() or path.resolve().parent != dash.export_dir:
             raise HTTPException(404, "no such export")
-        path = path.resolve()
-        if path.parent != dash.export_dir or not path.is_relative_to(dash.export_dir) or not path.is_file():
+        opened = dash.open_export(filename)  # only the very file this process wrote there
+        if opened is None:
             raise HTTPException(404, "no such export")
-        return FileResponse(path, media_type=_MEDIA[path.suffix], filename=filename,
-                            headers={"Cache-Control": "no-store"})
+        fd, st = opened
+        return StreamingResponse(_read_fd(fd), media_type=_MEDIA[path.suffix],
+                                 headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                                          "Content-Length": str(st.st_size), "Cache-Control": "no-store"})
 
     plotly_js = _plotly_js()
 
@@ -430,7 +689,31 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
         return FileResponse(plotly_js, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
 
     app.mount("/static", StaticFiles(directory=str(PKG / "static")), name="static")
+    app.add_middleware(SecurityHeaders)  # outermost of ours: on every answer
     return app
+
+
+def _read_fd(fd: int, chunk: int = 1 << 16) -> Iterator[bytes]:
+    """The content of an open file descriptor, in chunks; closes it."""
+    try:
+        while data := os.read(fd, chunk):
+            yield data
+    finally:
+        os.close(fd)
+
+
+def _nothing_to_run(name: str, info: StudyInfo, budget: Any, added: str | None) -> str:
+    """Why a resume would run nothing (its budget, even with ``added``, is spent), and what to add."""
+    used = budget.used_text(info.used_seconds, info.trials_done)
+    if budget.kind == "trials":
+        short = max(0, info.trials_done - int(budget.trials or 0))
+        need, hint = f"more than {short} trials", f"+{short + 10}trials"
+    else:
+        short = max(0.0, info.used_seconds - float(budget.seconds or 0))
+        unit = f"{budget.device}-s" if budget.device else "s"
+        need, hint = f"more than {short:,.1f} {unit}", f"+{math.ceil(short) + 30}{unit}"
+    with_add = f"{added} more still leaves nothing to spend" if added else "nothing is left to spend"
+    return f"study {name!r} has used {used}; {with_add}, so a resume would run nothing: add {need}, e.g. {hint}"
 
 
 def _version(info: StudyInfo) -> str:

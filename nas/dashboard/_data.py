@@ -11,12 +11,18 @@ from typing import Any
 from nas.budget import Budget, BudgetError
 from nas.store import Store, StudyInfo
 
+from ._runner import last_line
+
 #: stages in the order their evidence refines an architecture's metrics (as ``nas export`` reads them)
 STAGE_ORDER = ("screen", "supernet_train", "supernet", "latency", "train")
 #: metrics where less is better; every other metric is maximised (accuracy, score, zero-cost proxies)
 MINIMIZE = frozenset({"latency_ms", "latency_p90_ms", "latency_cv", "params", "flops", "peak_mem_mb", "loss",
                       "memory_mb", "seconds"})
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: what a latency measurement records; the careful ``latency`` stage's values replace the screening ones
+LATENCY_KEYS = ("latency_ms", "latency_p90_ms", "latency_cv", "peak_mem_mb")
+#: stages whose ``accuracy`` is a measured accuracy (a screening ``score`` never is one)
+ACCURACY_STAGES = ("train", "supernet")
 _ERROR_DETAIL = 4000  # characters of a traceback sent to the page
 
 
@@ -33,40 +39,96 @@ def _iso(dt: Any) -> str | None:
 
 
 def budget_view(info: StudyInfo) -> dict[str, Any]:
-    """Used against total, as numbers and as the text ``nas studies`` prints."""
+    """Used against total, as numbers and as the text ``nas studies`` prints; an overrun is shown
+    (``181.9/180 cpu-s (+1%)``, ``over`` set), never clipped away."""
     try:
         b = Budget.from_dict(info.budget)
     except (BudgetError, TypeError):
-        return {"kind": "?", "used": 0.0, "total": 0.0, "fraction": 0.0, "unit": "", "text": "?", "budget": "?"}
+        return {"kind": "?", "used": 0.0, "total": 0.0, "fraction": 0.0, "unit": "", "text": "?", "budget": "?",
+                "over": False, "over_pct": 0.0, "exhausted": False, "increment_hint": "+1cpu-m"}
     if b.kind == "trials":
         used, total, unit = float(info.trials_done), float(b.trials or 0), "trials"
     else:
         used, total, unit = info.used_seconds, float(b.seconds or 0), f"{b.device or 'device'}-s"
     text = b.used_text(info.used_seconds, info.trials_done)
+    over = total > 0 and used > total
+    over_pct = 100.0 * (used - total) / total if over else 0.0
+    if over:
+        text += f" (+{over_pct:.0f}%)" if over_pct >= 1 else " (+<1%)"
     frac = min(1.0, used / total) if total > 0 else 0.0
     return {"kind": b.kind, "used": used, "total": total, "fraction": frac, "unit": unit, "text": text,
-            "budget": str(b), "increment_hint": "+10trials" if b.kind == "trials" else
-            f"+30{b.device + '-' if b.device else ''}s"}
+            "budget": str(b), "over": over, "over_pct": over_pct,
+            "exhausted": b.exhausted(info.used_seconds, info.trials_done),
+            "increment_hint": "+10trials" if b.kind == "trials" else f"+30{b.device + '-' if b.device else ''}s"}
+
+
+def _lat(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(metrics[k]) for k in LATENCY_KEYS if _finite(metrics.get(k)) is not None}
+
+
+def latencies(store: Store, name: str, evals: list[Any] | None = None) -> dict[str, dict[str, float]]:
+    """arch_hash -> the best latency measurement the store holds for it: the latest careful ``latency``
+    stage measurement when there is one, else the latest screening one (only the LATENCY_KEYS).
+    ``evals``: the study's evaluations when the caller has them already."""
+    if evals is None:
+        by_stage = {st: store.done(name, st) for st in ("screen", "latency")}
+    else:
+        by_stage = {"screen": {}, "latency": {}}
+        for ev in evals:
+            if ev.error is None and ev.arch_hash is not None and ev.stage in by_stage and "latency_ms" in ev.metrics:
+                by_stage[ev.stage][ev.arch_hash] = ev.metrics
+    out: dict[str, dict[str, float]] = {}
+    for st in ("screen", "latency"):  # careful measurements last: they win
+        for h, m in by_stage[st].items():
+            lat = _lat(m)
+            if "latency_ms" in lat:
+                out[h] = lat
+    return out
+
+
+def _with_latency(metrics: dict[str, Any], lat: dict[str, float] | None) -> dict[str, Any]:
+    """``metrics`` with its latency fields replaced by the best measurement (when there is one)."""
+    if not lat:
+        return metrics
+    return {**{k: v for k, v in metrics.items() if k not in LATENCY_KEYS}, **lat}
+
+
+def front_view(store: Store, name: str, lat: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
+    """The stored front with the best latency of each architecture; a front ranked by screening
+    score keeps that score as ``score`` and shows no accuracy (a score is never an accuracy)."""
+    if lat is None:
+        lat = latencies(store, name)
+    out = []
+    for r in store.front(name):
+        metrics = {k: v for k, v in r["metrics"].items() if _finite(v) is not None}
+        source = r["metrics"].get("source")
+        if source not in (None, *ACCURACY_STAGES) and "accuracy" in metrics:
+            acc = metrics.pop("accuracy")
+            metrics.setdefault("score", acc)
+        out.append({"hash": r["arch_hash"], "rank": r["rank"], "source": source, "params": r.get("params"),
+                    "metrics": _with_latency(metrics, lat.get(r["arch_hash"]))})
+    return out
 
 
 def best_metrics(store: Store, name: str) -> dict[str, Any]:
-    """Best accuracy (with its latency) and lowest latency: from the stored front, or while a study
-    has none yet, from its trained or supernet-ranked architectures."""
-    rows = [r["metrics"] for r in store.front(name)]
-    source = "front"
-    if not rows:
-        for stage in ("train", "supernet"):
-            rows = list(store.done(name, stage).values())
+    """Best accuracy (with its latency) and lowest latency. The accuracy is always a measured one
+    (train, else supernet evaluations; None before any), never a screening score; latencies are
+    the best measurement of each architecture (as the plot and the front show them)."""
+    lat = latencies(store, name)
+    front = front_view(store, name, lat)
+    accs = {r["hash"]: r["metrics"] for r in front if r["source"] in ACCURACY_STAGES and "accuracy" in r["metrics"]}
+    source = "front" if accs else None
+    for stage in ACCURACY_STAGES if not accs else ():  # no measured front yet: the measured architectures
+        accs = {h: m for h, m in store.done(name, stage).items() if _finite(m.get("accuracy")) is not None}
+        if accs:
             source = stage
-            if rows:
-                break
-    accs = [m for m in rows if _finite(m.get("accuracy")) is not None]
-    lats = [_finite(m.get("latency_ms")) for m in rows]
-    top = max(accs, key=lambda m: float(m["accuracy"]), default=None)
-    lat_values = [v for v in lats if v is not None]
-    return {"accuracy": None if top is None else float(top["accuracy"]),
-            "latency_ms": None if top is None else _finite(top.get("latency_ms")),
-            "fastest_ms": min(lat_values) if lat_values else None, "source": source if rows else None}
+            break
+    top = max(accs.items(), key=lambda kv: float(kv[1]["accuracy"]), default=None)
+    pool = {r["hash"] for r in front} or set(accs) or set(lat)
+    fastest = [lat[h]["latency_ms"] for h in pool if h in lat]
+    return {"accuracy": None if top is None else float(top[1]["accuracy"]),
+            "latency_ms": None if top is None else (lat.get(top[0]) or {}).get("latency_ms"),
+            "fastest_ms": min(fastest) if fastest else None, "source": source}
 
 
 def study_summary(store: Store, info: StudyInfo, launch: Any = None) -> dict[str, Any]:
@@ -85,6 +147,13 @@ def study_summary(store: Store, info: StudyInfo, launch: Any = None) -> dict[str
                 "finishing"
         else:
             view["phase"] = "exited"
+            if view["returncode"] == 0 and launch.trials_before is not None and \
+                    info.trials_done <= launch.trials_before:  # it ended well, but ran no trial: say why
+                tail = launch.tail()
+                b = budget_view(info)
+                spent = f"the budget is spent ({b['text']})" if b["exhausted"] else ""
+                view.update(ran_nothing=True, log_tail=tail,
+                            reason="; ".join(x for x in (spent, last_line(tail)) if x) or "it printed nothing")
     starting = bool(view and view["phase"] == "starting")
     if starting:
         shown = "starting"  # a resume launched here, before its driver runs the study
@@ -149,13 +218,27 @@ def study_detail(store: Store, name: str) -> dict[str, Any]:
             p["metrics"] = {**metrics, **p["metrics"]}
         if p["trial"] is None:
             p["trial"] = ev.trial
-    points = [{k: v for k, v in p.items() if k != "rank"} for p in merged.values()]
-    names = sorted({m for p in points for m in p["metrics"]})
-    front = [{"hash": r["arch_hash"], "rank": r["rank"],
-              "metrics": {k: v for k, v in r["metrics"].items() if _finite(v) is not None},
-              "source": r["metrics"].get("source"), "params": r.get("params")} for r in store.front(name)]
+    lat = latencies(store, name, evals)
+    points = [{**{k: v for k, v in p.items() if k != "rank"}, "metrics": _with_latency(p["metrics"], lat.get(h))}
+              for h, p in merged.items()]
+    measured = {r["hash"] for r in rows if r["stage"] in ACCURACY_STAGES and "accuracy" in r["metrics"]}
+    for p in points:  # an accuracy only where one was measured (a screening score never is one)
+        if p["hash"] not in measured:
+            p["metrics"].pop("accuracy", None)
+    front = front_view(store, name, lat)
+    names = sorted({m for p in points for m in p["metrics"]} | {m for r in front for m in r["metrics"]})
     return {"evaluations": rows, "errors": errors, "stages": stages, "points": points, "front": front,
-            "metrics": names, "directions": {m: "min" if m in MINIMIZE else "max" for m in names}}
+            "metrics": names, "directions": {m: "min" if m in MINIMIZE else "max" for m in names},
+            "axes": default_axes(points)}
+
+
+def default_axes(points: list[dict[str, Any]]) -> dict[str, str | None]:
+    """The plot's default pair: accuracy (whenever any point has one, else the screening score)
+    against latency (else params, flops)."""
+    have = {m for p in points for m, v in p["metrics"].items() if _finite(v) is not None}
+    y = next((m for m in ("accuracy", "score") if m in have), None)
+    x = next((m for m in ("latency_ms", "params", "flops") if m in have), None)
+    return {"x": x, "y": y}
 
 
 def _device_line(fp: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ class Launch:
     budget: str | None
     started_at: datetime
     returncode: int | None = None
+    trials_before: int | None = None  # the study's evaluations when it started (to tell that it ran nothing)
     seen_running: bool = False  # the study was seen running under this process's driver
     waiter: threading.Thread | None = field(default=None, repr=False)
 
@@ -48,6 +49,10 @@ class Launch:
             self.returncode = self.proc.poll()
         return self.returncode is None
 
+    def tail(self) -> str:
+        """The end of the process's log."""
+        return _tail(self.log)
+
     def view(self) -> dict[str, Any]:
         running = self.running
         out: dict[str, Any] = {"pid": self.proc.pid, "running": running, "returncode": self.returncode,
@@ -55,7 +60,14 @@ class Launch:
                                "log": str(self.log)}
         if not running and self.returncode != 0:  # a failed resume: show why
             out["log_tail"] = _tail(self.log)
+            out["reason"] = last_line(out["log_tail"])
         return out
+
+
+def last_line(log: str) -> str:
+    """The last line a process printed (not this dashboard's ``#`` header), at most 300 characters."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip() and not ln.startswith("# ")]
+    return lines[-1][:300] if lines else ""
 
 
 def _tail(path: Path, n: int = _LOG_TAIL) -> str:
@@ -109,7 +121,8 @@ class Launcher:
         base.mkdir(parents=True, exist_ok=True)
         return base / f"dashboard-resume-{study}.log"
 
-    def start(self, study: str, budget: str | None, workdir: str | None, check: Any) -> Launch:
+    def start(self, study: str, budget: str | None, workdir: str | None, check: Any,
+              trials_before: int | None = None) -> Launch:
         """Start ``nas resume study [--budget budget]`` unless one is running.
 
         ``check()`` runs under the launch lock just before starting (the caller's live-driver test);
@@ -134,7 +147,8 @@ class Launcher:
                                             cwd=str(log.parent), env=env, start_new_session=True)
             except OSError as e:
                 raise LaunchError(f"cannot start `nas resume {study}`: {e}") from None
-            launch = Launch(study=study, proc=proc, log=log, budget=budget, started_at=started)
+            launch = Launch(study=study, proc=proc, log=log, budget=budget, started_at=started,
+                            trials_before=trials_before)
             launch.waiter = threading.Thread(target=self._reap, args=(launch,), daemon=True,
                                              name=f"nas-resume-{study}")
             launch.waiter.start()

@@ -35,6 +35,15 @@
     return Math.abs(v) >= 1e5 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(3) : String(+v.toPrecision(5));
   }
   const time = (iso) => (iso || "").slice(0, 19).replace("T", " ");
+  // Plotly renders a subset of HTML (links included) in titles, legend names and hover text:
+  // every store string that reaches it goes through esc(), and numbers through sig4()
+  const esc = (s) => String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+  const sig4 = (v) => (isNum(v) ? String(Number(v.toPrecision(4))) : "");
+  function budgetBar(bar, fill, b) {
+    fill.style.width = (100 * (b.fraction || 0)).toFixed(1) + "%";
+    bar.classList.toggle("over", !!b.over);
+    bar.title = b.over ? `over budget: ${b.text}` : b.text;
+  }
   const setText = (id, text) => { const n = $(id); if (n && n.textContent !== text) n.textContent = text; };
   function message(text, kind) {
     const box = $("message");
@@ -83,16 +92,16 @@
 
   // ---- studies list -------------------------------------------------------------------------
   function studyRow(s) {
-    const pct = (100 * (s.budget.fraction || 0)).toFixed(1) + "%";
     const fill = el("div", { className: "fill" });
-    fill.style.width = pct;
+    const bar = el("div", { className: "bar" }, fill);
+    budgetBar(bar, fill, s.budget);
     return el("tr", { "data-study": s.name },
       el("td", {}, el("a", { href: "/studies/" + encodeURIComponent(s.name) }, s.name)),
       el("td", {}, s.space),
       el("td", {}, s.config.strategy || ""),
       el("td", {}, el("span", { className: "status status-" + s.status }, s.shown_status)),
       el("td", {}, s.stage || "-"),
-      el("td", {}, el("div", { className: "bar" }, fill), el("span", { className: "bar-text" }, s.budget.text)),
+      el("td", {}, bar, el("span", { className: "bar-text" + (s.budget.over ? " over" : "") }, s.budget.text)),
       el("td", { className: "num" }, String(s.trials_done)),
       el("td", { className: "num" }, isNum(s.best.accuracy) ? fmt(s.best.accuracy, "acc") : "-"),
       el("td", { className: "num" }, isNum(s.best.latency_ms) ? fmt(s.best.latency_ms, "ms") : "-"),
@@ -144,6 +153,7 @@
     let sort = { key: "id", dir: -1 };
     let plotted = false;
     let timer = null;
+    const chosen = { x: false, y: false }; // the user picked an axis: keep it; else follow the data's default
 
     function archLink(hash) {
       return hash ? el("a", { className: "hash", href: base + "/arch/" + hash, title: hash }, hash.slice(0, 12)) : "";
@@ -156,7 +166,8 @@
       setText("status", s.shown_status);
       setText("stage", s.stage || "-");
       setText("budget-text", s.budget.text);
-      $("budget-fill").style.width = (100 * (s.budget.fraction || 0)).toFixed(1) + "%";
+      $("budget-text").classList.toggle("over", !!s.budget.over);
+      budgetBar($("budget-fill").parentElement, $("budget-fill"), s.budget);
       setText("trials", String(s.trials_done));
       setText("best-acc", isNum(s.best.accuracy) ? fmt(s.best.accuracy, "acc") : "-");
       setText("driver", s.driver.alive ? `pid ${s.driver.pid} on ${s.driver.host}` : "none");
@@ -170,8 +181,10 @@
         const l = s.launch;
         const what = `resume started here (pid ${l.pid}${l.budget ? ", " + l.budget : ""})`;
         const phase = { starting: "is starting", running: "is running the study", finishing: "is finishing" }[l.phase];
-        setText("launch-text", phase ? `${what} ${phase}; log: ${l.log}`
-          : `${what} exited with code ${l.returncode}${l.returncode === 0 ? "" : " (see the log below)"}; log: ${l.log}`);
+        let ended = `${what} finished`;
+        if (l.ran_nothing) ended = `${what} ran nothing: ${l.reason}`;
+        else if (l.returncode !== 0) ended = `${what} failed (exit code ${l.returncode})${l.reason ? ": " + l.reason : ""}`;
+        setText("launch-text", `${phase ? what + " " + phase : ended}; log: ${l.log}`);
         log.hidden = !l.log_tail;
         if (l.log_tail && log.textContent !== l.log_tail) log.textContent = l.log_tail;
       } else {
@@ -179,13 +192,13 @@
       }
     }
 
-    function fillAxis(select, names, preferred) {
+    function fillAxis(select, names, preferred, keep) {
       const current = select.value;
       const have = Array.from(select.options).map((o) => o.value);
       if (have.join("|") !== names.join("|")) {
         select.replaceChildren(...names.map((n) => el("option", { value: n }, n)));
       }
-      if (current && names.includes(current)) select.value = current;
+      if (keep && current && names.includes(current)) select.value = current;
       else {
         const pick = preferred.find((p) => names.includes(p));
         if (pick) select.value = pick;
@@ -196,23 +209,25 @@
       const div = $("plot");
       if (typeof Plotly === "undefined") { setText("plot-note", "plotly.min.js did not load"); return; }
       const names = (d.metrics || []).filter((m) => d.points.some((p) => isNum(p.metrics[m])));
-      fillAxis($("axis-x"), names, ["latency_ms", "params", "flops"]);
-      fillAxis($("axis-y"), names, ["accuracy", "score"]);
+      const axes = d.axes || {};
+      fillAxis($("axis-x"), names, [axes.x, "latency_ms", "params", "flops"], chosen.x);
+      fillAxis($("axis-y"), names, [axes.y, "accuracy", "score"], chosen.y);
       const x = $("axis-x").value;
       const y = $("axis-y").value;
       const dirs = d.directions || {};
       const shown = d.points.filter((p) => isNum(p.metrics[x]) && isNum(p.metrics[y]));
       const traces = [];
+      const hover = (label, p) => `${esc(label)}${esc(p.hash.slice(0, 12))}<br>${esc(x)} ${sig4(p.metrics[x])}`
+        + `<br>${esc(y)} ${sig4(p.metrics[y])}`;
       const stages = STAGES.concat([...new Set(shown.map((p) => p.stage))].filter((s) => !STAGES.includes(s)));
       for (const st of stages) {
         const pts = shown.filter((p) => p.stage === st);
         if (!pts.length) continue;
         traces.push({
-          type: "scatter", mode: "markers", name: "reached " + st,
+          type: "scatter", mode: "markers", name: "reached " + esc(st),
           x: pts.map((p) => p.metrics[x]), y: pts.map((p) => p.metrics[y]),
-          customdata: pts.map((p) => p.hash), text: pts.map((p) => p.hash.slice(0, 12)),
+          customdata: pts.map((p) => p.hash), hovertext: pts.map((p) => hover(st + " ", p)), hoverinfo: "text",
           marker: { color: COLORS[st] || "#555", size: 8, opacity: 0.85 },
-          hovertemplate: `%{text}<br>${x} %{x}<br>${y} %{y}<extra>${st}</extra>`,
         });
       }
       const front = frontOf(shown, x, y, dirs[x] || "max", dirs[y] || "max");
@@ -220,9 +235,8 @@
         traces.push({
           type: "scatter", mode: "lines+markers", name: "Pareto front", line: { shape: "hv", color: "#c62828", width: 2 },
           x: front.map((p) => p.metrics[x]), y: front.map((p) => p.metrics[y]),
-          customdata: front.map((p) => p.hash), text: front.map((p) => p.hash.slice(0, 12)),
+          customdata: front.map((p) => p.hash), hovertext: front.map((p) => hover("front ", p)), hoverinfo: "text",
           marker: { color: "#c62828", size: 11, symbol: "diamond" },
-          hovertemplate: `front %{text}<br>${x} %{x}<br>${y} %{y}<extra></extra>`,
         });
       }
       const stored = (d.front || []).filter((r) => isNum(r.metrics[x]) && isNum(r.metrics[y]));
@@ -230,12 +244,11 @@
         traces.push({
           type: "scatter", mode: "markers", name: "stored front",
           x: stored.map((r) => r.metrics[x]), y: stored.map((r) => r.metrics[y]),
-          customdata: stored.map((r) => r.hash), text: stored.map((r) => r.hash.slice(0, 12)),
-          marker: { color: "#111", size: 17, symbol: "circle-open", line: { width: 2 } },
-          hovertemplate: `stored front %{text}<extra></extra>`,
+          customdata: stored.map((r) => r.hash), hovertext: stored.map((r) => hover("stored front ", r)),
+          hoverinfo: "text", marker: { color: "#111", size: 17, symbol: "circle-open", line: { width: 2 } },
         });
       }
-      const axis = (m) => ({ title: { text: m + (dirs[m] ? ` (${dirs[m] === "min" ? "lower" : "higher"} is better)` : "") },
+      const axis = (m) => ({ title: { text: esc(m) + (dirs[m] ? ` (${dirs[m] === "min" ? "lower" : "higher"} is better)` : "") },
                              type: LOG_AXES.has(m) ? "log" : "linear", zeroline: false });
       const layout = {
         margin: { l: 64, r: 16, t: 8, b: 52 }, height: 430, hovermode: "closest", uirevision: x + "|" + y,
@@ -347,8 +360,8 @@
         renderTrials(detail);
       });
     }
-    $("axis-x").addEventListener("change", () => renderPlot(detail));
-    $("axis-y").addEventListener("change", () => renderPlot(detail));
+    $("axis-x").addEventListener("change", () => { chosen.x = true; renderPlot(detail); });
+    $("axis-y").addEventListener("change", () => { chosen.y = true; renderPlot(detail); });
 
     for (const [formId, btnId] of [["resume-form", "resume-btn"], ["stop-form", "stop-btn"]]) {
       const form = $(formId);
