@@ -766,11 +766,8 @@ def _open_store(storage: str, must_exist: bool = False) -> Any:
     nothing is created, migrated or switched to WAL on the way (every verb but ``search``)."""
     from nas.store import Store, StoreError, validate_url
 
-    try:
-        url = validate_url(storage)
-        if must_exist and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-            raise BadInput(f"no store at {_show(url[len('sqlite:///'):])}; run `nas search` first or pass --storage")
-        return Store(url, create=not must_exist)
+    try:  # a missing SQLite file is refused by Store(create=False) itself
+        return Store(validate_url(storage), create=not must_exist)
     except StoreError as e:
         raise BadInput(str(e)) from None
 
@@ -955,12 +952,9 @@ def search(
     import datetime
 
     from nas.search import (
-        MAX_TRAIN_EPOCHS,
-        MAX_WORKERS,
         SearchConfig,
         SearchError,
         create_study,
-        max_threads,
         parse_budget_arg,
         parse_count,
         parse_shares,
@@ -970,9 +964,6 @@ def search(
 
     try:
         bud = parse_budget_arg(budget)
-        _between("--workers", workers, 1, MAX_WORKERS)
-        _between("--threads", threads, 1, max_threads())
-        _between("--train-epochs", train_epochs, 1, MAX_TRAIN_EPOCHS)
         _between("--img-size", img_size, 8, 1024)
         _between("--seed", seed, 0, MAX_SEED)
         _between("--limit", data_limit, 20, 10_000_000)

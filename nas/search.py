@@ -494,7 +494,7 @@ class Driver:
         self.reserved: dict[str, tuple[str, float]] = {}  # running trials: key -> (stage, seconds reserved)
         for ev in store.evaluations(name, errors=False):
             self._account(ev.stage, ev.seconds, ev.metrics)
-            self._learn(ev.stage, ev.arch_hash, ev.seconds, ev.metrics)
+            self.stats.samples.setdefault(ev.stage, []).append(ev.seconds)  # the cost model replays them in calibrate()
 
     # ---- budget ------------------------------------------------------------------------
 
@@ -587,6 +587,7 @@ class Driver:
             cost.learn(ev.stage, ev.arch_hash, ev.seconds, ev.metrics)
 
     def _learn(self, stage: str, arch: str | None, seconds: float, metrics: dict[str, float]) -> None:
+        """A finished trial: its seconds for the stage's high quantile, and what it tells the cost model."""
         self.stats.samples.setdefault(stage, []).append(seconds)
         self.cost.learn(stage, arch, seconds, metrics)
 
@@ -741,13 +742,13 @@ class _Gate:
     ``exclusive``: one trial at a time (careful CPU latency: a second trial on a 2-core machine
     slowed a measurement 1.2-1.5x and doubled its spread)."""
 
-    def __init__(self, driver: Driver, stage: str, limit: float, exclusive: bool = False) -> None:
+    def __init__(self, driver: Driver, stage: str, limit: float, exclusive: bool = False,
+                 peek: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         self.d = driver
         self.stage = stage
         self.limit = limit
         self.exclusive = exclusive
-
-    peek: Callable[[], dict[str, Any] | None] = staticmethod(lambda: None)  # the stage's next candidate
+        self.peek = peek  # the stage's next candidate, whose cost decides a launch
 
     def decide(self, running: int) -> str:
         """LAUNCH only when the next trial's estimated cost (:meth:`Driver.estimate`, known before
@@ -1055,9 +1056,9 @@ def _recover_optuna(store: Store, storage: Any, name: str, d: Driver,
         else:
             study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            h = t.user_attrs.get("spec_hash")
-            if t.number in covered:
+            if t.number in covered:  # _recover_inflight recorded it, with its device time
                 continue
+            h = t.user_attrs.get("spec_hash")
             if h and t.user_attrs.get("spec"):
                 store.add_architecture(h, d.cfg.space, t.user_attrs["spec"])
             store.record_evaluation(name, stage=stage, metrics={}, seconds=0.0, arch_hash=h, trial=t.number,
@@ -1213,11 +1214,12 @@ class _StagePlan:
                     # a first training, or the continuation of one its allowance stopped (a resume
                     # with more budget): the checkpoint resumes exactly, each part has its own key
                     self.queue.insert(0, "supernet.eval")
-                    parts = self.store.evaluations(d.name, stage="supernet_train", errors=False)
+                    rows = self.store.evaluations(d.name, stage="supernet_train")
+                    parts = [e for e in rows if e.error is None]
                     # training seconds in the checkpoint that rows already count: a finished part
                     # records the checkpoint's total; a failed or interrupted one, the time it ran
                     counted = 0.0
-                    for e in self.store.evaluations(d.name, stage="supernet_train"):
+                    for e in rows:
                         counted = counted + e.seconds if e.error else max(counted,
                                                                           e.metrics.get("train_seconds", 0.0))
                     share_left = limit - d.stage_used("supernet")
@@ -1250,9 +1252,7 @@ class _StagePlan:
                 continue
             exclusive = base == "latency" and d.cfg.target == "cpu"  # measured alone, not beside another trial
             queue = _Queue(d, base, configs)
-            gate = _Gate(d, base, limit, exclusive)
-            gate.peek = queue.peek  # type: ignore[method-assign]
-            self.cur = _Stage(base, gate, queue, mark)
+            self.cur = _Stage(base, _Gate(d, base, limit, exclusive, peek=queue.peek), queue, mark)
             return True
 
     def _supernet_trained(self) -> bool:

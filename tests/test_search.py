@@ -150,9 +150,9 @@ def test_small_budget_is_spent_by_screening_more(ray_session: Any, tmp_path: Pat
     gates: list[tuple[str, bool]] = []
     gate_init = search._Gate.__init__
 
-    def spy(self: Any, driver: Any, stage: str, limit: float, exclusive: bool = False) -> None:
+    def spy(self: Any, driver: Any, stage: str, limit: float, exclusive: bool = False, **kw: Any) -> None:
         gates.append((stage, exclusive))
-        gate_init(self, driver, stage, limit, exclusive)
+        gate_init(self, driver, stage, limit, exclusive, **kw)
 
     monkeypatch.setattr(search._Gate, "__init__", spy)
     store = _new(tmp_path, "small", "15s", train_epochs=1, seed=2, workers=2)

@@ -67,7 +67,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # per-epoch reports lack latency
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C is the driver's graceful stop
     # trials are timed in wall-clock device-seconds: at Ray's default worker niceness (15) a trial
-    # starves beside any ordinary process and its seconds balloon 20-100x (see _unniced)
+    # starved beside any ordinary process and its seconds grew 20-100x (151 s for one CIFAR-10
+    # screening trial that takes 6 s); a cluster joined with --address sets this when it starts
     os.environ.setdefault("RAY_worker_niceness", "0")
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
                           "logging_level": "ERROR"}
@@ -153,18 +154,6 @@ def _warm_evaluation(device: str, threads: int) -> None:
     _WARMED.add(device)
 
 
-def _unniced() -> None:
-    """Run this trial's thread at the driver's priority where the OS allows it. Ray starts workers
-    at niceness 15 (``RAY_worker_niceness``); beside ordinary processes on a busy machine a niced
-    trial got a few percent of a core, so its wall-clock device-seconds grew 20-100x (151 s for one
-    CIFAR-10 screening trial that takes 6 s) and a budget bought almost nothing."""
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)  # the calling thread on Linux: the one running the trial
-    except (OSError, AttributeError):  # no permission to lower niceness (or no such call): keep it
-        pass
-
-
 def trainable(config: dict[str, Any], data: EvalData | None = None) -> None:
     """Evaluate ``config["spec"]`` for each stage in ``config["stages"]`` and report the result.
 
@@ -178,7 +167,6 @@ def trainable(config: dict[str, Any], data: EvalData | None = None) -> None:
 
     assert data is not None
     torch.set_num_threads(int(config.get("threads", 1)))
-    _unniced()
     if config.get("task") == "supernet":
         _fault(config)
         tune.report(_train_supernet(config, data))
@@ -511,9 +499,7 @@ class _Recorder(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started[trial.trial_id] = time.perf_counter()
-        started = getattr(self.gate, "started", None)
-        if started is not None:
-            started(dict(trial.config), self.attempts.get(trial.trial_id, 0))
+        self.gate.started(dict(trial.config), self.attempts.get(trial.trial_id, 0))
 
     def _failed(self, trial: Any, final: bool) -> None:
         attempt = self.attempts.get(trial.trial_id, 0)
