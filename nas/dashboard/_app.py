@@ -575,17 +575,21 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
             except (SearchError, BudgetError) as e:
                 raise HTTPException(400, str(e)) from None
             budget = f"+{add}"
-        elif info.status == "completed":
-            hint = "+10trials" if info.budget.get("trials") else "+1cpu-m"
-            raise HTTPException(400, f"study {name!r} is complete; give it more budget, e.g. {hint}")
-        if new.exhausted(info.used_seconds, info.trials_done):  # nothing would run: say so, start nothing
-            raise HTTPException(400, _nothing_to_run(name, info, current, budget))
 
         def refuse_if_live() -> None:
             live = dash.store.live_driver(name)
             if live is not None:
                 raise HTTPException(409, f"study {name!r} is already running (driver pid {live[0]} on {live[1]}); "
                                          "stop it first or wait for it")
+
+        # a live driver first, as `nas resume` takes the lease first: its own budget is its business
+        # (an overrun study with a live driver answered 400 "nothing to run" instead of 409)
+        refuse_if_live()
+        if not text and info.status == "completed":
+            hint = "+10trials" if info.budget.get("trials") else "+1cpu-m"
+            raise HTTPException(400, f"study {name!r} is complete; give it more budget, e.g. {hint}")
+        if new.exhausted(info.used_seconds, info.trials_done):  # nothing would run: say so, start nothing
+            raise HTTPException(400, _nothing_to_run(name, info, current, budget))
 
         try:
             launch = dash.launcher.start(name, budget, info.config.get("workdir"), refuse_if_live,
