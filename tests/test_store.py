@@ -412,6 +412,38 @@ class StoreSuite:
             store.create_study("s", "nb201", {}, {})
             assert len(optuna.load_study(study_name="first", storage=store.optuna_storage()).trials) == 1
 
+    def test_drivers_opening_optuna_on_a_fresh_store_at_once(self, url: str) -> None:
+        """Optuna stamps its alembic_version unlocked: four openers at once all succeed, one stamp.
+
+        Before the retry in ``optuna_storage`` this failed 30 times in 40 on SQLite (CI saw it as
+        two ``nas search`` runs on one fresh store, one dying with a UNIQUE constraint error).
+        """
+        import threading
+
+        with Store(url) as store:
+            for _ in range(3):
+                barrier = threading.Barrier(4)
+                errors: list[Exception] = []
+                storages: list[Any] = []
+
+                def open_optuna(barrier: Any, storages: list[Any], errors: list[Exception]) -> None:
+                    barrier.wait()
+                    try:
+                        storages.append(store.optuna_storage())
+                    except Exception as e:
+                        errors.append(e)
+
+                threads = [threading.Thread(target=open_optuna, args=(barrier, storages, errors)) for _ in range(4)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(120)
+                assert errors == [] and len(storages) == 4
+                for s in storages:
+                    s.engine.dispose()
+            with store.engine.connect() as c:
+                assert len(c.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()) == 1
+
     # -- processes -------------------------------------------------------------------------
 
     def test_two_processes_open_fresh_and_record_concurrently(self, url: str) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
 from .models import (
@@ -577,7 +577,17 @@ class Store:
         import optuna
 
         kwargs: dict[str, Any] = {"connect_args": {"timeout": _BUSY_TIMEOUT_MS / 1000}} if self._sqlite else {}
-        return optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
+        # Optuna creates its tables on first use and then stamps ``alembic_version`` without a lock,
+        # so two drivers opening a fresh store at once can both insert the stamp: the loser's
+        # IntegrityError means the schema is now there, and a second open just reads it.
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
+            except (IntegrityError, OperationalError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     # ---- studies ------------------------------------------------------------------------
 
