@@ -27,7 +27,8 @@ import torch
 
 from nas.budget import parse_budget
 from nas.search import Driver as _Driver
-from nas.search import SearchConfig, _Gate, create_study
+from nas.search import SearchConfig, create_study
+from nas.search._driver import _Gate
 from nas.store import Store
 from workers.evaluate import EvalConfig, evaluate
 from workers.ray_tune import ListSearcher, init_ray, run_trials, shutdown_ray

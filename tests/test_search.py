@@ -145,7 +145,7 @@ def test_small_budget_is_spent_by_screening_more(ray_session: Any, tmp_path: Pat
     """When the refill rounds run out of screened candidates, the plan screens more instead of
     stopping with budget left; every training result (ASHA-stopped ones too) carries its params
     and device; CPU latency is measured one trial at a time."""
-    import nas.search as search
+    import nas.search._driver as search
 
     gates: list[tuple[str, bool]] = []
     gate_init = search._Gate.__init__
@@ -357,7 +357,7 @@ def _driver(tmp_path: Path, budget: str) -> Any:
 
 
 def test_exclusive_gate_launches_one_trial_at_a_time(tmp_path: Path) -> None:
-    from nas.search import _Gate
+    from nas.search._driver import _Gate
     from workers.ray_tune import LAUNCH, WAIT
 
     d = _driver(tmp_path, "100s")
@@ -370,7 +370,7 @@ def test_exclusive_gate_launches_one_trial_at_a_time(tmp_path: Path) -> None:
 def test_gate_costs_a_stage_before_its_first_trial(tmp_path: Path) -> None:
     """A stage with no finished trial is costed by the model (not at 0 s): a train trial whose
     estimate exceeds what is left is not launched, and running trials' reservations count."""
-    from nas.search import _Gate
+    from nas.search._driver import _Gate
     from workers.ray_tune import FINISH, LAUNCH, WAIT
 
     d = _driver(tmp_path, "10s")
@@ -455,7 +455,7 @@ def test_training_stops_at_its_allowance_and_the_supernet_continues(tmp_path: Pa
 def test_a_study_stopped_before_training_shows_a_screening_ranking(tmp_path: Path) -> None:
     """Nothing trained: the front rows hold the screening ``score`` (source ``screen``), never an
     ``accuracy`` copied from it, in the store, in ``nas best --json`` and in the printed table."""
-    from nas.search import Driver, _front
+    from nas.search._driver import Driver, _front
 
     store = _new(tmp_path, "s0", "60s")
     frame_specs = []
@@ -492,7 +492,7 @@ def test_candidates_rank_supernet_accuracy_against_screening_latency(tmp_path: P
     D is as accurate as A's runner-up but slower than A, so it comes after the whole first front."""
     import types
 
-    from nas.search import _candidates
+    from nas.search._driver import _candidates
     from search_spaces.supernet import get_frame
 
     store = _new(tmp_path, "c", "60s")
