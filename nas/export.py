@@ -486,14 +486,17 @@ def pick_from_study(store: Any, name: str, *, pick: str | None = None, trial: in
 # ONNX
 # --------------------------------------------------------------------------------------------
 
-#: Mixers that torch.onnx cannot export, and why (checked with opset 17, TorchScript exporter).
-ONNX_UNSUPPORTED = {"spectral": "torch.fft.rfft2/irfft2 have no ONNX operator"}
-
-
 def onnx_blockers(spec: ArchSpec) -> list[str]:
-    """The reasons ``spec`` cannot be exported to ONNX (empty when it can)."""
-    used = {m for st in spec.stages for pair in st.mixers() for m in pair}
-    return [f"token mixer {m!r}: {why}" for m, why in ONNX_UNSUPPORTED.items() if m in used]
+    """The reasons ``spec`` cannot be exported to ONNX (empty when it can): one per mixer it uses
+    whose class declares an ``onnx_blocker`` (token mixers first, each kind by name)."""
+    from search_spaces.registry import get_channel_mixer, get_token_mixer
+
+    pairs = [p for st in spec.stages for p in st.mixers()]
+    out = []
+    for kind, names, get in (("token", {t for t, _ in pairs}, get_token_mixer),
+                             ("channel", {c for _, c in pairs}, get_channel_mixer)):
+        out += [f"{kind} mixer {m!r}: {get(m).onnx_blocker}" for m in sorted(names) if get(m).onnx_blocker]
+    return out
 
 
 def export_onnx(model: Any, spec: ArchSpec, in_chans: int, img_size: int,

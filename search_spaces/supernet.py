@@ -11,7 +11,8 @@ MatFormer):
 - **width, MLP ratio, heads**: every weight of a subnet is the leading slice of the supernet's
   weight (the first ``w`` channels, the first ``hidden`` units). Fused projections are sliced
   per segment (q, k and v of a ``qkv`` each keep their first rows; SwiGLU's gate and value;
-  Mamba's x and z and its (Δ, B, C) projection), as AutoFormer slices q, k, v separately;
+  Mamba's x and z and its (Δ, B, C) projection), as AutoFormer slices q, k, v separately. Each
+  mixer class declares its fused tensors in ``fused_slices`` (see ``search_spaces.registry``);
 - **mixer choice**: each block holds one instance of every token and channel mixer of its stage.
 
 A subnet is never a separate implementation: ``forward(x, spec)`` runs the very ``HybridViT``
@@ -37,22 +38,17 @@ from torch import Tensor, nn
 from search_spaces._space import RandomTrial, Trial
 from search_spaces.hybrid_vit import Downsample, HybridViT, LayerScale, Stem, build, init_weights
 from search_spaces.layers.norm import make_norm
-from search_spaces.registry import channel_mixer_names, get_channel_mixer, get_token_mixer, token_mixer_names
+from search_spaces.registry import (
+    SliceRule,
+    channel_mixer_names,
+    fused_rule,
+    get_channel_mixer,
+    get_token_mixer,
+    token_mixer_names,
+)
 from search_spaces.spec import DOWNSAMPLES, PRECISIONS, ArchSpec, BlockSpec, HeadSpec, StageSpec, StemSpec
 
 __all__ = ["FRAMES", "StageFrame", "Supernet", "SupernetFrame", "frame_from_json", "get_frame"]
-
-# Fused parameters: their first dimension is a concatenation of segments, each sliced on its own.
-# An int k is k equal segments; a tuple gives the sizes, None standing for "the rest".
-_FUSED: dict[str, dict[str, int | tuple[int | None, ...]]] = {
-    "attention": {r"qkv\.(weight|bias)": 3},
-    "linear": {r"qkv\.(weight|bias)": 3},
-    "gated_linear": {r"qkv\.weight": 3},
-    "single_head": {r"qkv\.(c\.weight|bn\.(weight|bias|running_mean|running_var))": (16, 16, None)},
-    "cascaded_group": {r"qkvs\.\d+\.(c\.weight|bn\.(weight|bias|running_mean|running_var))": (16, 16, None)},
-    "ssm": {r"in_proj\.weight": 2, r"(fwd|bwd)\.x_proj\.weight": (None, 16, 16)},
-    "glu": {r"fc1\.(weight|bias)": 2},
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,15 +362,29 @@ def get_frame(name: str, **overrides: Any) -> SupernetFrame:
 # slicing
 # --------------------------------------------------------------------------------------------
 
+_BLOCK_RE = re.compile(r"^(stages\.\d+\.blocks\.\d+\.)(token_mixer|channel_mixer)\.(.+)$")
 
-def _segment_sizes(rule: int | tuple[int | None, ...], n: int) -> list[int]:
+
+def _in_mixer(spec: ArchSpec, name: str) -> tuple[str, str, str, str] | None:
+    """For a subnet tensor inside a mixer, (block prefix, ``"token_mixer"`` or ``"channel_mixer"``,
+    the mixer's registered name, the tensor's name inside the mixer); ``None`` elsewhere."""
+    m = _BLOCK_RE.match(name)
+    if not m:
+        return None
+    prefix, kind, local = m.groups()
+    i, j = (int(v) for v in re.findall(r"\d+", prefix))
+    tm, cm = spec.stages[i].mixers()[j]
+    return prefix, kind, tm if kind == "token_mixer" else cm, local
+
+
+def _segment_sizes(rule: SliceRule, n: int) -> list[int]:
     if isinstance(rule, int):
         return [n // rule] * rule
     fixed = sum(s for s in rule if s is not None)
     return [n - fixed if s is None else s for s in rule]
 
 
-def _take(t: Tensor, shape: Sequence[int], rule: int | tuple[int | None, ...] | None = None) -> Tensor:
+def _take(t: Tensor, shape: Sequence[int], rule: SliceRule | None = None) -> Tensor:
     """The leading ``shape`` block of ``t``; with a fused ``rule`` the leading block of each segment
     of dim 0 (a copy, as segments are not contiguous; gradients flow back to ``t``)."""
     shape = tuple(shape)
@@ -392,11 +402,14 @@ def _take(t: Tensor, shape: Sequence[int], rule: int | tuple[int | None, ...] | 
     return torch.cat(parts, dim=0)
 
 
-def _fused_rule(mixer: str, local: str) -> int | tuple[int | None, ...] | None:
-    for pattern, rule in _FUSED.get(mixer, {}).items():
-        if re.fullmatch(pattern, local):
-            return rule
-    return None
+def _fused_rule(spec: ArchSpec, name: str) -> SliceRule | None:
+    """The segment rule of the subnet tensor ``name``, as its mixer's class declares it in
+    ``fused_slices``; ``None`` outside the mixers and for unfused tensors."""
+    where = _in_mixer(spec, name)
+    if where is None:
+        return None
+    _, kind, mixer, local = where
+    return fused_rule(get_token_mixer(mixer) if kind == "token_mixer" else get_channel_mixer(mixer), local)
 
 
 def _tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -508,9 +521,6 @@ def _max_module(cls: type[nn.Module], name: str, configs: list[dict[str, Any]], 
     return module
 
 
-_BLOCK_RE = re.compile(r"^(stages\.\d+\.blocks\.\d+\.)(token_mixer|channel_mixer)\.(.+)$")
-
-
 class Supernet(nn.Module):
     """Every subnet of a :class:`SupernetFrame` in one network (see the module docstring).
 
@@ -567,9 +577,7 @@ class Supernet(nn.Module):
                                   in_chans=self.frame.in_chans)
             plan = []
             for name, t in _tensors(model):
-                sname, mixer = self.super_name(spec, name)
-                rule = _fused_rule(mixer, sname.split(f".{mixer}.", 1)[1]) if mixer else None
-                plan.append((name, sname, tuple(t.shape), rule))
+                plan.append((name, self.super_name(spec, name)[0], tuple(t.shape), _fused_rule(spec, name)))
             entry = self._templates[key] = (model, plan)
             while len(self._templates) > self.cache_size:
                 self._templates.popitem(last=False)
@@ -583,13 +591,10 @@ class Supernet(nn.Module):
 
     def super_name(self, spec: ArchSpec, name: str) -> tuple[str, str | None]:
         """The supernet tensor behind ``name`` of the subnet, and the mixer whose slicing rules apply."""
-        m = _BLOCK_RE.match(name)
-        if not m:
+        where = _in_mixer(spec, name)
+        if where is None:
             return name, None
-        prefix, kind, local = m.groups()
-        i, j = (int(v) for v in re.findall(r"\d+", prefix))
-        tm, cm = spec.stages[i].mixers()[j]
-        mixer = tm if kind == "token_mixer" else cm
+        prefix, kind, mixer, local = where
         return f"{prefix}{kind}s.{mixer}.{local}", mixer
 
     def sub_state(self, spec: ArchSpec) -> dict[str, Tensor]:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch import nn
 
 from search_spaces import count_ops
 from search_spaces.layers.common import to_layout
 from search_spaces.registry import (
     CHANNEL_MIXERS,
     TOKEN_MIXERS,
+    channel_mixer,
     channel_mixer_names,
+    fused_rule,
     get_channel_mixer,
     get_token_mixer,
+    token_mixer,
     token_mixer_names,
 )
+from search_spaces.supernet import _segment_sizes
 
 DIM, HEADS, GRID = 32, 4, (4, 4)
 EXPECTED_TOKEN = {"attention", "single_head", "cascaded_group", "linear", "gated_linear", "ssm", "spectral",
@@ -55,8 +62,6 @@ def test_registry_has_every_block_of_the_design() -> None:
 
 
 def test_duplicate_names_raise() -> None:
-    from search_spaces.registry import channel_mixer, token_mixer
-
     with pytest.raises(ValueError, match="already registered"):
         token_mixer("pool")(TOKEN_MIXERS["identity"])
     with pytest.raises(ValueError, match="already registered"):
@@ -77,6 +82,74 @@ def test_declares_layout_paper_and_flags(kind: str, name: str) -> None:
         assert cls.layout in ("nlc", "any")
     doc = (cls.__doc__ or "") + (__import__(cls.__module__).__doc__ or "")
     assert doc.strip(), f"{name} needs a docstring naming its paper"
+
+
+DECLARATIONS = ("fused_slices", "onnx_blocker")
+
+
+@pytest.mark.parametrize(("kind", "name"), ALL, ids=IDS)
+def test_declares_fused_slices_and_onnx_blocker(kind: str, name: str) -> None:
+    """Both are declared on the class (or a base of its own), never taken from a default: a mixer
+    that forgets them must not pass as "nothing fused" or "exports to ONNX"."""
+    cls = get_token_mixer(name) if kind == "token" else get_channel_mixer(name)
+    for attr in DECLARATIONS:
+        owners = [k.__qualname__ for k in cls.__mro__ if attr in vars(k) and k not in (nn.Module, object)]
+        assert owners, f"{name}: {cls.__qualname__} must declare {attr}"
+    assert cls.onnx_blocker is None or (isinstance(cls.onnx_blocker, str) and cls.onnx_blocker.strip())
+    assert isinstance(cls.fused_slices, tuple)
+
+
+@pytest.mark.parametrize(("kind", "name"), ALL, ids=IDS)
+def test_fused_slices_name_real_tensors_whose_segments_fit(kind: str, name: str) -> None:
+    """Every declared name matches tensors of the block, and at two widths the rule cuts each
+    tensor's dim 0 into segments that add up, none of which shrinks as the width grows (the
+    supernet keeps the leading rows of each, so a small segment must fit in the big one)."""
+    cls = get_token_mixer(name) if kind == "token" else get_channel_mixer(name)
+    small, big = ({n: t.shape for n, t in [*m.named_parameters(), *m.named_buffers()] if t.ndim}
+                  for m in (_make(kind, name, dim=16), _make(kind, name, dim=32)))
+    for declared, _ in cls.fused_slices:
+        assert any(n == declared or n.startswith(declared + ".") for n in big), \
+            f"{name}: fused_slices names {declared!r}, which is no tensor or submodule of the block"
+    for n, shape in big.items():
+        rule = fused_rule(cls, n)
+        if rule is None or n not in small:
+            continue
+        seg_small, seg_big = _segment_sizes(rule, small[n][0]), _segment_sizes(rule, shape[0])
+        assert sum(seg_small) == small[n][0] and sum(seg_big) == shape[0], (name, n, rule)
+        assert all(0 < a <= b for a, b in zip(seg_small, seg_big)), (name, n, seg_small, seg_big)
+
+
+def _probe_class(**overrides: Any) -> type[nn.Module]:
+    """An otherwise valid token mixer class; ``attr=...`` replaces a declaration, ``attr=None`` with
+    ``drop=attr`` removes it."""
+    body: dict[str, Any] = {"layout": "nlc", "supports_prefix": False, "paper": "Nobody 2024, A Probe",
+                            "uses_heads": False, "complexity": "linear", "fused_slices": (), "onnx_blocker": None}
+    drop = overrides.pop("drop", None)
+    body.update(overrides)
+    body.pop(drop, None)
+    return type("Probe", (nn.Module,), body)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"drop": "fused_slices"}, "fused_slices"),
+    ({"drop": "onnx_blocker"}, "onnx_blocker"),
+    ({"fused_slices": NotImplemented}, "fused_slices"),
+    ({"fused_slices": {"qkv": 3}}, "fused_slices"),  # a dict would be a mutable class attribute
+    ({"fused_slices": (("qkv", 1),)}, "fused_slices"),
+    ({"fused_slices": (("qkv", (None, None)),)}, "fused_slices"),
+    ({"onnx_blocker": ""}, "onnx_blocker"),
+    ({"onnx_blocker": False}, "onnx_blocker"),
+])
+def test_registration_refuses_a_mixer_without_the_declarations(overrides: dict[str, Any], message: str) -> None:
+    for register, table in ((token_mixer, TOKEN_MIXERS), (channel_mixer, CHANNEL_MIXERS)):
+        before = dict(table)
+        with pytest.raises(ValueError, match=message):
+            register("decl_probe")(_probe_class(**dict(overrides)))
+        assert table == before
+    try:  # the probe itself is valid: only the declaration under test made it fail
+        token_mixer("decl_probe")(_probe_class(fused_slices=(("qkv", (4, None)),), onnx_blocker="no reason"))
+    finally:
+        TOKEN_MIXERS.pop("decl_probe", None)
 
 
 @pytest.mark.parametrize(("kind", "name"), ALL, ids=IDS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,8 +27,15 @@ from predictors.supernet import (
 )
 from search_spaces import supernet as supernet_mod
 from search_spaces.hybrid_vit import HybridViT, build
-from search_spaces.registry import channel_mixer_names, token_mixer_names
-from search_spaces.spec import ArchSpec, BlockSpec
+from search_spaces.layers.common import to_layout
+from search_spaces.registry import (
+    channel_mixer_names,
+    fused_rule,
+    get_channel_mixer,
+    get_token_mixer,
+    token_mixer_names,
+)
+from search_spaces.spec import ArchSpec, BlockSpec, StemSpec
 from search_spaces.supernet import StageFrame, Supernet, SupernetFrame, frame_from_json, get_frame
 
 TINY = get_frame("tiny")
@@ -123,13 +131,11 @@ def test_elastic_slicing_shares_storage(tiny_net: Supernet) -> None:
     assert sname == f"stages.0.blocks.0.channel_mixers.{small.stages[0].channel_mixer}.fc1.weight"
     views = 0
     for k, t in sub.items():
-        sname, mixer = tiny_net.super_name(small, k)
+        sname, _ = tiny_net.super_name(small, k)
         src = sup.get(sname)
         if src is None or t.ndim == 0:
             continue
-        local = sname.split(f".{mixer}.", 1)[1] if mixer else ""
-        fused = mixer is not None and supernet_mod._fused_rule(mixer, local) is not None
-        if not fused:
+        if supernet_mod._fused_rule(small, k) is None:
             assert t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr(), k
             assert t.shape <= src.shape
             views += 1
@@ -152,6 +158,127 @@ def test_fused_qkv_is_sliced_per_segment() -> None:
     assert out[:, 0].tolist() == [0, 1, 4, 5, 8, 9]
     out = supernet_mod._take(torch.arange(40.0).view(40, 1), (36, 1), (None, 16, 16))  # Mamba's (dt, B, C)
     assert out[:, 0].tolist() == [*range(0, 4), *range(8, 24), *range(24, 40)]
+
+
+MIXERS = [("token", n) for n in token_mixer_names()] + [("channel", n) for n in channel_mixer_names()]
+MIXER_IDS = [f"{k}:{n}" for k, n in MIXERS]
+
+
+def _mixer_cls(kind: str, name: str) -> type[nn.Module]:
+    return get_token_mixer(name) if kind == "token" else get_channel_mixer(name)
+
+
+def _perturb(module: nn.Module, seed: int) -> None:
+    """Random offsets on every parameter and random BatchNorm statistics, so every tensor matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+
+
+FUSED = [(k, n) for k, n in MIXERS if _mixer_cls(k, n).fused_slices]
+
+
+@pytest.mark.parametrize(("kind", "name"), FUSED, ids=[f"{k}:{n}" for k, n in FUSED])
+def test_extract_slices_fused_weights_as_the_mixer_declares(kind: str, name: str) -> None:
+    """A subnet extracted from the supernet equals ``build(spec)`` loaded with weights the test slices
+    itself, per segment as the mixer class's ``fused_slices`` says (and its forward agrees)."""
+    cls = _mixer_cls(kind, name)
+    frame = SupernetFrame(
+        stem=StemSpec(kind="patch", stride=4, norm="layernorm"),
+        stages=(StageFrame(max_depth=1, widths=(16, 32), heads=(2, 4), mlp_ratios=(2.0,), downsample="none",
+                           token_mixers=(name,) if kind == "token" else ("pool",),
+                           channel_mixers=(name,) if kind == "channel" else ("mlp",)),),
+        img_size=16, in_chans=1, num_classes=10)
+    net = Supernet(frame, seed=0)
+    _perturb(net, 1)
+    net.eval()
+    spec = frame.smallest()
+    sup = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    ref = build(spec, num_classes=10, img_size=16, in_chans=1).eval()
+    state, fused = {}, 0
+    for k, t in ref.state_dict().items():
+        sname, mixer = net.super_name(spec, k)
+        local = re.fullmatch(rf"stages\.0\.blocks\.0\.{kind}_mixer\.(.+)", k)
+        rule = fused_rule(cls, local[1]) if local and mixer == name else None
+        state[k] = supernet_mod._take(sup[sname], t.shape, rule).detach().clone()
+        fused += rule is not None and t.shape != sup[sname].shape
+    assert fused, f"{name}: no tensor was sliced by its fused_slices"
+    ref.load_state_dict(state, strict=True)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x)
+        assert (net.extract(spec).eval()(x) - want).abs().max() <= 1e-5
+        assert (net(x, spec) - want).abs().max() <= 1e-5
+
+
+# (width, heads) of the narrow and the wide block in the embedding test below. The default doubles
+# the width and, for mixers with heads, the heads too: a head's width and softmax scale stay the same.
+_EMBED: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    # one head whose width grows, so its qkv ConvBN is sliced (q and k of key_dim rows must stay
+    # whole); the scale depends on key_dim only. With more heads the channel groups would not nest.
+    "cascaded_group": ((16, 1), (32, 1)),
+    # SHViT attends over pdim = dim / 4.67 channels and passes the rest through: the block nests
+    # only where pdim agrees (4 at 20 and 23), and then qkv is not sliced at all (its rule, with
+    # the one width-dependent segment last, is a plain leading slice anyway)
+    "single_head": ((20, 1), (23, 1)),
+}
+
+
+@pytest.mark.parametrize(("kind", "name"), MIXERS, ids=MIXER_IDS)
+def test_declared_slicing_keeps_every_segment_in_its_role(kind: str, name: str) -> None:
+    """The slicing is right, checked against the block's own forward, not against the declaration.
+
+    Take a wide block, zero every entry its narrow subnet does not inherit (found by slicing index
+    tensors with the declared rules) and feed it the narrow input padded with zero channels: it
+    must compute the narrow block, with zeros in the extra channels. A rule that hands the narrow
+    block k rows cut from the wide block's q rows (or gate, Δ, ...) makes the two differ."""
+    cls = _mixer_cls(kind, name)
+    has_heads = kind == "token" and cls.uses_heads
+    default = ((16, 2), (32, 4)) if has_heads else ((16, 1), (32, 1))
+    (w_small, h_small), (w_big, h_big) = _EMBED.get(name, default)
+
+    def make(dim: int, heads: int) -> nn.Module:
+        torch.manual_seed(0)
+        return cls(dim, heads=heads, grid=(4, 4)) if kind == "token" else cls(dim, mlp_ratio=2.0)
+
+    big, small = make(w_big, h_big), make(w_small, h_small)
+    _perturb(big, 2)
+    big_tensors = {**dict(big.named_parameters()), **dict(big.named_buffers())}
+    small_state = small.state_dict()
+    keep = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in big_tensors.items()}
+    state = {}
+    with torch.no_grad():
+        for n, t in small_state.items():
+            src = big_tensors[n]
+            if not t.shape:
+                state[n] = src.clone()
+                keep[n].fill_(True)
+                continue
+            rule = fused_rule(cls, n)
+            index = torch.arange(src.numel()).view(src.shape)
+            keep[n].view(-1)[supernet_mod._take(index, t.shape, rule).flatten()] = True
+            state[n] = supernet_mod._take(src, t.shape, rule).clone()
+        for n, t in big_tensors.items():
+            t.mul_(keep[n])
+    small.load_state_dict(state, strict=True)
+    big.eval()
+    small.eval()
+    layout = "nlc" if cls.layout == "any" else cls.layout
+    x = to_layout(torch.randn(2, w_small, 4, 4, generator=torch.Generator().manual_seed(3)), layout, (4, 4))
+    ch = 1 if layout == "nchw" else 2  # the channel dim
+    pad = torch.zeros(*x.shape[:ch], w_big - w_small, *x.shape[ch + 1:])
+    with torch.no_grad():
+        want = small(x, (4, 4))
+        got = big(torch.cat([x, pad], dim=ch), (4, 4))
+    head, tail = got.split([w_small, w_big - w_small], dim=ch)
+    tol = 1e-5 * max(1.0, float(want.abs().max()))
+    assert float((head - want).abs().max()) <= tol, f"{name}: the narrow block is not a part of the wide one"
+    assert float(tail.abs().max()) <= tol, f"{name}: the wide block's extra channels are not zero"
 
 
 def test_gradients_reach_only_the_slices_used() -> None:

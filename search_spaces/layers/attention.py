@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from search_spaces.layers.common import ConvBN
 from search_spaces.layers.norm import GroupNorm1
-from search_spaces.registry import token_mixer
+from search_spaces.registry import FusedSlices, token_mixer
 
 
 def _check_heads(name: str, dim: int, heads: int) -> None:
@@ -35,6 +35,9 @@ class Attention(nn.Module):
         "Vaswani et al. 2017, Attention Is All You Need; Dosovitskiy et al. 2021, "
         "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale"
     )
+    # qkv's output rows are [q | k | v], dim each; each is sliced on its own (AutoFormer)
+    fused_slices: ClassVar[FusedSlices] = (("qkv", 3),)
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
         super().__init__()
@@ -76,6 +79,10 @@ class SingleHeadAttention(nn.Module):
     paper: ClassVar[str] = "Yun & Ro 2024, SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design"
 
     qk_dim: ClassVar[int] = 16
+    # qkv's output channels are [q (qk_dim) | k (qk_dim) | v (pdim)]. With the one width-dependent
+    # segment last this is the same as a plain leading slice; declared so the layout is explicit.
+    fused_slices: ClassVar[FusedSlices] = (("qkv", (qk_dim, qk_dim, None)),)
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
         super().__init__()
@@ -127,6 +134,10 @@ class CascadedGroupAttention(nn.Module):
 
     key_dim: ClassVar[int] = 16
     dw_kernel: ClassVar[int] = 5
+    # every head's qkv ConvBN (qkvs.0, qkvs.1, ...) gives [q (key_dim) | k (key_dim) | v (d)]; as in
+    # single_head, the same as a plain leading slice while v comes last
+    fused_slices: ClassVar[FusedSlices] = (("qkvs", (key_dim, key_dim, None)),)
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
         super().__init__()

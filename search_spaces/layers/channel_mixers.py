@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from search_spaces.layers.common import linear_any
-from search_spaces.registry import channel_mixer
+from search_spaces.registry import FusedSlices, channel_mixer
 
 
 def _hidden(dim: int, mlp_ratio: float, kind: str) -> int:
@@ -59,6 +59,8 @@ class Mlp(nn.Module):
         "Vaswani, Shazeer, Parmar, Uszkoreit, Jones, Gomez, Kaiser, Polosukhin 2017, Attention Is All "
         "You Need (NeurIPS); as in ViT (Dosovitskiy et al. 2021) and DeiT (Touvron et al. 2021)"
     )
+    fused_slices: ClassVar[FusedSlices] = ()
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -100,6 +102,8 @@ class SwiGLU(nn.Module):
         "Shazeer 2020, GLU Variants Improve Transformer; Abdullah & Aydin 2024, Activator: GLU "
         "Activation Function as the Core Component of a Vision Transformer"
     )
+    fused_slices: ClassVar[FusedSlices] = (("fc1", 2),)  # fc1's rows are [gate | value], hidden each
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -127,6 +131,8 @@ class ConvFFN(nn.Module):
         "Wang, Xie, Li, Fan, Song, Liang, Lu, Luo, Shao 2022, PVT v2: Improved Baselines with "
         "Pyramid Vision Transformer (Computational Visual Media)"
     )
+    fused_slices: ClassVar[FusedSlices] = ()
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -158,6 +164,8 @@ class NestedMlp(nn.Module):
         "Devvrit, Kudugunta, Kusupati, Dettmers, Chen, Dhillon, Tsvetkov, Hajishirzi, Kakade, Farhadi, "
         "Jain 2023, MatFormer: Nested Transformer for Elastic Inference"
     )
+    fused_slices: ClassVar[FusedSlices] = ()  # hidden units are nested prefixes: a plain leading slice
+    onnx_blocker: ClassVar[str | None] = None
     GRANULARITIES: ClassVar[tuple[float, ...]] = (0.125, 0.25, 0.5, 1.0)
 
     def __init__(self, dim: int, *, mlp_ratio: float = 4.0) -> None:

@@ -11,7 +11,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from search_spaces.layers.common import StarReLU
-from search_spaces.registry import token_mixer
+from search_spaces.registry import FusedSlices, token_mixer
 
 _METAFORMER_BASELINES = "Yu, Si, Zhou, Luo, Zhou, Feng, Yan, Wang 2023, MetaFormer Baselines for Vision (TPAMI)"
 
@@ -31,6 +31,8 @@ class Pooling(nn.Module):
     paper: ClassVar[str] = (
         "Yu, Luo, Zhou, Si, Zhou, Wang, Feng, Yan 2022, MetaFormer Is Actually What You Need for Vision (CVPR)"
     )
+    fused_slices: ClassVar[FusedSlices] = ()
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
         super().__init__()
@@ -53,6 +55,8 @@ class SepConv(nn.Module):
     uses_heads: ClassVar[bool] = False
     complexity: ClassVar[str] = "linear"
     paper: ClassVar[str] = _METAFORMER_BASELINES
+    fused_slices: ClassVar[FusedSlices] = ()
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
         super().__init__()
@@ -75,6 +79,8 @@ class IdentityMixer(nn.Module):
     uses_heads: ClassVar[bool] = False
     complexity: ClassVar[str] = "linear"
     paper: ClassVar[str] = _METAFORMER_BASELINES
+    fused_slices: ClassVar[FusedSlices] = ()
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
         super().__init__()

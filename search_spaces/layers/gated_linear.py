@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from search_spaces.layers._scan import linear_recurrence
-from search_spaces.registry import token_mixer
+from search_spaces.registry import FusedSlices, token_mixer
 
 GLA_CHUNK = 16
 
@@ -89,6 +89,8 @@ class BidirectionalGLA(nn.Module):
     )
     gate_rank: ClassVar[int] = 16
     gate_logit_normalizer: ClassVar[int] = 16
+    fused_slices: ClassVar[FusedSlices] = (("qkv", 3),)  # rows [q | k | v], dim each
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
         super().__init__()

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from search_spaces.registry import token_mixer
+from search_spaces.registry import FusedSlices, token_mixer
 
 
 @token_mixer("linear")
@@ -29,6 +29,9 @@ class LinearAttention(nn.Module):
     paper: ClassVar[str] = (
         "Cai et al. 2023, EfficientViT: Multi-Scale Linear Attention for High-Resolution Dense Prediction"
     )
+
+    fused_slices: ClassVar[FusedSlices] = (("qkv", 3),)  # rows [q | k | v], dim each
+    onnx_blocker: ClassVar[str | None] = None
 
     eps: ClassVar[float] = 1e-15
 

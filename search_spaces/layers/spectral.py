@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search_spaces.registry import token_mixer
+from search_spaces.registry import FusedSlices, token_mixer
 
 
 @token_mixer("spectral")
@@ -35,6 +35,9 @@ class GlobalFilter(nn.Module):
     uses_heads: ClassVar[bool] = False
     complexity: ClassVar[str] = "nlogn"
     paper: ClassVar[str] = "Rao, Zhao, Zhu, Lu, Zhou 2021, Global Filter Networks for Image Classification (NeurIPS)"
+    fused_slices: ClassVar[FusedSlices] = ()
+    # checked with opset 17, TorchScript exporter (tests/test_export.py tries it)
+    onnx_blocker: ClassVar[str | None] = "torch.fft.rfft2/irfft2 have no ONNX operator"
 
     def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
         super().__init__()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from search_spaces.layers._scan import linear_recurrence
-from search_spaces.registry import token_mixer
+from search_spaces.registry import FusedSlices, token_mixer
 
 
 def _no_reinit(p: nn.Parameter) -> nn.Parameter:
@@ -102,6 +102,11 @@ class BidirectionalMamba(nn.Module):
     expand: ClassVar[int] = 2  # d_inner = expand * dim
     d_state: ClassVar[int] = 16
     d_conv: ClassVar[int] = 4
+    # in_proj's rows are [x | z] (d_inner each); each branch's x_proj gives [Δ (dt_rank, grows with
+    # dim) | B (d_state) | C (d_state)], so Δ keeps its leading rows and B, C stay whole
+    fused_slices: ClassVar[FusedSlices] = (
+        ("in_proj", 2), ("fwd.x_proj", (None, d_state, d_state)), ("bwd.x_proj", (None, d_state, d_state)))
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(self, dim: int, *, heads: int = 1, grid: tuple[int, int] = (14, 14)) -> None:
         super().__init__()
