@@ -308,6 +308,29 @@ class StoreSuite:
             store.record_evaluation("s", stage="zc", metrics={}, seconds=float("nan"))
         assert store.used("s") == (7.75, 3) and len(store.evaluations("s")) == 4
 
+    def test_a_batch_is_recorded_whole_or_not_at_all(self, store: Store) -> None:
+        """A screening batch: each candidate its own row, key and seconds, in one transaction with
+        the in-flight note it ends; a bad row refuses the whole batch; a repeat counts nothing."""
+        store.create_study("s", "hybrid_vit", {}, {"seconds": 100.0})
+        hashes = []
+        for i in range(3):
+            h, spec = arch(i)
+            store.add_architecture(h, "hybrid_vit", spec)
+            hashes.append(h)
+        store.start_inflight("s", "screen.batch:0", stage="screen")
+        rows = [dict(stage="screen", metrics={"score": float(i)}, seconds=0.25 * (i + 1), arch_hash=h, trial=i,
+                     key=f"screen:{i}:screen", device=GPU) for i, h in enumerate(hashes)]
+        bad = [*rows[:2], dict(stage="screen", metrics={}, seconds=1.0, arch_hash=arch(9)[0], key="x")]
+        with pytest.raises(StoreError, match="add_architecture"):
+            store.record_evaluations("s", bad, inflight="screen.batch:0")
+        assert store.used("s") == (0.0, 0) and store.evaluations("s") == [] and len(store.inflight("s")) == 1
+        ids = store.record_evaluations("s", rows, inflight="screen.batch:0")
+        assert len(set(ids)) == 3 and store.used("s") == (1.5, 3) and store.inflight("s") == []
+        got = store.evaluations("s")
+        assert [(r.key, r.seconds, r.trial, r.metrics["score"]) for r in got] == [
+            (f"screen:{i}:screen", 0.25 * (i + 1), i, float(i)) for i in range(3)]
+        assert store.record_evaluations("s", rows) == ids and store.used("s") == (1.5, 3)
+
     def test_done_front_exports_and_delete(self, store: Store) -> None:
         store.create_study("s", "hybrid_vit", {}, {})
         store.create_study("other", "hybrid_vit", {}, {})

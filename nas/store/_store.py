@@ -19,7 +19,7 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -729,12 +729,17 @@ class Store:
     # ---- in-flight trials ---------------------------------------------------------------
 
     def start_inflight(self, study: str, key: str, *, stage: str, arch_hash: str | None = None,
-                       trial: int | None = None, attempt: int = 0) -> None:
-        """Note that the trial ``key`` was launched (replacing an earlier attempt's note).
-        :meth:`record_evaluation` with ``inflight=key`` clears it in the same transaction."""
+                       trial: int | None = None, attempt: int = 0,
+                       architectures: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Note that the trial ``key`` was launched (replacing an earlier attempt's note), with the
+        architectures it evaluates (each the keyword arguments of :meth:`add_architecture`), in one
+        transaction. :meth:`record_evaluation` with ``inflight=key`` clears it in the same transaction."""
         key, stage = _label(key, "trial key", 255), _label(stage, "stage")
+        arch_stmts = [self._arch_stmt(**a) for a in architectures]
         now = utcnow()
         with self._session(write=True) as s:
+            for stmt in arch_stmts:
+                s.execute(stmt)
             sid = self._study_id(s, study)
             s.execute(delete(InflightModel).where(InflightModel.study_id == sid, InflightModel.key == key))
             s.add(InflightModel(study_id=sid, key=key, stage=stage, arch_hash=arch_hash,
@@ -765,6 +770,13 @@ class Store:
         """Record an architecture once (concurrent-safe; later calls only fill in missing params/flops).
 
         ``spec_hash`` must be the sha256 of the spec's canonical JSON, as ``spec.hash`` is."""
+        stmt = self._arch_stmt(spec_hash, space, spec_json, params, flops)
+        with self._session(write=True) as s:
+            s.execute(stmt)
+
+    def _arch_stmt(self, spec_hash: str, space: str, spec_json: str | Mapping[str, Any],
+                   params: int | None = None, flops: int | None = None) -> Any:
+        """The upsert of one architecture (checked: the hash must be the spec's)."""
         if not isinstance(spec_hash, str) or not _HASH.match(spec_hash):
             raise StoreError(f"bad architecture hash {spec_hash!r}: expected 64 lowercase hex (spec.hash)")
         if isinstance(spec_json, str):
@@ -782,12 +794,10 @@ class Store:
                   "params": None if params is None else int(params), "flops": None if flops is None else int(flops),
                   "created_at": utcnow()}
         stmt = self._insert(ArchitectureModel).values(**values)
-        stmt = stmt.on_conflict_do_update(
+        return stmt.on_conflict_do_update(
             index_elements=["hash"],
             set_={"params": func.coalesce(ArchitectureModel.params, stmt.excluded.params),
                   "flops": func.coalesce(ArchitectureModel.flops, stmt.excluded.flops)})
-        with self._session(write=True) as s:
-            s.execute(stmt)
 
     def architecture(self, spec_hash: str) -> dict[str, Any] | None:
         """``{"hash", "space", "spec" (dict), "params", "flops", "created_at"}`` or None."""
@@ -838,6 +848,77 @@ class Store:
         inf) are skipped: the metric is absent rather than stored as a number no query can
         compare. ``arch_hash`` must have been added with ``add_architecture``. ``inflight``: the
         in-flight note (:meth:`start_inflight`) this result ends, deleted in the same transaction."""
+        row = dict(stage=stage, metrics=metrics, seconds=seconds, arch_hash=arch_hash, device=device, error=error,
+                   trial=trial, attempt=attempt, key=key, count_seconds=count_seconds)
+        return self.record_evaluations(study, [row], inflight=inflight)[0]
+
+    def record_evaluations(self, study: str, rows: Sequence[Mapping[str, Any]], *,
+                           inflight: str | None = None,
+                           architectures: Sequence[Mapping[str, Any]] = ()) -> list[int]:
+        """Record several evaluations (each the keyword arguments of :meth:`record_evaluation`
+        but ``inflight``) in one transaction, with the in-flight note they end and the
+        architectures they need (each the keyword arguments of :meth:`add_architecture`): a
+        batch of screening candidates is kept whole or not at all. Their ids, in order."""
+        checked = [self._checked_row(**r) for r in rows]
+        arch_stmts = [self._arch_stmt(**a) for a in architectures]
+        try:
+            with self._session(write=True) as s:
+                for stmt in arch_stmts:
+                    s.execute(stmt)
+                sid = self._study_id(s, study)
+                if inflight is not None:
+                    s.execute(delete(InflightModel).where(InflightModel.study_id == sid,
+                                                          InflightModel.key == inflight))
+                ids: list[int] = []
+                used = 0.0
+                done = 0
+                for r in checked:
+                    if r["key"] is not None:
+                        prior = s.scalar(select(EvaluationModel.id).where(
+                            EvaluationModel.study_id == sid, EvaluationModel.key == r["key"]))
+                        if prior is not None:
+                            ids.append(int(prior))
+                            continue
+                    if r["arch_hash"] is not None and ArchitectureModel.find(s, r["arch_hash"]) is None:
+                        raise StoreError(f"architecture {r['arch_hash']!r} is not in the store: "
+                                         "add_architecture() it first")
+                    if r["dev_stmt"] is not None:
+                        s.execute(r["dev_stmt"])
+                    ev = EvaluationModel(study_id=sid, arch_hash=r["arch_hash"], stage=r["stage"], trial=r["trial"],
+                                         attempt=r["attempt"], device_key=r["dev_key"], seconds=r["seconds"],
+                                         error=r["error"], key=r["key"])
+                    s.add(ev)
+                    s.flush()
+                    s.add_all([MetricModel(evaluation_id=ev.id, metric=m, value=v) for m, v in r["values"].items()])
+                    s.flush()
+                    used += r["seconds"] if r["count_seconds"] else 0.0
+                    done += 1 if r["error"] is None else 0
+                    ids.append(int(ev.id))
+                s.execute(update(StudyModel).where(StudyModel.id == sid).values(
+                    used_seconds=StudyModel.used_seconds + used, trials_done=StudyModel.trials_done + done,
+                    updated_at=utcnow()))
+                return ids
+        except IntegrityError:
+            if len(checked) != 1 or checked[0]["key"] is None:
+                if len(checked) > 1:  # one key raced by another writer: record them one by one
+                    for a in architectures:
+                        self.add_architecture(**a)
+                    return [self.record_evaluation(study, **r) for r in rows]
+                raise
+            # the same key committed by another process between our check and insert: theirs counts
+            with self._session() as s:
+                prior = s.scalar(select(EvaluationModel.id).join(StudyModel).where(
+                    StudyModel.name == study, EvaluationModel.key == checked[0]["key"]))
+            if prior is None:
+                raise
+            return [int(prior)]
+
+    def _checked_row(
+        self, *, stage: str, metrics: Mapping[str, float], seconds: float, arch_hash: str | None = None,
+        device: Mapping[str, Any] | None = None, error: str | None = None, trial: int | None = None,
+        attempt: int = 0, key: str | None = None, count_seconds: bool = True,
+    ) -> dict[str, Any]:
+        """One evaluation's arguments validated (StoreError on bad input), before any write."""
         stage = _label(stage, "stage")
         secs = _seconds(seconds)
         if not isinstance(metrics, Mapping):
@@ -861,42 +942,9 @@ class Store:
         except (TypeError, ValueError):
             raise StoreError(f"trial and attempt must be integers, got {trial!r} and {attempt!r}") from None
         dev_key, dev_stmt = self._device_stmt(device) if device is not None else (None, None)
-        try:
-            with self._session(write=True) as s:
-                sid = self._study_id(s, study)
-                if inflight is not None:
-                    s.execute(delete(InflightModel).where(InflightModel.study_id == sid,
-                                                          InflightModel.key == inflight))
-                if key is not None:
-                    prior = s.scalar(select(EvaluationModel.id).where(
-                        EvaluationModel.study_id == sid, EvaluationModel.key == key))
-                    if prior is not None:
-                        return int(prior)
-                if arch_hash is not None and ArchitectureModel.find(s, arch_hash) is None:
-                    raise StoreError(f"architecture {arch_hash!r} is not in the store: add_architecture() it first")
-                if dev_stmt is not None:
-                    s.execute(dev_stmt)
-                ev = EvaluationModel(study_id=sid, arch_hash=arch_hash, stage=stage, trial=trial_,
-                                     attempt=attempt, device_key=dev_key, seconds=secs, error=error, key=key)
-                s.add(ev)
-                s.flush()
-                s.add_all([MetricModel(evaluation_id=ev.id, metric=m, value=v) for m, v in values.items()])
-                s.flush()
-                s.execute(update(StudyModel).where(StudyModel.id == sid).values(
-                    used_seconds=StudyModel.used_seconds + (secs if count_seconds else 0.0),
-                    trials_done=StudyModel.trials_done + (1 if error is None else 0),
-                    updated_at=utcnow()))
-                return int(ev.id)
-        except IntegrityError:
-            if key is None:
-                raise
-            # the same key committed by another process between our check and insert: theirs counts
-            with self._session() as s:
-                prior = s.scalar(select(EvaluationModel.id).join(StudyModel).where(
-                    StudyModel.name == study, EvaluationModel.key == key))
-            if prior is None:
-                raise
-            return int(prior)
+        return {"stage": stage, "seconds": secs, "values": values, "error": error, "key": key, "trial": trial_,
+                "attempt": attempt, "dev_key": dev_key, "dev_stmt": dev_stmt, "arch_hash": arch_hash,
+                "count_seconds": bool(count_seconds)}
 
     def evaluations(self, study: str, stage: str | None = None, arch_hash: str | None = None,
                     errors: bool = True) -> list[EvaluationRow]:
