@@ -30,7 +30,7 @@ demo: install
 	$(NAS) sample --space nb201 --seed 0 --n 3
 	$(NAS) proxies --space hybrid_vit --spec .demo_spec.json --data digits --batch-size 32
 	$(NAS) device --threads 1
-	$(NAS) latency --space hybrid_vit --n 3 --seed 0 --batch 8 --threads 1 --repeats 20
+	$(NAS) latency --space hybrid_vit --n 3 --seed 0 --batch-size 8 --threads 1 --repeats 20
 	$(NAS) supernet train --frame tiny --data digits --epochs 6 --batch-size 64 --lr 3e-3 --no-augment --out .demo_supernet
 	$(NAS) supernet eval --ckpt .demo_supernet --n 4
 	$(NAS) search --space hybrid_vit --budget 3cpu-m --data digits --workers 2
@@ -66,5 +66,8 @@ test-loaded: install pg browser
 lint: install
 	$(VENV)/bin/ruff check .
 
+# everything `make demo` writes (the store and its SQLite side files, the studies' run folders,
+# dashboard exports, the .demo_* inputs and checkpoints) and what install and the tests leave
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .demo_spec.json .demo_supernet nas_runs test-artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info test-artifacts
+	rm -rf .demo_* nas.db nas.db-wal nas.db-shm nas.db-journal nas_runs nas_exports

@@ -73,7 +73,7 @@ def parse_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise LatencyError(f"device {str(dev)!r} is not available here (no CUDA GPU visible to torch); "
-                               "use --device cpu")
+                               "use --target cpu")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         if dev.index >= torch.cuda.device_count():

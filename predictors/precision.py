@@ -64,12 +64,12 @@ def check_precision(precision: str, device: str | torch.device = "cpu") -> None:
         if precision in ("bf16", "fp16") and not _mkldnn_supports(precision):
             need = "AVX512-BF16 or AMX" if precision == "bf16" else "AVX512-FP16 or AMX-FP16"
             raise PrecisionError(f"{precision} has no native kernels on this CPU (needs {need}); "
-                                 f"use fp32 or int8 on it, or measure {precision} on a GPU (--device cuda)")
+                                 f"use fp32 or int8 on it, or measure {precision} on a GPU (--target cuda)")
         if precision == "int8" and not hasattr(torch, "_int_mm"):
             raise PrecisionError("int8 needs torch._int_mm (torch >= 2.2); upgrade torch or use fp32")
         if precision == "fp8":
             raise PrecisionError("fp8 needs an NVIDIA GPU of compute capability >= 8.9 (Ada/Hopper); "
-                                 "this is a CPU: use fp32, bf16 or int8 here, or --device cuda on such a GPU")
+                                 "this is a CPU: use fp32, bf16 or int8 here, or --target cuda on such a GPU")
         return
     if dev.type != "cuda":
         raise PrecisionError(f"device {str(dev)!r} is not supported; use cpu or cuda[:i]")
@@ -77,7 +77,7 @@ def check_precision(precision: str, device: str | torch.device = "cpu") -> None:
         raise PrecisionError("int8 is dynamic quantization for CPUs; on a GPU use fp8 (compute capability "
                              ">= 8.9), bf16 or fp16")
     if not torch.cuda.is_available():
-        raise PrecisionError(f"no CUDA GPU is visible to torch for {precision} on {str(dev)!r}; use --device cpu")
+        raise PrecisionError(f"no CUDA GPU is visible to torch for {precision} on {str(dev)!r}; use --target cpu")
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise PrecisionError("this GPU has no bf16 support (compute capability < 8.0); use fp16 or fp32")
     if precision == "fp8":

@@ -155,8 +155,8 @@ class _Ran(AssertionError):
 @pytest.fixture
 def cli_env(assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Path]]:
     """An empty cwd and HOME; guards on everything that would start real work."""
-    import cli
     import nas.dashboard
+    import nas.lifecycle
     import predictors.latency
     import predictors.supernet
     from search_spaces import get_space
@@ -169,13 +169,14 @@ def cli_env(assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     monkeypatch.delenv("HYBRID_NAS_CACHE", raising=False)
     monkeypatch.delenv("NAS_CHAOS", raising=False)
+    monkeypatch.delenv("NAS_STORAGE", raising=False)
 
     def guard(what: str) -> Any:
         def ran(*_a: Any, **_k: Any) -> Any:
             raise _Ran(f"{what} started on bad input")
         return ran
 
-    monkeypatch.setattr(cli, "_run_driver", guard("a study"))
+    monkeypatch.setattr(nas.lifecycle, "run", guard("a study"))
     monkeypatch.setattr(nas.dashboard, "serve", guard("the dashboard"))
     monkeypatch.setattr(predictors.supernet, "train_supernet", guard("supernet training"))
     monkeypatch.setattr(predictors.latency, "measure", guard("a latency measurement"))
@@ -270,7 +271,7 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("train-epochs-zero", [*SEARCH, "--train-epochs", "0"], "epochs", ""),
     ("seed-negative", [*SEARCH, "--seed", "-1"], "--seed", ""),
     ("img-size-huge", [*SEARCH, "--img-size", "100000"], "img-size", ""),
-    ("limit-tiny", [*SEARCH, "--limit", "5"], "--limit", ""),
+    ("limit-tiny", [*SEARCH, "--data-limit", "5"], "--data-limit", ""),
     ("max-params-fullwidth", [*SEARCH, "--max-params", "５M"], "non-ascii", ""),
     ("max-params-inf", [*SEARCH, "--max-params", "1e400"], "max-params", ""),
     ("max-params-negative", [*SEARCH, "--max-params", "-1"], "max-params", ""),
@@ -388,10 +389,10 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("describe-nb201-deep", ["describe", "--space", "nb201", "--spec", "{A}/deep.json"], "nested too deeply", ""),
     ("latency-deep", ["latency", "--spec", "{A}/deep.json"], "nested too deeply", ""),
     ("latency-threads-absurd", ["latency", "--preset", "deit_tiny", "--threads", "1000000"], "--threads", ""),
-    ("latency-batch-absurd", ["latency", "--preset", "deit_tiny", "--batch", "100000000"], "--batch", ""),
+    ("latency-batch-absurd", ["latency", "--preset", "deit_tiny", "--batch-size", "100000000"], "--batch-size", ""),
     ("latency-n-absurd", ["latency", "--n", "100000000"], "--n", ""),
     ("latency-repeats-absurd", ["latency", "--preset", "deit_tiny", "--repeats", HUGE], "--repeats", ""),
-    ("latency-device-tpu", ["latency", "--preset", "deit_tiny", "--device", "tpu"], "device", ""),
+    ("latency-device-tpu", ["latency", "--preset", "deit_tiny", "--target", "tpu"], "device", ""),
     ("latency-precision-fp64", ["latency", "--preset", "deit_tiny", "--precision", "fp64"], "fp64", ""),
     ("proxies-batch-over-dataset", ["proxies", "--preset", "deit_tiny", "--batch-size", "5000", "--img-size", "16"],
      "--batch-size", ""),
@@ -407,7 +408,7 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("sample-seed-negative", ["sample", "--seed", "-5"], "--seed", ""),
     ("sample-seed-huge", ["sample", "--seed", HUGE], "--seed", ""),
     ("device-threads-absurd", ["device", "--threads", "10000000"], "--threads", ""),
-    ("device-unknown", ["device", "--device", "tpu"], "device", ""),
+    ("device-unknown", ["device", "--target", "tpu"], "device", ""),
     # --- supernet train / eval -------------------------------------------------------------
     ("sn-train-epochs-absurd", ["supernet", "train", "--epochs", "100000000", "--out", "ck"], "--epochs", ""),
     ("sn-train-threads-absurd", ["supernet", "train", "--epochs", "1", "--out", "ck", "--threads", "1000000"],
@@ -442,8 +443,8 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("search-data-newline", [*SEARCH, "--data", "digits\nnpz:/x"], "", ""),
     ("search-workers-negative", [*SEARCH, "--workers", "-3"], "workers", ""),
     ("latency-img-too-small", ["latency", "--preset", "deit_tiny", "--img-size", "3"], "too small", ""),
-    ("latency-device-cuda-word", ["latency", "--preset", "deit_tiny", "--device", "cuda:abc"], "device", ""),
-    ("device-cuda-word", ["device", "--device", "cuda:x"], "device", ""),
+    ("latency-device-cuda-word", ["latency", "--preset", "deit_tiny", "--target", "cuda:abc"], "device", ""),
+    ("device-cuda-word", ["device", "--target", "cuda:x"], "device", ""),
     ("sample-space-100k", ["sample", "--space", "x" * 100_000], "unknown search space", ""),
     ("resume-empty-store", ["resume", "s1", "--storage", "sqlite:///{A}/empty.db"], "not a hybrid-nas store", ""),
     ("show-garbage-store", ["show", "s1", "--storage", "sqlite:///{A}/garbage.db"], "not a database", ""),
@@ -461,12 +462,12 @@ CASES: list[tuple[str, list[str], str, str]] = [
      "no images", ""),
     ("sn-train-space-nb201", ["supernet", "train", "--epochs", "1", "--out", "ck", "--space", "nb201"],
      "hybrid_vit", ""),
-    ("sn-train-device-tpu", ["supernet", "train", "--epochs", "1", "--out", "ck", "--device", "tpu"], "device", ""),
+    ("sn-train-device-tpu", ["supernet", "train", "--epochs", "1", "--out", "ck", "--target", "tpu"], "device", ""),
     ("sn-train-img-too-small", ["supernet", "train", "--epochs", "1", "--out", "ck", "--frame", "tiny",
                                 "--img-size", "3"], "", ""),
     ("sn-eval-ckpt-missing", ["supernet", "eval", "--ckpt", "/nonexistent", "--n", "1"], "no supernet", ""),
-    ("sn-eval-limit-negative", ["supernet", "eval", "--ckpt", "{A}/snet", "--n", "1", "--limit", "-1"], "--limit",
-     ""),
+    ("sn-eval-limit-negative", ["supernet", "eval", "--ckpt", "{A}/snet", "--n", "1", "--test-limit", "-1"],
+     "--test-limit", ""),
     ("sn-eval-neither", ["supernet", "eval", "--ckpt", "{A}/snet"], "exactly one", ""),
     ("export-onnx-ext", ["export", "--spec", "{A}/ok.json", "--out", "m.py", "--onnx", "m.txt"], ".onnx", ""),
     ("export-out-keyword", ["export", "--spec", "{A}/ok.json", "--out", "class.py"], "importable", ""),
@@ -481,7 +482,7 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("search-target-1mb", [*SEARCH, "--target", "z" * 1_000_000], "target", ""),
     ("search-precision-1mb", [*SEARCH, "--precision", "z" * 1_000_000], "precision", ""),
     ("export-pick-1mb", ["export", "s1", "--pick", "z" * 1_000_000, "--out", "m.py", *S], "--pick", ""),
-    ("latency-device-1mb", ["latency", "--preset", "deit_tiny", "--device", "z" * 1_000_000], "device", ""),
+    ("latency-device-1mb", ["latency", "--preset", "deit_tiny", "--target", "z" * 1_000_000], "device", ""),
     ("describe-preset-1mb", ["describe", "--preset", "z" * 1_000_000], "unknown preset", ""),
 ]
 
@@ -608,3 +609,15 @@ def test_a_failed_export_write_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="nothing was written"):
         _write_all([(out, b"code"), (Path("/proc/nas_no_such_dir/w.safetensors"), b"w")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_problem_of_a_search_request_is_in_one_line(cli_env: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the first problem, then the next on the next try: all of them, joined by "; ", nothing written
+    (within the line's 300 characters; tests/test_lifecycle.py checks a longer list through the API)."""
+    code, out, err = _run(["search", "--budget", "abc", "--study", "t1", "--workers", "0", "--seed", "-1",
+                           "--data-limit", "5", "--stages", "warp=1"], capsys, monkeypatch)
+    _assert_one_line(code, out, err, "budget 'abc'")
+    for part in ("--workers", "--seed", "--data-limit", "unknown stage 'warp'"):
+        assert part in err, (part, err)
+    assert err.count("; ") >= 4 and "…" not in err

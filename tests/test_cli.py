@@ -184,19 +184,19 @@ def test_proxies_bad_input_is_one_line_exit_2(args: list[str], message: str,
 def test_device_prints_the_cpu_fingerprint(capsys: pytest.CaptureFixture[str]) -> None:
     from predictors.latency import device_fingerprint
 
-    code, out, _ = run(["device", "--threads", "1", "--json"], capsys)
+    code, out, _ = run(["device", "--target", "cpu", "--threads", "1", "--json"], capsys)
     assert code == 0
     fp = json.loads(out)
     assert fp["kind"] == "cpu" and fp["torch_threads"] == 1
     assert fp["key"] == device_fingerprint("cpu", threads=1)["key"]
     assert "fp32" in fp["precisions"] and "fp8" not in fp["precisions"]
-    code, out, _ = run(["device"], capsys)
+    code, out, _ = run(["device", "--target", "cpu"], capsys)
     assert code == 0 and fp["name"] in out
 
 
 def test_latency_of_random_archs_and_a_spec_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["latency", "--n", "2", "--seed", "3", "--batch", "2", "--repeats", "5", "--warmup", "2",
-                        "--threads", "1", "--json"], capsys)
+    code, out, _ = run(["latency", "--n", "2", "--seed", "3", "--batch-size", "2", "--repeats", "5", "--warmup", "2",
+                        "--threads", "1", "--target", "cpu", "--json"], capsys)
     assert code == 0
     data = json.loads(out)
     assert data["fingerprint"]["kind"] == "cpu" and data["fingerprint"]["torch_threads"] == 1
@@ -210,19 +210,19 @@ def test_latency_of_random_archs_and_a_spec_file(tmp_path: Path, capsys: pytest.
     code, lines, _ = run(["sample", "--n", "2", "--seed", "9", "--json"], capsys)
     f = tmp_path / "specs.jsonl"
     f.write_text(lines)
-    code, out, _ = run(["latency", "--spec", str(f), "--precision", "fp32", "--batch", "1", "--repeats", "3",
-                        "--warmup", "1"], capsys)
+    code, out, _ = run(["latency", "--spec", str(f), "--precision", "fp32", "--batch-size", "1", "--repeats", "3",
+                        "--warmup", "1", "--target", "cpu"], capsys)
     assert code == 0
     hashes = [ArchSpec.from_json(ln).hash for ln in lines.splitlines()]
     assert all(h[:8] in out for h in hashes) and out.count(" fp32 ") == 2
 
 
 LATENCY_BAD_INPUTS = [
-    (["latency", "--preset", "deit_tiny", "--device", "cuda"], "--device cpu"),
-    (["latency", "--preset", "deit_tiny", "--precision", "fp8"], "compute capability >= 8.9"),
+    (["latency", "--preset", "deit_tiny", "--target", "cuda"], "--target cpu"),
+    (["latency", "--preset", "deit_tiny", "--precision", "fp8", "--target", "cpu"], "compute capability >= 8.9"),
     (["latency", "--preset", "deit_tiny", "--precision", "fp4"], "unknown precision 'fp4'"),
     (["latency", "--preset", "deit_tiny", "--n", "2"], "exactly one of"),
-    (["latency", "--preset", "deit_tiny", "--batch", "0"], "--batch must be at least 1"),
+    (["latency", "--preset", "deit_tiny", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["latency", "--preset", "deit_tiny", "--img-size", "8"], "too small"),
 ]
 
@@ -236,15 +236,18 @@ def test_latency_bad_input_is_one_line_exit_2(args: list[str], message: str,
 
 def test_supernet_train_resume_and_eval(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "sn"
-    args = ["supernet", "train", "--frame", "tiny", "--data", "digits", "--epochs", "1", "--limit", "128",
-            "--batch-size", "64", "--out", str(out), "--no-augment"]
+    args = ["supernet", "train", "--frame", "tiny", "--data", "digits", "--epochs", "1", "--data-limit", "128",
+            "--batch-size", "64", "--out", str(out), "--no-augment", "--target", "cpu"]
     code, stdout, err = run(args, capsys)
     assert code == 0, err
     assert (out / "supernet.pt").is_file() and json.loads((out / "frame.json").read_text())["in_chans"] == 1
     assert "done: 2 steps" in stdout
-    code, stdout, err = run(args, capsys)  # the same command again: already finished, nothing retrained
-    assert code == 0 and "done: 2 steps" in stdout, err
-    code, stdout, err = run(["supernet", "eval", "--ckpt", str(out), "--n", "2", "--limit", "100", "--json"], capsys)
+    code, stdout, err = run([*args, "--json"], capsys)  # the same command again: already finished, nothing retrained
+    assert code == 0, err
+    done = json.loads(stdout)
+    assert done["steps"] == 2 and done["ckpt"] == str(out / "supernet.pt") and done["frame"]["in_chans"] == 1
+    code, stdout, err = run(["supernet", "eval", "--ckpt", str(out), "--n", "2", "--test-limit", "100", "--json"],
+                            capsys)
     assert code == 0, err
     res = json.loads(stdout)["results"]
     assert len(res) == 2 and all(0.0 <= r["accuracy"] <= 1.0 and r["seconds"] > 0 for r in res)
@@ -253,8 +256,8 @@ def test_supernet_train_resume_and_eval(capsys: pytest.CaptureFixture[str], tmp_
     from search_spaces.supernet import get_frame
 
     spec_file.write_text(get_frame("tiny").largest().to_json())
-    code, stdout, err = run(["supernet", "eval", "--ckpt", str(out), "--spec", str(spec_file), "--limit", "50",
-                             "--precision", "int8"], capsys)
+    code, stdout, err = run(["supernet", "eval", "--ckpt", str(out), "--spec", str(spec_file), "--test-limit", "50",
+                             "--precision", "int8", "--target", "cpu"], capsys)
     assert code == 0 and "int8" in stdout, err
 
 
@@ -266,7 +269,7 @@ def test_supernet_train_resume_and_eval(capsys: pytest.CaptureFixture[str], tmp_
     (["supernet", "train", "--frame", "tiny", "--epochs", "1", "--out", "X", "--img-size", "2"], "invalid frame"),
     (["supernet", "eval", "--ckpt", "/nonexistent", "--n", "1"], "no supernet checkpoint"),
     (["supernet", "eval", "--ckpt", "X"], "exactly one of"),
-    (["supernet", "train", "--epochs", "1", "--out", "X", "--device", "tpu"], "use cpu or cuda"),
+    (["supernet", "train", "--epochs", "1", "--out", "X", "--target", "tpu"], "use cpu or cuda"),
     (["supernet", "train", "--epochs", "1", "--out", "X", "--lr", "0"], "--lr must be positive"),
 ])
 def test_supernet_bad_input_is_one_line_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str],
@@ -279,8 +282,8 @@ def test_supernet_bad_input_is_one_line_exit_2(args: list[str], message: str, ca
 
 def test_supernet_eval_refuses_a_spec_outside_the_frame(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "sn"
-    assert run(["supernet", "train", "--frame", "tiny", "--epochs", "1", "--limit", "64", "--batch-size", "64",
-                "--out", str(out)], capsys)[0] == 0
+    assert run(["supernet", "train", "--frame", "tiny", "--epochs", "1", "--data-limit", "64", "--batch-size", "64",
+                "--out", str(out), "--target", "cpu"], capsys)[0] == 0
     spec = tmp_path / "s.json"
     spec.write_text(get_space("hybrid_vit").random(0).to_json())
     code, _, err = run(["supernet", "eval", "--ckpt", str(out), "--spec", str(spec)], capsys)
@@ -304,3 +307,150 @@ def test_output_does_not_wrap_where_it_is_not_a_terminal(capsys: pytest.CaptureF
     env = {**os.environ, "COLUMNS": "80", "PYTHONWARNINGS": "ignore"}
     r = subprocess.run([*exe, "describe", "--preset", "hybrid_tiny"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and short in r.stdout.splitlines(), r.stdout[:500]
+
+
+# --------------------------------------------------------------------------------------------
+# one CLI a person learns once: version, renamed flags, JSON everywhere, the store from the
+# environment, next-step hints that work as printed, tables that never cut a name or a token
+# --------------------------------------------------------------------------------------------
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"nas (hybrid-nas) {version('hybrid-nas')}"
+
+
+def test_old_flag_spellings_still_work_with_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["device", "--device", "cpu", "--threads", "1", "--json"], capsys)
+    assert code == 0 and json.loads(out)["kind"] == "cpu"
+    assert err.strip() == "nas: note: --device is now --target"
+    code, _, err = run(["latency", "--preset", "deit_tiny", "--batch", "0"], capsys)
+    assert code == 2 and "--batch-size must be at least 1" in err
+    code, _, err = run(["supernet", "eval", "--ckpt", "/nonexistent", "--n", "1", "--limit", "-1"], capsys)
+    assert code == 2 and "--limit is now --test-limit" in err and "--test-limit must be at least 0" in err
+
+
+@pytest.fixture
+def study_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """A store (not the default path) with one finished study whose name is as long as a name can be."""
+    from nas.store import Store
+    from search_spaces.supernet import get_frame
+
+    monkeypatch.delenv("NAS_STORAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    url, name = f"sqlite:///{tmp_path / 'runs.db'}", "a-study-with-a-name-as-long-as-the-store-allows-sixty-four-chars"
+    assert len(name) == 64
+    frame = get_frame("tiny", in_chans=1, num_classes=10)
+    with Store(url) as store:
+        config = {"frame_json": frame.to_dict(), "data": "digits", "target": "cpu", "strategy": "random"}
+        store.create_study(name, "hybrid_vit", config, {"seconds": 60.0, "trials": None, "device": "cpu"})
+        specs = [frame.random(i) for i in range(3)] + [get_space("hybrid_vit").random(1)]
+        for i, spec in enumerate(specs):
+            store.add_architecture(spec.hash, "hybrid_vit", spec.to_json())
+            store.record_evaluation(name, stage="train", metrics={"accuracy": 0.9 - i / 10, "latency_ms": 1.0 + i},
+                                    seconds=1.0, arch_hash=spec.hash, trial=i, key=f"train:{i}")
+        store.set_front(name, [{"arch_hash": s.hash, "rank": i, "metrics": {"accuracy": 0.9 - i / 10,
+                                                                            "latency_ms": 1.0 + i, "source": "train"}}
+                               for i, s in enumerate(specs)])
+        store.set_status(name, "completed")
+    return url, name
+
+
+def test_the_store_comes_from_nas_storage(study_store: tuple[str, str], capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    url, name = study_store
+    code, _, err = run(["studies"], capsys)
+    assert code == 2 and "no store" in err  # the default nas.db is not there
+    monkeypatch.setenv("NAS_STORAGE", url)
+    code, out, err = run(["studies", "--json"], capsys)
+    assert code == 0 and [s["name"] for s in json.loads(out)] == [name], err
+    code, out, _ = run(["show", name, "--json"], capsys)
+    assert code == 0 and json.loads(out)["study"]["name"] == name
+    code, _, err = run(["studies", "--storage", f"sqlite:///{Path.cwd() / 'other.db'}"], capsys)
+    assert code == 2 and "no store" in err  # the flag wins over the environment
+
+
+def test_stop_and_export_print_json(study_store: tuple[str, str], capsys: pytest.CaptureFixture[str],
+                                    tmp_path: Path) -> None:
+    url, name = study_store
+    code, out, err = run(["stop", name, "--storage", url, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == {"study": name, "action": "nothing", "status": "completed", "driver_pid": None,
+                               "message": f"study {name} is completed; nothing to stop"}
+    model = tmp_path / "model.py"
+    code, out, err = run(["export", name, "--storage", url, "--pick", "latency", "--out", str(model), "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["out"] == str(model) and res["study"] == name and res["hash"] in model.read_text()
+    assert res["weights"] is None and res["onnx"] is None
+
+
+def test_next_hints_work_as_printed(study_store: tuple[str, str], capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a run every suggested command carries --storage (the store is not the default) and runs."""
+    import shlex
+
+    import nas.lifecycle
+
+    url, name = study_store
+    monkeypatch.setattr(nas.lifecycle, "run", lambda store, n, **_k: nas.lifecycle.summary(store, n))
+    code, out, err = run(["resume", name, "--storage", url, "--budget", "+30cpu-s"], capsys)
+    assert code == 0, err
+    hint = next(ln for ln in out.splitlines() if ln.startswith("next: "))
+    commands = [shlex.split(c) for c in hint[len("next: "):].split(" | ")]
+    assert [c[:2] for c in commands] == [["nas", "show"], ["nas", "best"], ["nas", "resume"]]
+    assert all(c[-2:] == ["--storage", url] for c in commands), hint
+    assert "+1cpu-m" in commands[2]  # in the study's own unit
+    for c in commands[:2]:
+        code, _, err = run(c[1:], capsys)
+        assert code == 0, (c, err)
+
+
+def _terminal(monkeypatch: pytest.MonkeyPatch, columns: int = 80) -> None:
+    """The CLI's console as on a terminal of ``columns`` columns."""
+    import cli
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setattr(cli, "console", cli._Console(highlight=False, markup=False, force_terminal=True,
+                                                     color_system=None))
+    assert cli.console.width == columns
+
+
+def _tokens(text: str) -> set[str]:
+    return set(text.replace(",", " ").split())
+
+
+def test_tables_at_80_columns_keep_names_and_tokens_whole(study_store: tuple[str, str],
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    url, name = study_store
+    _terminal(monkeypatch)
+    space = get_space("hybrid_vit")
+    code, out, _ = run(["sample", "--n", "4", "--seed", "7"], capsys)
+    assert code == 0 and max(len(ln) for ln in out.splitlines()) <= 80
+    for i in range(4):  # every token of every architecture appears whole (folded only between tokens)
+        assert _tokens(space.random(7 + i).short()) <= _tokens(out)
+    for args in (["studies"], ["best", name], ["show", name]):
+        code, out, err = run([*args, "--storage", url], capsys)
+        assert code == 0, err
+        lines = out.splitlines()
+        assert max(len(ln) for ln in lines) <= 80, [ln for ln in lines if len(ln) > 80]
+        assert any(name in ln for ln in lines), out  # the 64-character name, never cut
+        assert "…" not in out
+    code, out, _ = run(["best", name, "--storage", url, "--json"], capsys)
+    shorts = [r["short"] for r in json.loads(out)]
+    code, out, _ = run(["best", name, "--storage", url], capsys)
+    for short in shorts:
+        assert _tokens(short) <= _tokens(out), short
+
+
+def test_spaces_shows_whole_sentences(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(["spaces", "--json"], capsys)
+    docs = {s["name"]: s["doc"] for s in json.loads(out)["spaces"]}
+    assert all(d.endswith(".") for d in docs.values()) and docs["hybrid_vit"].endswith("plus precision.")
+    _terminal(monkeypatch)
+    code, out, _ = run(["spaces"], capsys)
+    assert code == 0 and max(len(ln) for ln in out.splitlines()) <= 80
+    assert " ".join(docs["hybrid_vit"].split()) in " ".join(out.split())  # all of it, wrapped at words

@@ -179,6 +179,28 @@ def test_a_resume_that_cannot_run_is_refused_with_the_reason(client: Any, made: 
     assert r.status_code == 200 and "resuming" in r.json()["message"]
 
 
+def test_resume_and_stop_answer_what_the_lifecycle_decides(client: Any, made: tuple[str, list[str]]) -> None:
+    """The page and `nas resume` / `nas stop` share one implementation: the same refusal, word for word."""
+    from nas import lifecycle
+    from nas.store import Store
+
+    hdr = {"X-CSRF-Token": _csrf(client), "Accept": "application/json"}
+    with Store(made[0]) as store:
+        assert store.acquire_driver("s1", os.getppid(), socket.gethostname())  # a live driver, not this process
+        try:
+            with pytest.raises(lifecycle.StudyRunning) as refused:
+                lifecycle.check_resume(store, "s1", "+10s", need_budget_left=True)
+            r = client.post("/studies/s1/resume", headers=hdr, data={"budget": "10s"})
+            assert r.status_code == 409 and r.json()["detail"] == str(refused.value)
+            assert client.app.state.dashboard.launcher.get("s1") is None
+            store.set_status("s1", "running")
+            r = client.post("/studies/s1/stop", headers=hdr)
+            assert r.status_code == 200 and f"(pid {os.getppid()})" in r.json()["message"]
+            assert store.study("s1").stop_requested and store.study("s1").status == "running"
+        finally:
+            store.release_driver("s1", os.getppid())
+
+
 def test_a_resume_that_ran_nothing_says_why(client: Any) -> None:
     launcher = client.app.state.dashboard.launcher
     launcher.program = [sys.executable, "-c", "print('resuming study s1'); print('nothing left to run: reasons')"]

@@ -133,7 +133,7 @@ def test_a_bigger_model_of_the_same_family_is_slower() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"device": "cuda"}, "--device cpu"),
+    ({"device": "cuda"}, "--target cpu"),
     ({"input_shape": (3, 32)}, "input_shape must be"),
     ({"input_shape": (3, 0, 32)}, "must be positive"),
     ({"precision": "fp8"}, "compute capability"),
@@ -302,7 +302,7 @@ def test_build_lut_rejects_other_spaces_and_unsupported_precisions(monkeypatch: 
     with pytest.raises(LatencyError, match="compute capability"):
         build_lut("hybrid_vit", "cpu", "fp8", IMG, 1, specs=[])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(LatencyError, match="--device cpu"):
+    with pytest.raises(LatencyError, match="--target cpu"):
         build_lut("hybrid_vit", "cuda", "fp32", IMG, 1, specs=[])
     with pytest.raises(LatencyError, match="must be >= 1"):
         LatencyPredictor("cpu", "fp32", IMG, 0)

@@ -49,7 +49,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nas import lifecycle
 from nas.export import study_has_weights
+from nas.search import SearchError
 from nas.store import Store, StoreError, StudyInfo, mask_url, validate_study_name
 
 from ._data import HEX64, architecture_view, study_detail, study_summary
@@ -555,44 +557,26 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
 
     @app.post("/studies/{name}/resume")
     def resume(request: Request, name: str, form: dict[str, str] = Depends(csrf_form)) -> Response:  # noqa: B008
-        from nas.budget import Budget, BudgetError
-        from nas.search import SearchError, parse_budget_arg
-
         info = dash.study(name)
         back = f"/studies/{name}"
         text = (form.get("budget") or "").strip()
-        budget = None
-        try:
-            current = Budget.from_dict(info.budget)
-        except (BudgetError, TypeError, ValueError):
-            raise HTTPException(500, f"study {name!r} has an unreadable budget {info.budget!r}") from None
-        new = current
-        if text:
-            text = text if text.startswith("+") else "+" + text
+        budget = None if not text else text if text.startswith("+") else "+" + text
+
+        def check() -> None:
+            """The lifecycle's checks of a resume, as HTTP errors: a live driver first (409; its own
+            budget is its business), then the added budget, a completed study, nothing to run (400)."""
             try:
-                add = parse_budget_arg(text, increment=True)
-                new = current + add  # the same unit kind, or BudgetError
-            except (SearchError, BudgetError) as e:
+                lifecycle.check_resume(dash.store, name, budget, need_budget_left=True)
+            except lifecycle.StudyRunning as e:
+                raise HTTPException(409, str(e)) from None
+            except SearchError as e:
                 raise HTTPException(400, str(e)) from None
-            budget = f"+{add}"
 
-        def refuse_if_live() -> None:
-            live = dash.store.live_driver(name)
-            if live is not None:
-                raise HTTPException(409, f"study {name!r} is already running (driver pid {live[0]} on {live[1]}); "
-                                         "stop it first or wait for it")
-
-        # a live driver first, as `nas resume` takes the lease first: its own budget is its business
-        # (an overrun study with a live driver answered 400 "nothing to run" instead of 409)
-        refuse_if_live()
-        if not text and info.status == "completed":
-            hint = "+10trials" if info.budget.get("trials") else "+1cpu-m"
-            raise HTTPException(400, f"study {name!r} is complete; give it more budget, e.g. {hint}")
-        if new.exhausted(info.used_seconds, info.trials_done):  # nothing would run: say so, start nothing
-            raise HTTPException(400, _nothing_to_run(name, info, current, budget))
-
+        check()
+        if budget is not None:
+            budget = f"+{lifecycle.parse_increment(budget)}"  # normalised, as the log shows it
         try:
-            launch = dash.launcher.start(name, budget, info.config.get("workdir"), refuse_if_live,
+            launch = dash.launcher.start(name, budget, info.config.get("workdir"), check,
                                          trials_before=info.trials_done)
         except LaunchError as e:
             raise HTTPException(409 if "still running" in str(e) else 500, str(e)) from None
@@ -601,27 +585,14 @@ def create_app(storage_url: str, *, token: str | None = None, export_dir: str | 
 
     @app.post("/studies/{name}/stop")
     def stop(request: Request, name: str, form: dict[str, str] = Depends(csrf_form)) -> Response:  # noqa: B008
-        import socket
-
-        info = dash.study(name)
-        back = f"/studies/{name}"
+        dash.study(name)
         launch = dash.launcher.get(name)
         starting = launch is not None and launch.running and not launch.seen_running  # a resume launched here
-        if info.status not in ("running", "created") and not starting:
-            return dash.answer(request, f"study {name} is {info.status}; nothing to stop", back)
-        dash.store.request_stop(name)
         live = dash.store.live_driver(name)
         if starting and (live is None or live[0] != launch.proc.pid):  # type: ignore[union-attr]
-            dash.launcher.terminate(name)  # still starting: no driver to notice the request yet
-        if live is not None:
-            return dash.answer(request, f"stop requested; the driver of {name} (pid {live[0]}) finishes its "
-                                        "trials in flight", back)
-        pid, host = os.getpid(), socket.gethostname()
-        if dash.store.acquire_driver(name, pid, host):  # no live driver: mark it stopped directly
-            dash.store.set_status(name, "stopped")
-            dash.store.clear_stop(name)
-            dash.store.release_driver(name, pid, host)
-        return dash.answer(request, f"study {name} had no live driver; marked stopped", back)
+            dash.launcher.terminate(name)  # still starting: no driver to notice a request yet
+        res = lifecycle.stop(dash.store, name, force=starting)
+        return dash.answer(request, res.message, f"/studies/{name}")
 
     @app.post("/studies/{name}/export")
     def export(request: Request, name: str, form: dict[str, str] = Depends(csrf_form)) -> Response:  # noqa: B008
@@ -704,20 +675,6 @@ def _read_fd(fd: int, chunk: int = 1 << 16) -> Iterator[bytes]:
             yield data
     finally:
         os.close(fd)
-
-
-def _nothing_to_run(name: str, info: StudyInfo, budget: Any, added: str | None) -> str:
-    """Why a resume would run nothing (its budget, even with ``added``, is spent), and what to add."""
-    used = budget.used_text(info.used_seconds, info.trials_done)
-    if budget.kind == "trials":
-        short = max(0, info.trials_done - int(budget.trials or 0))
-        need, hint = f"more than {short} trials", f"+{short + 10}trials"
-    else:
-        short = max(0.0, info.used_seconds - float(budget.seconds or 0))
-        unit = f"{budget.device}-s" if budget.device else "s"
-        need, hint = f"more than {short:,.1f} {unit}", f"+{math.ceil(short) + 30}{unit}"
-    with_add = f"{added} more still leaves nothing to spend" if added else "nothing is left to spend"
-    return f"study {name!r} has used {used}; {with_add}, so a resume would run nothing: add {need}, e.g. {hint}"
 
 
 def _version(info: StudyInfo) -> str:

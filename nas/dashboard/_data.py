@@ -9,6 +9,8 @@ from functools import lru_cache
 from typing import Any
 
 from nas.budget import Budget, BudgetError
+from nas.jobs import device_line
+from nas.lifecycle import frame_sizes
 from nas.store import Store, StudyInfo
 
 from ._runner import last_line
@@ -241,17 +243,6 @@ def default_axes(points: list[dict[str, Any]]) -> dict[str, str | None]:
     return {"x": x, "y": y}
 
 
-def _device_line(fp: dict[str, Any]) -> str:
-    """The identifying fields of a device fingerprint, in a few words."""
-    if fp.get("kind") in ("cuda", "gpu"):
-        keys = (("memory_mb", "{} MiB"), ("compute_capability", "cc {}"), ("driver", "driver {}"),
-                ("power_limit_w", "{} W"))
-    else:
-        keys = (("usable_cores", "{} cores"), ("torch_threads", "{} torch thread(s)"), ("isa", "{}"),
-                ("torch", "torch {}"))
-    return ", ".join(fmt.format(fp[k]) for k, fmt in keys if fp.get(k) not in (None, ""))
-
-
 @lru_cache(maxsize=256)
 def _arch_table(spec_json: str, num_classes: int, img_size: int, in_chans: int) -> dict[str, Any]:
     from search_spaces import ArchSpec, count_flops, count_params
@@ -278,18 +269,11 @@ def _arch_table(spec_json: str, num_classes: int, img_size: int, in_chans: int) 
             "sizes": {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}}
 
 
-def study_sizes(info: StudyInfo) -> dict[str, int]:
-    """The build sizes of the study's frame (what its trials and exports use)."""
-    frame = info.config.get("frame_json") or {}
-    return {"num_classes": int(frame.get("num_classes", 10)), "img_size": int(frame.get("img_size", 32)),
-            "in_chans": int(frame.get("in_chans", 3))}
-
-
 def architecture_view(store: Store, info: StudyInfo, arch: dict[str, Any]) -> dict[str, Any]:
     """An architecture of a study: its per-stage table and every evaluation with its device."""
     spec = arch["spec"] if isinstance(arch["spec"], dict) else json.loads(arch["spec"])
     spec_json = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-    sizes = study_sizes(info)
+    sizes = frame_sizes(info)
     table = _arch_table(spec_json, sizes["num_classes"], sizes["img_size"], sizes["in_chans"])
     fingerprints = {d["key"]: d for d in store.devices()}
     evals = []
@@ -299,7 +283,7 @@ def architecture_view(store: Store, info: StudyInfo, arch: dict[str, Any]) -> di
                       "metrics": {k: v for k, v in sorted(ev.metrics.items())}, "seconds": ev.seconds,
                       "error": None if ev.error is None else _last_line(ev.error),
                       "device": None if dev is None else {"key": dev["key"], "name": dev["name"], "kind": dev["kind"],
-                                                          "summary": _device_line(dev["fingerprint"]),
+                                                          "summary": device_line(dev["fingerprint"]),
                                                           "fingerprint": json.dumps(dev["fingerprint"], indent=2,
                                                                                     sort_keys=True)},
                       "created_at": _iso(ev.created_at)})

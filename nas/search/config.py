@@ -1,12 +1,17 @@
 """A study's set-up: its config (every check a Python caller gets too), search space and data.
 
-``prepare_study`` validates a new study without writing anything; ``create_study`` registers it.
+``SearchConfig(...)`` checks every field and reports all that is wrong in one ``SearchError``;
+``SearchConfig.parse`` also reads the command-line forms (``max_params="5M"``,
+``shares="screen=0.2,train=0.8"``, ``objectives="accuracy,latency"``). ``prepare_study`` runs the
+checks that need the data, the device or the network, without writing anything; ``create_study``
+registers the study.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,11 +19,15 @@ from typing import Any
 from nas.budget import Budget, BudgetError, parse_budget
 from nas.store import Store, validate_study_name
 
-STRATEGIES = ("staged", "nsga2", "random")
 OBJECTIVES = {"accuracy": ("accuracy", "max"), "latency": ("latency_ms", "min"), "params": ("params", "min"),
               "flops": ("flops", "min")}
 DEFAULT_SHARES = {"screen": 0.15, "supernet": 0.35, "latency": 0.1, "train": 0.4}
 PRECISION_CHOICES = ("any", "fp32", "bf16", "fp16", "int8", "fp8")
+TARGETS = ("auto", "cpu", "cuda")
+MAX_WORKERS = 1024
+MAX_TRAIN_EPOCHS = 1000
+MAX_SEED = 2**32 - 1
+MIN_DATA_LIMIT, MAX_DATA_LIMIT = 20, 10_000_000
 
 
 class SearchError(ValueError):
@@ -30,15 +39,51 @@ class StudyLost(RuntimeError):
     driver took the study over. Nothing more is written; the study is not "completed"."""
 
 
+def _clip(value: Any, n: int = 40) -> str:
+    """``repr(value)`` cut to about ``n`` characters (a long bad value is never echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def max_threads() -> int:
+    """The most torch threads a trial may ask for: 4 per core, and at least 256."""
+    return max(256, 4 * (os.cpu_count() or 1))
+
+
+def _int_problem(flag: str, value: Any, low: int, high: int) -> str | None:
+    """Why ``value`` is not an integer in ``[low, high]`` (None when it is)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{flag} must be an integer, got {_clip(value)}"
+    if not low <= value <= high:
+        shown = str(value) if len(str(value)) <= 24 else str(value)[:20] + "…"
+        return (f"{flag} must be at least {low:,}, got {shown}" if value < low and high >= 10**6 else
+                f"{flag} must be between {low:,} and {high:,}, got {shown}")
+    return None
+
+
+def _address_problem(address: Any) -> str | None:
+    if address is None or address == "auto":
+        return None
+    text = str(address)
+    host, _, port = text.rpartition(":")
+    if not isinstance(address, str) or not text.isascii() or not host or not (
+            port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        return f"--address must be auto or HOST:PORT (port 1-65535), got {_clip(address)}"
+    return None
+
+
 @dataclass(frozen=True)
 class SearchConfig:
-    """Everything a study needs to run again (stored as the study's config JSON)."""
+    """Everything a study needs to run again (stored as the study's config JSON).
+
+    Field ``x_y`` is the command line's ``--x-y`` (``shares`` is ``--stages``); every error
+    message names the option that way."""
 
     space: str = "hybrid_vit"
     data: str = "digits"
     data_limit: int | None = None
     objectives: tuple[str, ...] = ("accuracy", "latency")
-    target: str = "cpu"
+    target: str = "auto"  # auto: the GPU when torch sees one, else the CPU (resolved by prepare_study)
     precision: str = "fp32"
     max_params: int | None = None
     max_latency_ms: float | None = None
@@ -60,44 +105,66 @@ class SearchConfig:
     max_failures: int = 2
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "objectives", tuple(self.objectives))
-        if self.space != "hybrid_vit":
-            raise SearchError(f"nas search runs on space hybrid_vit only, not {self.space!r}")
-        if not self.objectives or len(set(self.objectives)) != len(self.objectives):
-            raise SearchError("objectives must be a list of distinct names, e.g. accuracy,latency")
-        for o in self.objectives:
-            if o not in OBJECTIVES:
-                raise SearchError(f"unknown objective {o!r}; choose from {', '.join(OBJECTIVES)}")
-        if "accuracy" not in self.objectives:
-            raise SearchError("objectives must include accuracy, e.g. accuracy,latency")
-        if self.target not in ("cpu", "cuda"):
-            raise SearchError(f"target must be cpu or cuda, got {self.target!r}")
-        if self.precision not in PRECISION_CHOICES:
-            raise SearchError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
-        if self.strategy not in STRATEGIES:
-            raise SearchError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        for name in ("workers", "threads", "train_epochs", "max_supernet_epochs", "max_failures"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "max_failures" else 1):
-                raise SearchError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if self.max_params is not None and self.max_params < 1:
-            raise SearchError(f"max-params must be positive, got {self.max_params}")
-        if self.max_latency_ms is not None and not (self.max_latency_ms > 0 and math.isfinite(self.max_latency_ms)):
-            raise SearchError(f"max-latency-ms must be a positive number, got {self.max_latency_ms}")
-        if self.img_size is not None and not 8 <= self.img_size <= 1024:
-            raise SearchError(f"img-size must be between 8 and 1024, got {self.img_size}")
-        shares = dict(self.shares)
-        bad = sorted(set(shares) - set(DEFAULT_SHARES))
-        if bad:
-            raise SearchError(f"unknown stage {bad[0]!r} in shares; stages are {', '.join(DEFAULT_SHARES)}")
-        if any(not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)) for v in shares.values()):
-            raise SearchError("stage shares must be non-negative numbers")
-        full = {k: float(shares.get(k, 0.0)) for k in DEFAULT_SHARES}
+        if isinstance(self.objectives, (list, tuple)):
+            object.__setattr__(self, "objectives", tuple(self.objectives))
+        problems = list(self._problems())
+        if problems:
+            raise SearchError("; ".join(problems))
+        full = {k: float(self.shares.get(k, 0.0)) for k in DEFAULT_SHARES}
         total = sum(full.values())
-        if total <= 0 or full["train"] + full["screen"] <= 0:
-            raise SearchError("stage shares must give screen or train a positive share")
-        set_(self, "shares", {k: v / total for k, v in full.items()})
+        object.__setattr__(self, "shares", {k: v / total for k, v in full.items()})
+
+    def _problems(self) -> Iterator[str]:
+        """Every problem of this config, one short sentence each."""
+        if self.space != "hybrid_vit":
+            from search_spaces import list_spaces
+
+            known = list_spaces()
+            yield (f"nas search runs on space hybrid_vit; {self.space!r} is a benchmark space for the proxies"
+                   if self.space in known else
+                   f"unknown search space {_clip(self.space)}; choose one of: {', '.join(known)}")
+        if not isinstance(self.data, str) or not self.data.strip() or len(self.data) > 4096 \
+                or not self.data.isprintable():
+            yield (f"--data {_clip(self.data)} is not a dataset; use digits, cifar10:PATH, imagefolder:PATH or "
+                   "npz:PATH")
+        objs = self.objectives if isinstance(self.objectives, tuple) else ()
+        if not objs or len(set(objs)) != len(objs):
+            yield "--objectives must be distinct names, e.g. accuracy,latency"
+        unknown = [o for o in objs if o not in OBJECTIVES]
+        if unknown:
+            yield f"unknown objective {_clip(unknown[0])} in --objectives; choose from {', '.join(OBJECTIVES)}"
+        elif objs and "accuracy" not in objs:
+            yield "--objectives must include accuracy, e.g. accuracy,latency"
+        from nas.search.strategy import strategy_names  # the registry (a new strategy is one file)
+
+        for flag, value, choices in (("--target", self.target, TARGETS), ("--precision", self.precision,
+                                     PRECISION_CHOICES), ("--strategy", self.strategy, strategy_names())):
+            if value not in choices:
+                yield f"{flag} must be one of {', '.join(choices)}, got {_clip(value)}"
+        bounds: list[tuple[str, Any, int, int]] = [
+            ("--workers", self.workers, 1, MAX_WORKERS), ("--threads", self.threads, 1, max_threads()),
+            ("--train-epochs", self.train_epochs, 1, MAX_TRAIN_EPOCHS), ("--seed", self.seed, 0, MAX_SEED),
+            ("--max-supernet-epochs", self.max_supernet_epochs, 1, MAX_TRAIN_EPOCHS),
+            ("--max-failures", self.max_failures, 0, 1000)]
+        for flag, value, low, high in (("--data-limit", self.data_limit, MIN_DATA_LIMIT, MAX_DATA_LIMIT),
+                                       ("--img-size", self.img_size, 8, 1024),
+                                       ("--supernet-epochs", self.supernet_epochs, 1, MAX_TRAIN_EPOCHS),
+                                       ("--max-params", self.max_params, 1, 10**15)):
+            if value is not None:
+                bounds.append((flag, value, low, high))
+        for flag, value, low, high in bounds:
+            problem = _int_problem(flag, value, low, high)
+            if problem:
+                yield problem
+        lat = self.max_latency_ms
+        if lat is not None and not (isinstance(lat, (int, float)) and math.isfinite(lat) and 0 < lat < 1e9):
+            yield f"--max-latency-ms must be a positive number of milliseconds, got {_clip(lat)}"
+        if not isinstance(self.frame, str) or not self.frame:
+            yield "--frame must be auto, tiny, small or a frame JSON file"
+        problem = _address_problem(self.address)
+        if problem:
+            yield problem
+        yield from _share_problems(self.shares)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,19 +173,68 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
+        """A stored config; its target is concrete (``prepare_study`` stores the resolved one; a
+        config stored without a target predates ``auto`` and meant the CPU; ``auto`` stored by a
+        caller that skipped ``prepare_study`` is resolved here)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        values["target"] = resolve_target(values.get("target", "cpu"))
+        return cls(**values)
+
+    @classmethod
+    def parse(cls, **values: Any) -> SearchConfig:
+        """A config from command-line forms: ``max_params="5M"``, ``shares="screen=0.2,train=0.8"``,
+        ``objectives="accuracy,latency"`` (parsed values pass as they are). Every problem, of the
+        texts and of the config, is reported in one SearchError joined by "; "."""
+        problems = []
+        readers = {"max_params": lambda t: parse_count(t, "--max-params"), "shares": parse_shares,
+                   "objectives": lambda t: tuple(o.strip() for o in t.split(",") if o.strip())}
+        for key, read in readers.items():
+            if isinstance(values.get(key), str):
+                try:
+                    values[key] = read(values[key])
+                except SearchError as e:
+                    problems.append(str(e))
+                    values.pop(key)
+        try:
+            cfg = cls(**values)
+        except SearchError as e:
+            problems.append(str(e))
+        if problems:
+            raise SearchError("; ".join(problems))
+        return cfg
+
+
+def _share_problems(shares: Any) -> Iterator[str]:
+    if not isinstance(shares, dict):
+        yield "--stages must map stages to shares, e.g. screen=0.2,train=0.8"
+        return
+    bad = sorted(set(shares) - set(DEFAULT_SHARES), key=str)
+    if bad:
+        yield f"unknown stage {_clip(bad[0])} in --stages; stages are {', '.join(DEFAULT_SHARES)}"
+    elif any(isinstance(v, bool) or not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v))
+             for v in shares.values()):
+        yield "--stages shares must be non-negative numbers"
+    elif float(shares.get("train", 0)) + float(shares.get("screen", 0)) <= 0:
+        yield "--stages must give screen or train a positive share"
+
+
+def _ascii(flag: str, text: str) -> None:
+    """Numbers are written with ASCII digits (Python alone would read '３０' as 30)."""
+    if not text.isascii():
+        raise SearchError(f"{flag} {_clip(text)} has non-ASCII characters; write numbers with 0-9")
 
 
 def parse_shares(text: str) -> dict[str, float]:
     """``screen=0.2,supernet=0.3,latency=0.1,train=0.4`` -> shares (normalised by SearchConfig)."""
+    _ascii("--stages", text)
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise SearchError(f"cannot read stage share {part!r}; use e.g. screen=0.2,train=0.8") from None
+            raise SearchError(f"cannot read stage share {_clip(part)}; use e.g. screen=0.2,train=0.8") from None
     if not out:
         raise SearchError("empty --stages; use e.g. screen=0.2,supernet=0.3,latency=0.1,train=0.4")
     return out
@@ -126,15 +242,16 @@ def parse_shares(text: str) -> dict[str, float]:
 
 def parse_count(text: str, what: str) -> int:
     """``5M``, ``500k``, ``2.5M``, ``123456`` -> an integer count."""
+    _ascii(what, str(text))
     raw = str(text).strip().lower().replace("_", "")
     mult = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}.get(raw[-1:], 1.0)
     num = raw[:-1] if raw[-1:] in "kmgb" else raw
     try:
         value = float(num) * mult
     except ValueError:
-        raise SearchError(f"cannot read {what} {text!r}; use e.g. 5M, 500k or 250000") from None
-    if not math.isfinite(value) or value < 1:
-        raise SearchError(f"{what} must be at least 1, got {text!r}")
+        raise SearchError(f"cannot read {what} {_clip(text)}; use e.g. 5M, 500k or 250000") from None
+    if not math.isfinite(value) or value < 1 or value > 1e15:
+        raise SearchError(f"{what} must be between 1 and 1e15, got {_clip(text)}")
     return int(value)
 
 
@@ -143,12 +260,28 @@ def parse_count(text: str, what: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_target(target: str, budget: Budget | None = None) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; a budget that names a device
+    (``3cpu-m``, ``8gpu-h``) picks that device. ``cpu`` and ``cuda`` stay as they are."""
+    if target != "auto":
+        return target
+    if budget is not None and budget.device is not None:
+        return "cuda" if budget.device == "gpu" else "cpu"
+    return "cuda" if _cuda() else "cpu"
+
+
 def _precisions(cfg: SearchConfig) -> tuple[str, ...]:
     from predictors.precision import supported_precisions
 
     if cfg.precision != "any":
         return (cfg.precision,)
-    return tuple(supported_precisions(cfg.target)) or ("fp32",)
+    return tuple(supported_precisions(resolve_target(cfg.target))) or ("fp32",)
 
 
 def make_frame(cfg: SearchConfig, in_chans: int, num_classes: int, img_size: int) -> Any:
@@ -163,11 +296,11 @@ def make_frame(cfg: SearchConfig, in_chans: int, num_classes: int, img_size: int
         return get_frame(name, **over)
     path = Path(name)
     if not path.is_file():
-        raise SearchError(f"unknown frame {name!r}; use auto, {', '.join(sorted(FRAMES))} or a frame JSON file")
+        raise SearchError(f"unknown frame {_clip(name)}; use auto, {', '.join(sorted(FRAMES))} or a frame JSON file")
     try:
         return replace(frame_from_json(path.read_text()), **over)
-    except ValueError as e:
-        raise SearchError(f"frame {path}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise SearchError(f"frame {path}: {e or 'nested too deeply'}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,48 +328,65 @@ def load_data(cfg: SearchConfig) -> Any:
         if img != native:
             ds = load(cfg.data, "train", limit=cfg.data_limit, img_size=img, seed=cfg.seed)
     except (ValueError, OSError) as e:
-        raise SearchError(f"data {cfg.data!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise SearchError(f"data {_clip(cfg.data)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
     return split_train_val(ds.x, ds.y, val_fraction=0.2, seed=cfg.seed, num_classes=ds.num_classes)
 
 
 def check_target(target: str) -> None:
-    import torch
-
-    if target == "cuda" and not torch.cuda.is_available():
+    if resolve_target(target) == "cuda" and not _cuda():
         raise SearchError("--target cuda needs a CUDA GPU and a CUDA build of torch; use --target cpu here")
 
 
-MAX_WORKERS = 1024
-MAX_TRAIN_EPOCHS = 1000
+def _check_budget_device(budget: Budget, cfg: SearchConfig, target: str) -> None:
+    """A budget that counts one kind of device must be spent on that kind."""
+    if budget.device == "gpu" and target != "cuda":
+        raise SearchError(f"budget {budget} counts GPU time but --target is {cfg.target}; use --target cuda (or "
+                          f"auto) on a GPU, or a time budget such as 3cpu-m or 3m")
+    if budget.device == "gpu" and not _cuda():
+        raise SearchError(f"budget {budget} counts GPU time but torch sees no CUDA GPU here; use a CPU budget such "
+                          "as 3cpu-m or a plain time budget such as 3m")
+    if budget.device == "cpu" and target == "cuda":
+        raise SearchError(f"budget {budget} counts CPU time but the trials run on the GPU (--target cuda); use a "
+                          "GPU budget such as 2gpu-h or a plain time budget such as 2h")
 
 
-def max_threads() -> int:
-    """The most torch threads a trial may ask for: 4 per core, and at least 256."""
-    return max(256, 4 * (os.cpu_count() or 1))
+def _reachable(address: str | None) -> None:
+    """A Ray head at HOST:PORT must accept a connection (ray.init would wait for minutes)."""
+    import socket
+
+    if address is None or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise SearchError(f"no Ray cluster answers at {_clip(address)} ({e.strerror or e}); start one with "
+                          "`ray start --head` or leave out --address") from None
 
 
 def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dict[str, Any]:
-    """Check everything about a new study that needs no store (data, frame, target, precision,
-    limits) and return the config to store. Writes nothing."""
+    """Check everything about a new study that needs no store (target, budget unit, precision,
+    data, frame, supernet, predictor, cluster) and return the config to store, with the target
+    resolved (``auto`` becomes ``cpu`` or ``cuda``). Writes nothing."""
     from predictors.precision import PrecisionError, check_precision
 
     validate_study_name(name)
-    if budget.device == "gpu" and cfg.target != "cuda":
-        raise SearchError(f"budget {budget} counts GPU time but --target is {cfg.target}; use e.g. 3cpu-m or 3m")
-    check_target(cfg.target)
+    target = resolve_target(cfg.target, budget)
+    _check_budget_device(budget, cfg, target)
+    check_target(target)
+    cfg = replace(cfg, target=target)
     for p in _precisions(cfg):
         try:
-            check_precision(p, cfg.target)
+            check_precision(p, target)
         except PrecisionError as e:
-            raise SearchError(f"--precision {p} cannot run on --target {cfg.target}: {e}") from None
-    for what, value, high in (("workers", cfg.workers, MAX_WORKERS), ("threads", cfg.threads, max_threads()),
-                              ("train-epochs", cfg.train_epochs, MAX_TRAIN_EPOCHS)):
-        if value > high:
-            raise SearchError(f"--{what} {value} is more than the {high:,} allowed; ask for fewer")
+            raise SearchError(f"--precision {p} cannot run on --target {target}: "
+                              f"{str(e).replace('--device', '--target')}") from None
+    _reachable(cfg.address)
     if cfg.supernet and not (Path(cfg.supernet) / "supernet.pt").is_file() and not Path(cfg.supernet).is_file():
-        raise SearchError(f"no supernet checkpoint at {cfg.supernet}; train one with `nas supernet train`")
+        raise SearchError(f"no supernet checkpoint at {_clip(cfg.supernet)}; train one with `nas supernet train`")
     if cfg.parzc and not Path(cfg.parzc).is_file():
-        raise SearchError(f"no ParZC predictor at {cfg.parzc}; save one with ParZC.save(PATH)")
+        raise SearchError(f"no ParZC predictor at {_clip(cfg.parzc)}; save one with ParZC.save(PATH)")
     if cfg.parzc:  # load it now: a damaged file must fail here, not as 0 evaluations of a "completed" study
         from predictors.parzc import ParZC
 
