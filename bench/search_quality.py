@@ -1,5 +1,6 @@
 """Search quality at an equal budget: hypervolume of accuracy against latency for the staged
-search, plain NSGA-II with short training, and random search with short training.
+search, and the baselines with short training: plain NSGA-II, regularized evolution (REA) and
+random search.
 
 Each strategy runs as a real study (``nas.search.run_study``, Ray Tune workers, SQLite store) on
 the same space, data, budget and seed. The fronts are then judged by one common protocol, so that
@@ -36,9 +37,9 @@ from predictors.latency import measure
 from predictors.metrics import hypervolume
 from predictors.supernet import TrainConfig, accuracy, train_standalone
 from search_spaces import ArchSpec
-from workers.ray_tune import init_ray, shutdown_ray
+from workers.ray_pool import init_ray, shutdown_ray
 
-STRATEGIES = ("staged", "nsga2", "random")
+STRATEGIES = ("staged", "nsga2", "rea", "random")
 
 
 def ground_truth(spec: ArchSpec, train: Any, test: Any, epochs: int, seed: int) -> tuple[float, float]:

@@ -488,3 +488,73 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
             if stop:
                 break
     return model.eval()
+
+
+def study_recipe(n_train: int, in_chans: int, seed: int = 0) -> TrainConfig:
+    """The supernet recipe a study trains with: batch 64 and lr 3e-3 below 5,000 training images,
+    else 128 and 2e-3; augmentation (crop and flip) for RGB images only."""
+    rgb = in_chans == 3
+    small = n_train < 5000
+    return TrainConfig(batch_size=64 if small else 128, lr=3e-3 if small else 2e-3, augment=rgb, flip=rgb, seed=seed)
+
+
+def train_within(job: Any, data: Any, *, device: str = "cpu", allowance: float | None = None) -> dict[str, Any]:
+    """Train (or continue training) a study's supernet under a time allowance; an evaluation dict.
+
+    ``job`` has ``frame`` (frame JSON), ``out`` (checkpoint folder), ``epochs`` (None: as many as
+    ``plan_seconds`` allows, at most ``max_epochs``), ``counted`` (checkpointed training seconds
+    earlier trials already recorded) and ``seed``; ``data`` has ``train`` and ``in_chans``.
+
+    The schedule (epochs, and steps when less than an epoch fits) is fixed once, timed on a few
+    sandwich steps, and kept in ``plan.json``. ``allowance`` (device-seconds) is a hard limit:
+    training stops at the step where it runs out and checkpoints there (``complete`` = 0), and the
+    next call continues from that checkpoint. Seconds a crash lost since the last recorded part
+    are counted once (``counted``), and a continuation's are not counted twice."""
+    import json
+
+    from search_spaces.supernet import frame_from_json
+
+    t0 = time.perf_counter()
+    frame = frame_from_json(job.frame)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(data.train.x)
+    cfg = study_recipe(n, data.in_chans, int(job.seed))
+    plan = out / "plan.json"
+    steps: int | None = None
+    spe = max(1, n // min(cfg.batch_size, n))
+    if plan.is_file():
+        saved = json.loads(plan.read_text())
+        epochs, steps = int(saved["epochs"]), saved.get("steps")
+    elif job.epochs:
+        epochs = int(job.epochs)
+    else:  # time a few sandwich steps, then take as many epochs (or steps) as the plan's time holds
+        marks: list[float] = []
+        train_supernet(frame, data.train, 1, config=cfg, max_steps=4, device=device,
+                       progress=lambda st, _loss: marks.append(st.seconds),
+                       max_seconds=None if allowance is None else 0.25 * float(allowance))
+        per_step = max((marks[-1] - marks[0]) / max(1, len(marks) - 1) if len(marks) > 1 else
+                       (marks or [1.0])[0], 1e-9)
+        plan_s = float(job.plan_seconds if job.plan_seconds is not None else allowance or 0.0)
+        left = plan_s - (time.perf_counter() - t0)
+        epochs = int(max(1, min(int(job.max_epochs), left * 0.85 // (per_step * spe))))
+        if left * 0.85 < per_step * spe:  # less than an epoch fits: a schedule of the steps that do
+            steps = max(1, int(left * 0.85 / per_step))
+    plan.write_text(json.dumps({"epochs": epochs, "steps": steps}))
+    prior = 0.0  # training time checkpointed by an earlier, interrupted run: used, and not counted yet
+    if (out / "supernet.pt").is_file():
+        ckpt_s = float(torch.load(out / "supernet.pt", map_location="cpu", weights_only=False).get("seconds", 0.0))
+        prior = max(0.0, ckpt_s - float(job.counted or 0.0))
+    budget_left = None if allowance is None else float(allowance) - (time.perf_counter() - t0) - prior - 0.05
+    net = train_supernet(frame, data.train, epochs, config=cfg, out=out, device=device, total_steps=steps,
+                         max_seconds=None if budget_left is None else max(0.0, budget_left))
+    st = net.train_state  # type: ignore[attr-defined]
+    seconds = time.perf_counter() - t0 + prior
+    metrics = {"epochs": float(epochs), "steps": float(st.step), "total_steps": float(st.total_steps),
+               "complete": float(st.step >= st.total_steps), "train_seconds": float(st.seconds)}
+    if allowance is not None:
+        metrics["allowance"] = float(allowance)
+    if st.history:
+        metrics["loss"] = float(st.history[-1]["loss"])
+    return {"spec_hash": None, "stage": "supernet_train", "seconds": seconds, "params": None, "flops": None,
+            "metrics": metrics, "device": {}}

@@ -344,7 +344,7 @@ def test_no_optuna_trial_is_complete_without_our_row(tmp: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    from workers.ray_tune import init_ray, shutdown_ray
+    from workers.ray_pool import init_ray, shutdown_ray
 
     init_ray(num_cpus=2)
     yield

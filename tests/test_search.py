@@ -21,7 +21,7 @@ from nas.search import SearchConfig, create_study, run_study
 from nas.store import Store
 from predictors.metrics import pareto_front
 from search_spaces import ArchSpec
-from workers.ray_tune import init_ray, shutdown_ray
+from workers.ray_pool import init_ray, shutdown_ray
 
 NAS = str(Path(sys.executable).parent / "nas")
 REPO = Path(__file__).resolve().parents[1]
@@ -358,7 +358,7 @@ def _driver(tmp_path: Path, budget: str) -> Any:
 
 def test_exclusive_gate_launches_one_trial_at_a_time(tmp_path: Path) -> None:
     from nas.search._driver import _Gate
-    from workers.ray_tune import LAUNCH, WAIT
+    from workers.request import LAUNCH, WAIT
 
     d = _driver(tmp_path, "100s")
     d._learn("latency", None, 0.5, {})
@@ -371,7 +371,7 @@ def test_gate_costs_a_stage_before_its_first_trial(tmp_path: Path) -> None:
     """A stage with no finished trial is costed by the model (not at 0 s): a train trial whose
     estimate exceeds what is left is not launched, and running trials' reservations count."""
     from nas.search._driver import _Gate
-    from workers.ray_tune import FINISH, LAUNCH, WAIT
+    from workers.request import FINISH, LAUNCH, WAIT
 
     d = _driver(tmp_path, "10s")
     d.cost.n_train, d.cost.n_val, d.cost.probe_s = 1000, 250, 0.05  # 4 epochs of 15 steps: about 5.5 s
@@ -393,25 +393,26 @@ def test_gate_costs_a_stage_before_its_first_trial(tmp_path: Path) -> None:
     assert _Gate(d, "screen", 100.0).decide(0) == FINISH
     # screening measured the candidate: its training is costed from its own step, calibrated by
     # what finished training trials measured against the model
-    small = d.estimate("train", {"spec_hash": "h"})
+    small = d.estimate("train", "h")
     assert small < d.estimate("train")
     # before any training finished, the model is scaled by how much slower screening ran than modelled
     assert small == pytest.approx(d.cost.train("h", 4.0, calibrated=False) * d.cost.load()) and d.cost.load() > 1
     d._learn("train", "h", 2.0 * d.cost.train("h", 1.0, calibrated=False), {"epochs": 1.0})
-    assert d.estimate("train", {"spec_hash": "h"}) == pytest.approx(2.0 * d.cost.train("h", 4.0, calibrated=False))
+    assert d.estimate("train", "h") == pytest.approx(2.0 * d.cost.train("h", 4.0, calibrated=False))
 
 
 def test_training_stops_at_its_allowance_and_the_supernet_continues(tmp_path: Path) -> None:
     """An allowance stops training at a step, mid-epoch: the train stage reports its steps, a
     fractional epoch count and the flag; the supernet checkpoints there, says it is incomplete,
     and the next part continues from the checkpoint to the end of the same schedule."""
+    from types import SimpleNamespace
+
     import torch
 
     from nas.search import SearchConfig as Cfg
     from nas.search import load_data, make_frame
-    from predictors.supernet import load_checkpoint, train_standalone
+    from predictors.supernet import load_checkpoint, train_standalone, train_within
     from workers.evaluate import EvalConfig, evaluate
-    from workers.ray_tune import _train_supernet
 
     data = load_data(Cfg())
     frame = make_frame(Cfg(), data.in_chans, data.num_classes, data.img_size)
@@ -432,19 +433,19 @@ def test_training_stops_at_its_allowance_and_the_supernet_continues(tmp_path: Pa
     assert ev.seconds <= 1.5 * one.seconds + one.seconds  # the allowance, plus less than an epoch
     # the supernet: a part stopped at its allowance checkpoints there; the next part continues to the
     # end of the same schedule, and the result is the uninterrupted run's, weight for weight
-    base = {"frame": frame.to_json(), "epochs": 2, "seed": 0, "device": "cpu", "threads": 1}
+    def job(out: Path, counted: float = 0.0) -> Any:
+        return SimpleNamespace(frame=frame.to_json(), out=str(out), epochs=2, max_epochs=30, plan_seconds=None,
+                               counted=counted, seed=0)
+
     total = 2 * (len(data.train.x) // 64)
-    ref = json.loads(_train_supernet({**base, "out": str(tmp_path / "ref"), "allowance": None},
-                                     data)["evaluations"])[0]
+    ref = train_within(job(tmp_path / "ref"), data)
     assert ref["metrics"]["steps"] == total and ref["metrics"]["complete"] == 1.0
     out = tmp_path / "sn"
-    r1 = json.loads(_train_supernet({**base, "out": str(out), "allowance": 0.5 * ref["seconds"]},
-                                    data)["evaluations"])[0]
+    r1 = train_within(job(out), data, allowance=0.5 * ref["seconds"])
     assert r1["metrics"]["complete"] == 0.0 and r1["metrics"]["steps"] < total
     _, ckpt = load_checkpoint(out)
     assert ckpt["step"] == r1["metrics"]["steps"]
-    r2 = json.loads(_train_supernet({**base, "out": str(out), "allowance": None,
-                                     "counted": r1["metrics"]["train_seconds"]}, data)["evaluations"])[0]
+    r2 = train_within(job(out, r1["metrics"]["train_seconds"]), data)
     assert r2["metrics"]["complete"] == 1.0 and r2["metrics"]["steps"] == total
     a, _ = load_checkpoint(out)
     b, _ = load_checkpoint(tmp_path / "ref")

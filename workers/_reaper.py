@@ -61,6 +61,17 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _names(cmdline: str, tmp: str) -> bool:
+    """``cmdline`` names the folder ``tmp`` itself (or a path inside it), not a longer name."""
+    i = cmdline.find(tmp)
+    while i >= 0:
+        end = i + len(tmp)
+        if end == len(cmdline) or cmdline[end] in "/ \"'=,":
+            return True
+        i = cmdline.find(tmp, i + 1)
+    return False
+
+
 def main(driver: int, tmp: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # only the driver's end ends us
         signal.signal(sig, signal.SIG_IGN)
@@ -75,12 +86,15 @@ def main(driver: int, tmp: str) -> None:
             return  # a normal shutdown removed the folder: nothing left to do
         table = _table()
         for pid in _descendants({driver}, table) - {me}:
-            if pid not in ray and tmp in _cmdline(pid):
+            if pid not in ray and _names(_cmdline(pid), tmp):
                 ray[pid] = table[pid][1]
         time.sleep(0.5)
     for _ in range(3):  # their children may still be starting: sweep a few times
         table = _table()
         alive = {p for p, t in ray.items() if p in table and table[p][1] == t}
+        # one started within the last poll, before the driver died, was not noted: its command
+        # line names this driver's own temp folder (unique to it), wherever it was reparented
+        alive |= {p for p in table if p != me and _names(_cmdline(p), tmp)}
         for pid in alive | _descendants(alive, table):
             try:
                 os.kill(pid, signal.SIGKILL)

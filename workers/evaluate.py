@@ -340,8 +340,9 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
         acc = accuracy(model, data.val, batch_size=256)
         passes.append(time.perf_counter() - t)
         last.update({"accuracy": acc, "epochs": float(epoch)})
-        if report is not None:
-            return report(epoch, {**last, "seconds": time.perf_counter() - t0})
+        if report is not None and report(epoch, {**last, "seconds": time.perf_counter() - t0}):
+            last["early_stop"] = 1.0  # a scheduler (ASHA) stopped it here
+            return True
         return None
 
     model = train_standalone(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,

@@ -1,23 +1,21 @@
 """The search: a study from ``nas search`` to its Pareto front, resumable at any point.
 
-Strategies (``SearchConfig.strategy``):
+The objects (see README, "The search as objects"):
 
-- ``staged`` (the default):
-  1. ``screen``: many candidates sampled by Optuna (NSGA-II, Deb et al. 2002) from the space and
-     scored with zero-cost proxies (or ParZC) plus a quick latency measurement;
-  2. ``supernet``: a weight-sharing supernet over the same frame is trained once (sandwich rule,
-     in-place distillation; BigNAS, Yu et al. 2020) and the screening front is ranked by
-     inherited-weight validation accuracy;
-  3. ``latency``: the promising ones are measured carefully on the target device;
-  4. ``train``: the final candidates are trained briefly from scratch, with ASHA early stopping
-     (Li et al. 2020), and the Pareto front is taken over trained accuracy and measured latency.
-- ``nsga2`` / ``random``: every trial trains an Optuna-sampled candidate briefly and measures its
-  latency (the baselines of ``bench/search_quality.py``).
+- :class:`~nas.search.strategy.Strategy` (registry: :func:`register_strategy`): a sampler and an
+  ordered list of stages. Built in (``nas/search/strategies.py``): ``staged`` (screen with
+  zero-cost proxies, train and rank with a weight-sharing supernet, measure latency, train the
+  best with ASHA, then refill rounds), and the baselines ``nsga2``, ``random`` and ``rea``
+  (``nas/search/rea.py``), which train every sampled candidate briefly and measure it.
+- :class:`~nas.search.stages.Stage`: name, budget share, candidates, requests, gate.
+- :class:`~nas.search.plan.Plan`: walks the stages; the executor asks it for requests
+  (``workers.ray_pool`` on Ray workers, ``workers.local`` in this process).
+- :class:`Driver` (``_driver.py``): budget, cost model, recording in the store.
+- :mod:`nas.search.config`: :class:`SearchConfig` and the study's set-up.
 
-Every trial runs on a Ray Tune worker (``workers.ray_tune``) and is recorded in the SQL store
-(``nas.store``) in one transaction when it finishes; Optuna's study lives in the same database.
-A stage is idempotent: ``resume`` runs the stages again and each skips what the store already
-holds, so nothing is lost or counted twice.
+Every result is recorded in the SQL store (``nas.store``) in one transaction before the sampler
+hears of it; Optuna's study lives in the same database. A stage is idempotent: ``resume`` runs the
+plan again and each stage skips what the store already holds, so nothing is lost or counted twice.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from nas.search.config import (
     MAX_WORKERS,
     OBJECTIVES,
     PRECISION_CHOICES,
-    STRATEGIES,
     SearchConfig,
     SearchError,
     StudyLost,
@@ -45,6 +42,7 @@ from nas.search.config import (
     parse_shares,
     prepare_study,
 )
+from nas.search.strategy import Strategy, get_strategy, register_strategy, strategy_names
 
 __all__ = [
     "DEFAULT_SHARES",
@@ -52,15 +50,16 @@ __all__ = [
     "MAX_WORKERS",
     "OBJECTIVES",
     "PRECISION_CHOICES",
-    "STRATEGIES",
     "Driver",
     "SearchConfig",
     "SearchError",
+    "Strategy",
     "StudyLost",
     "check_target",
     "create_study",
     "default_workdir",
     "front_rows",
+    "get_strategy",
     "install_stop_handlers",
     "load_data",
     "make_frame",
@@ -70,5 +69,7 @@ __all__ = [
     "parse_count",
     "parse_shares",
     "prepare_study",
+    "register_strategy",
     "run_study",
+    "strategy_names",
 ]

@@ -1,6 +1,9 @@
-"""The search driver: budget accounting, the cost model, gates and the stage plan of a study.
+"""The search driver: budget accounting, the cost model, gates, recording, and ``run_study``.
 
-See :mod:`nas.search` for the strategies and stages.
+The candidates of the later stages (``_candidates``, ``_screen_front``), the front (``_front``) and
+recovery after a dead driver (``_recover_inflight``, ``_recover_optuna``) live here too; the
+strategies, stages and plan are :mod:`nas.search.strategy`, :mod:`~nas.search.stages` and
+:mod:`~nas.search.plan`.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -21,12 +25,13 @@ from nas.budget import Budget
 from nas.search.config import (
     OBJECTIVES,
     SearchConfig,
+    SearchError,
     StudyLost,
     check_target,
     load_data,
-    param_count,
 )
 from nas.store import HEARTBEAT_S, Store, StoreError, StoreLost
+from workers.request import FINISH, LAUNCH, WAIT, TrialError, TrialRequest, TrialResult
 
 # --------------------------------------------------------------------------------------------
 
@@ -280,19 +285,19 @@ class Driver:
         self.stats.samples.setdefault(stage, []).append(seconds)
         self.cost.learn(stage, arch, seconds, metrics)
 
-    def estimate(self, stage: str, config: dict[str, Any] | None = None) -> float:
-        """The cost of the next trial of ``stage`` (``config``: its candidate, when known): one
-        trial on a trial budget; for training the calibrated cost model of the candidate; for the
-        other stages the slowest of their last trials, or the model before any finished."""
+    def estimate(self, stage: str, arch: str | None = None) -> float:
+        """The cost of the next trial (one candidate) of ``stage`` (``arch``: its candidate, when
+        known): one trial on a trial budget; for training the calibrated cost model of the
+        candidate; for the other stages the slowest of their last trials, or the model before any
+        finished."""
         if self.budget.kind == "trials":
             return 1.0
-        arch = (config or {}).get("spec_hash")
         if stage == "supernet_train":  # launched for a few steps at least; its allowance bounds the rest
             return self.cost.prior(stage, arch)
         if stage == "train":
             est = self.cost.train(arch, float(self.cfg.train_epochs))
             if self.cfg.strategy != "staged":  # the baselines measure latency in the same trial
-                est += self.estimate("latency", config)
+                est += self.estimate("latency", arch)
             return est
         high = self.stats.high(stage)
         if high is None:
@@ -327,26 +332,41 @@ class Driver:
         kind = (device or {}).get("kind") or self.cfg.target
         return self.budget.counts(kind)
 
-    def record(self, stage: str, ev: dict[str, Any], key: str, trial: int | None, spec_json: str | None,
-               attempt: int = 0, inflight: str | None = None) -> None:
-        arch = ev.get("spec_hash")
-        seconds = float(ev.get("seconds", 0.0))
-        counts = self._counts(ev.get("device"))
+    def record_result(self, result: TrialResult) -> None:
+        """A finished trial, in one transaction with the in-flight note it ends: one row per
+        candidate (its stages merged into one, with its own key and seconds), or the supernet
+        training's. Its reservation is released."""
+        req = result.request
+        self.release(req.key)
+        rows: list[dict[str, Any]] = []
+        archs: list[dict[str, Any]] = []
+        learned: list[tuple[str, str | None, float, dict[str, float]]] = []
         try:
-            if arch and spec_json:
-                self.store.add_architecture(arch, self.cfg.space, spec_json, params=ev.get("params"),
-                                            flops=ev.get("flops"))
-            self.store.record_evaluation(self.name, stage=stage, metrics=ev.get("metrics", {}), seconds=seconds,
-                                         arch_hash=arch, device=ev.get("device") or None, trial=trial, key=key,
-                                         count_seconds=counts, attempt=attempt, inflight=inflight)
+            for r in result.results:
+                ev = r.evaluation
+                cand = r.candidate
+                arch = ev.get("spec_hash")
+                if arch and cand is not None:  # its params and flops, now known
+                    archs.append(dict(spec_hash=arch, space=self.cfg.space, spec_json=cand.spec,
+                                      params=ev.get("params"), flops=ev.get("flops")))
+                key = f"{cand.key if cand is not None else req.key}:{ev['stage']}"
+                rows.append(dict(stage=ev["stage"], metrics=ev.get("metrics", {}),
+                                 seconds=float(ev.get("seconds", 0.0)), arch_hash=arch,
+                                 device=ev.get("device") or None,
+                                 trial=cand.number if cand is not None else None, key=key,
+                                 count_seconds=self._counts(ev.get("device")), attempt=result.attempt))
+                learned.append((ev["stage"], arch, float(ev.get("seconds", 0.0)), ev.get("metrics", {})))
+            self.store.record_evaluations(self.name, rows, inflight=req.key, architectures=archs)
         except StoreLost as e:  # nothing more can be kept: the plan finishes, run_study reports it
             self._lose(str(e))
             return
-        if counts:
-            self.used_seconds += seconds
-        self.trials_done += 1
-        self._account(stage, seconds, ev.get("metrics", {}))
-        self.tick(stage)
+        for row, (stage, arch, seconds, metrics) in zip(rows, learned):
+            if row["count_seconds"]:
+                self.used_seconds += seconds
+            self.trials_done += 1
+            self._account(stage, seconds, metrics)
+            self._learn(stage, arch, seconds, metrics)
+            self.tick(stage)
 
     def _account(self, stage: str, seconds: float, metrics: dict[str, float]) -> None:
         """Per-stage seconds and counts, and the best accuracy so far, for one successful evaluation."""
@@ -356,25 +376,6 @@ class Driver:
         if acc is not None and stage in ("train", "supernet"):
             self.best = acc if self.best is None else max(self.best, acc)
 
-    def record_trial(self, trial: Any) -> None:
-        """A finished Tune trial: one evaluation, with the later stages of the trial (latency) merged
-        into the first; cached results (already in the store) are not recorded again."""
-        cfg = trial.config
-        self.release(cfg.get("key"))
-        if trial.result.get("cached"):
-            return
-        if not trial.evaluations:  # it reported nothing to keep: not in flight any more either
-            self._guard(self.store.end_inflight, self.name, cfg["key"])
-            return
-        ev = dict(trial.evaluations[0])
-        for extra in trial.evaluations[1:]:
-            ev["metrics"] = {**extra["metrics"], **ev["metrics"]}
-            ev["seconds"] += extra["seconds"]
-            ev["flops"] = ev.get("flops") or extra.get("flops")
-        self.record(ev["stage"], ev, f"{cfg['key']}:{ev['stage']}", cfg.get("number"), cfg.get("spec"),
-                    attempt=getattr(trial, "attempt", 0), inflight=cfg["key"])
-        self._learn(ev["stage"], ev.get("spec_hash"), float(ev.get("seconds", 0.0)), ev.get("metrics", {}))
-
     def _guard(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> None:
         """A store write whose failure because the store is gone stops the study instead of Tune."""
         try:
@@ -382,35 +383,34 @@ class Driver:
         except StoreLost as e:
             self._lose(str(e))
 
-    def started(self, config: dict[str, Any], attempt: int) -> None:
+    def started(self, req: TrialRequest, attempt: int) -> None:
         """A trial began on a worker: note it in flight, so that if this driver dies before its
-        result is recorded, the resume records it as interrupted with the device time it ran."""
-        if config.get("cached") is not None or "key" not in config:
-            return
-        arch = config.get("spec_hash")
-        if arch and config.get("spec"):
-            self._guard(self.store.add_architecture, arch, self.cfg.space, config["spec"])
-        stage = (config.get("stages") or ["?"])[0]
-        self._guard(self.store.start_inflight, self.name, config["key"], stage=stage, arch_hash=arch,
-                    trial=config.get("number"), attempt=attempt)
+        result is recorded, the resume records it as interrupted with the device time it ran
+        (a batch is one note: its time is counted once)."""
+        one = req.candidate
+        archs = [dict(spec_hash=c.spec_hash, space=self.cfg.space, spec_json=c.spec) for c in req.candidates]
+        self._guard(self.store.start_inflight, self.name, req.key, stage=req.stage,
+                    arch_hash=one.spec_hash if one else None, trial=one.number if one else None, attempt=attempt,
+                    architectures=archs)
 
-    def record_error(self, stage: str, config: dict[str, Any], error: str, seconds: float, attempt: int) -> None:
-        arch = config.get("spec_hash")
+    def record_error(self, error: TrialError) -> None:
+        """A failed attempt: one error row with the seconds it ran (a batch's row has no architecture)."""
+        req = error.request
+        one = req.candidate
         counts = self._counts(None)
         try:
-            if arch:
-                self.store.add_architecture(arch, self.cfg.space, config["spec"])
-            self.store.record_evaluation(self.name, stage=stage, metrics={}, seconds=seconds, arch_hash=arch,
-                                         error=error, trial=config.get("number"), attempt=attempt,
-                                         key=f"{config.get('key', stage)}:error:{attempt}", count_seconds=counts,
-                                         inflight=config.get("key"))
+            row = dict(stage=req.stage, metrics={}, seconds=error.seconds, arch_hash=one.spec_hash if one else None,
+                       error=error.error, trial=one.number if one else None, attempt=error.attempt,
+                       key=f"{req.key}:error:{error.attempt}", count_seconds=counts)
+            self.store.record_evaluations(self.name, [row], inflight=req.key, architectures=[
+                dict(spec_hash=one.spec_hash, space=self.cfg.space, spec_json=one.spec)] if one else [])
         except StoreLost as e:
             self._lose(str(e))
             return
         if counts:
-            self.used_seconds += seconds
+            self.used_seconds += error.seconds
         self.errors += 1
-        self.tick(stage)
+        self.tick(req.stage)
 
     def tick(self, stage: str) -> None:
         self.progress({"stage": stage, "used": self._used(), "total": self._total(), "kind": self.budget.kind,
@@ -432,19 +432,17 @@ class _Gate:
     slowed a measurement 1.2-1.5x and doubled its spread)."""
 
     def __init__(self, driver: Driver, stage: str, limit: float, exclusive: bool = False,
-                 peek: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 peek: Callable[[], str | None] = lambda: None) -> None:
         self.d = driver
         self.stage = stage
         self.limit = limit
         self.exclusive = exclusive
-        self.peek = peek  # the stage's next candidate, whose cost decides a launch
+        self.peek = peek  # the stage's next candidate (its hash), whose cost decides a launch
 
     def decide(self, running: int) -> str:
         """LAUNCH only when the next trial's estimated cost (:meth:`Driver.estimate`, known before
         the stage's first trial) fits in what the budget holds beyond the running trials'
         reservations, and half of it in the stage's share; WAIT while trials run, else FINISH."""
-        from workers.ray_tune import FINISH, LAUNCH, WAIT
-
         if self.d.stop_requested() or self.d.exhausted():
             return FINISH
         if self.exclusive and running:
@@ -461,47 +459,6 @@ class _Gate:
         if each <= self.d.left() and used + self.d.reserved_in(self.stage) + 0.5 * each < self.limit:
             return LAUNCH
         return WAIT if running else FINISH
-
-    def finished(self, trial: Any) -> None:
-        self.d.record_trial(trial)
-
-    def failed(self, trial: Any) -> None:
-        if getattr(trial, "final", True):
-            self.d.release(trial.config.get("key"))
-        self.d.record_error(self.stage, trial.config, trial.error, trial.seconds, trial.attempt)
-
-
-class _Queue:
-    """A later stage's fixed list of candidates, in order (duck-types the Tune ``Searcher`` that
-    ``workers.ray_tune`` asks). At launch each trial reserves its estimated cost in the driver, and a
-    training trial gets its allowance: the device-seconds it may use, checked at every step."""
-
-    def __init__(self, driver: Driver, stage: str, configs: list[dict[str, Any]],
-                 stage_left: Callable[[], float] | None = None) -> None:
-        self.d, self.stage, self.todo, self.stage_left = driver, stage, list(configs), stage_left
-
-    def peek(self) -> dict[str, Any] | None:
-        return self.todo[0] if self.todo else None
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        from ray.tune.search import Searcher
-
-        if not self.todo:
-            return Searcher.FINISHED
-        cfg = dict(self.todo.pop(0))
-        est = self.d.estimate(self.stage, cfg)
-        hold = est
-        if self.stage in ("train", "supernet_train") and self.d.budget.kind == "seconds":
-            cfg["allowance"] = hold = self.d.allowance(self.stage, est,
-                                                       None if self.stage_left is None else self.stage_left())
-        self.d.reserve(cfg["key"], self.stage, hold)
-        return cfg
-
-    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        pass
-
-    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        pass
 
 
 def front_rows(points: list[dict[str, Any]], objectives: tuple[str, ...],
@@ -536,15 +493,22 @@ def _nd_order(points: list[tuple[str, list[float]]], minimize: list[bool]) -> li
     return out
 
 
+EXECUTORS = ("ray", "local")
+
+
 def run_study(store: Store, name: str, *, progress: Callable[[dict[str, Any]], None] | None = None,
-              chaos: dict[int, str] | None = None) -> list[dict[str, Any]]:
+              chaos: dict[int, str] | None = None, executor: str = "ray") -> list[dict[str, Any]]:
     """Run (or continue) study ``name`` until its budget is spent or a stop is requested.
 
-    Returns the Pareto front (also stored). The caller holds the driver lease."""
+    ``executor``: ``ray`` (Ray Tune workers, the default) or ``local`` (one trial at a time in this
+    process, no Ray: the same plan, for tests and small searches). Returns the Pareto front (also
+    stored). The caller holds the driver lease."""
+    if executor not in EXECUTORS:
+        raise SearchError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     d = Driver(store, name, progress=progress, chaos=chaos)
     d.start_heartbeat()
     try:
-        return _run(d, store, name)
+        return _run(d, store, name, executor)
     except StoreLost as e:
         raise StudyLost(str(e)) from None
     except Exception:
@@ -560,121 +524,49 @@ def run_study(store: Store, name: str, *, progress: Callable[[dict[str, Any]], N
         d.stop_heartbeat()
 
 
-def _run(d: Driver, store: Store, name: str) -> list[dict[str, Any]]:
-    import optuna
-    import ray
-
-    from workers.ray_tune import init_ray, run_trials
+def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict[str, Any]]:
+    from nas.search.plan import Plan
+    from nas.search.sampling import Sampling, sample_metrics
+    from nas.search.stages import SupernetTrain, Train
+    from nas.search.strategy import get_strategy
+    from search_spaces.supernet import SupernetFrame
+    from workers.evaluate import EvalConfig
 
     cfg = d.cfg
+    strategy = get_strategy(cfg.strategy)
     check_target(cfg.target)
     data = load_data(cfg)
-    from search_spaces.supernet import SupernetFrame
-
     frame = SupernetFrame.from_dict(d.conf["frame_json"])
     d.workdir.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1),
-             temp_dir=None)
-    data_ref = ray.put(data)
-    resources = {"cpu": 1, "gpu": 1} if cfg.target == "cuda" else {"cpu": 1}
-    eval_cfg = {"proxies": ["nwot", "synflow", "snip"], "score": "parzc" if cfg.parzc else cfg.score,
-                "parzc": cfg.parzc, "train_epochs": cfg.train_epochs, "threads": cfg.threads, "seed": cfg.seed,
-                "supernet": cfg.supernet or str(d.workdir / "supernet"), "weights_dir": str(d.workdir / "weights")}
-    common = {"device": cfg.target, "threads": cfg.threads, "eval": eval_cfg}
+    shutil.rmtree(d.workdir / "tune", ignore_errors=True)  # an older version's Ray Tune folder: never read
+    eval_cfg = EvalConfig(proxies=("nwot", "synflow", "snip"), score="parzc" if cfg.parzc else cfg.score,
+                          parzc=cfg.parzc, train_epochs=cfg.train_epochs, threads=cfg.threads, seed=cfg.seed,
+                          supernet=cfg.supernet or str(d.workdir / "supernet"), weights_dir=str(d.workdir / "weights"))
+    planned = strategy.stages(cfg)
+    sampled = planned[0].name
     storage = store.optuna_storage()
-    sampled_stage = "screen" if cfg.strategy == "staged" else "train"
-    sample_metrics = _sample_metrics(cfg)
-    modes = [OBJECTIVES[o][1] for o in cfg.objectives]
-    _recover_optuna(store, storage, name, d, _recover_inflight(store, name, d))
-
-    def chaos_for(ordinal: int) -> dict[str, Any] | None:
-        kind = d.chaos.get(ordinal)
-        if not kind:
-            return None
-        return {"kind": kind, "marker": str(d.workdir / "chaos" / f"{ordinal}")}
-
-    # ---- the sampling stage (screen, or train for the baselines) ---------------------------
-    order = ["screen", "supernet", "latency", "train"] if cfg.strategy == "staged" else ["train"]
-    if cfg.supernet and cfg.strategy == "staged":
+    _recover_optuna(store, storage, name, d, sample_metrics(cfg, strategy.screens),
+                    _recover_inflight(store, name, d))
+    if cfg.supernet and any(isinstance(s, SupernetTrain) for s in planned):
         d.conf["progress"] = {**(d.conf.get("progress") or {}), "supernet_train": -1}
-    done = {h: m for h, m in store.done(name, sampled_stage).items()}
-
-    def define(trial: Any) -> dict[str, Any]:
-        spec = frame.sample(trial)
-        h = spec.hash
-        trial.set_user_attr("spec_hash", h)
-        trial.set_user_attr("spec", spec.to_json())
-        trial.set_user_attr("stage", sampled_stage)
-        cons: list[float] = []
-        if cfg.max_params is not None:
-            cons.append(float(param_count(spec, frame) - cfg.max_params))
-            if cons[-1] > 0:  # over the limit before any work: not evaluated, worst values for Optuna
-                trial.set_user_attr("infeasible", "max_params")
-        _set_constraints(trial, cfg, cons + ([0.0] if cfg.max_latency_ms is not None else []))
-        d._ordinal += 1
-        out: dict[str, Any] = {"spec": spec.to_json(), "spec_hash": h, "number": trial.number,
-                               "key": f"{sampled_stage}:{trial.number}", "ordinal": d._ordinal,
-                               "stages": ["screen"] if cfg.strategy == "staged" else ["train", "latency"]}
-        if h in done:
-            out["cached"] = {k: v for k, v in done[h].items() if k in sample_metrics}
-        elif cons and cons[0] > 0 and cfg.max_params is not None:
-            out["cached"] = {m: (-1e12 if md == "max" else 1e12) for m, md in zip(sample_metrics, modes)}
-        fault = chaos_for(d._ordinal)
-        if fault:
-            out["fault"] = fault
-        est = 0.0 if "cached" in out else d.estimate(sampled_stage, out)
-        if sampled_stage == "train" and "cached" not in out and d.budget.kind == "seconds":
-            out["allowance"] = est = d.allowance("train", est)  # the baselines train in the sampled trial
-            out["reserve"] = d.estimate("latency", out)
-        d.reserve(out["key"], sampled_stage, est)
-        return out
-
-    def constraints(trial: Any) -> list[float]:
-        return list(trial.user_attrs.get("constraints", []))
-
-    def on_complete(inner: Any, trial_id: str, result: dict[str, Any] | None) -> None:
-        ot = getattr(inner, "_ot_trials", {}).get(trial_id)
-        if ot is None or not result:
-            return
-        cons = constraints(ot)
-        if cfg.max_latency_ms is not None and "latency_ms" in result:
-            cons[-1] = float(result["latency_ms"]) - cfg.max_latency_ms
-            _set_constraints(ot, cfg, cons)
-        missing = [m for m in sample_metrics if not isinstance(result.get(m), (int, float))
-                   or not math.isfinite(result[m])]
-        if missing:  # e.g. nwot is -inf for a net whose features collapse: the trial fails in Optuna
-            ot.set_user_attr("failed_because", f"objective not finite: {', '.join(missing)}")
-            inner._ot_study.tell(ot, state=optuna.trial.TrialState.FAIL)
-
-    # Optuna >= 5 reads constraints set on the trial; older versions take a constraints_func
-    use_cons = (cfg.max_params is not None or cfg.max_latency_ms is not None) and not hasattr(
-        optuna.trial.Trial, "set_constraint")
-    try:  # a resumed study continues the sampler's stream instead of drawing the same candidates again
-        seed = cfg.seed + len(optuna.load_study(study_name=name, storage=storage).trials)
-    except KeyError:
-        seed = cfg.seed
-    if cfg.strategy == "random":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
-    elif len(cfg.objectives) == 1:
-        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints if use_cons else None)
-    else:
-        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=16,
-                                                constraints_func=constraints if use_cons else None)
-    from ray.tune.search.optuna import OptunaSearch
-
-    metric: str | list[str] = sample_metrics if len(sample_metrics) > 1 else sample_metrics[0]
-    mode: str | list[str] = modes if len(modes) > 1 else modes[0]
-    searcher = OptunaSearch(define, metric=metric, mode=mode, sampler=sampler, study_name=name, storage=storage,
-                            seed=seed)
-
-    tune_dir = d.workdir / "tune"
+    sampling = Sampling(d, store, frame, strategy, sampled)
     d.calibrate(frame, data)  # the cost model's unit, before any trial runs
-    plan = _StagePlan(d, store, frame, order, sampled_stage, searcher, on_complete)
-    from workers.ray_tune import asha
+    plan = Plan(d, store, frame, strategy, sampling, eval_cfg)
+    if executor == "local":
+        from workers.local import run_local
 
-    run_trials(name="search", plan=plan, data_ref=data_ref, common=common, workers=cfg.workers,
-               resources=resources, scheduler=asha(cfg.train_epochs) if cfg.strategy == "staged" else None,
-               max_failures=cfg.max_failures, storage_path=tune_dir)
+        run_local(plan, data, max_failures=cfg.max_failures,
+                  asha_max_t=cfg.train_epochs if any(isinstance(s, Train) for s in planned) else None)
+    else:
+        import ray
+
+        from workers.ray_pool import init_ray, run_trials
+
+        init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1), temp_dir=None)
+        resources = {"cpu": 1, "gpu": 1} if cfg.target == "cuda" else {"cpu": 1}
+        uses_asha = any(isinstance(s, Train) for s in planned)
+        run_trials(plan, data_ref=ray.put(data), workers=cfg.workers, resources=resources,
+                   asha_max_t=cfg.train_epochs if uses_asha else None, max_failures=cfg.max_failures)
     if d.lost is not None:  # never "completed" for results that could not be kept
         raise StudyLost(d.lost)
     stop_reason = "stop requested" if d.stop_requested() else ""
@@ -685,22 +577,6 @@ def _run(d: Driver, store: Store, name: str) -> list[dict[str, Any]]:
     if d.stop_requested():
         store.clear_stop(name)
     return front
-
-
-def _set_constraints(trial: Any, cfg: SearchConfig, cons: list[float]) -> None:
-    """Constraint values (<= 0 is feasible) as a user attribute, and through Optuna's own
-    ``Trial.set_constraint`` where it exists (Optuna >= 5)."""
-    trial.set_user_attr("constraints", cons)
-    names = [n for n in ("max_params", "max_latency_ms") if getattr(cfg, n) is not None]
-    native = getattr(trial, "set_constraint", None)
-    if native is not None:
-        for key, value in zip(names, cons):
-            native(key, float(value))
-
-
-def _sample_metrics(cfg: SearchConfig) -> list[str]:
-    """The Optuna study's objectives: the screening score stands in for accuracy in staged search."""
-    return ["score" if o == "accuracy" and cfg.strategy == "staged" else OBJECTIVES[o][0] for o in cfg.objectives]
 
 
 def _recover_inflight(store: Store, name: str, d: Driver) -> set[int]:
@@ -724,7 +600,7 @@ def _recover_inflight(store: Store, name: str, d: Driver) -> set[int]:
     return covered
 
 
-def _recover_optuna(store: Store, storage: Any, name: str, d: Driver,
+def _recover_optuna(store: Store, storage: Any, name: str, d: Driver, sample_metrics: list[str],
                     covered: frozenset[int] | set[int] = frozenset()) -> None:
     """Optuna trials left RUNNING by a dead driver: completed from the store if their result was
     recorded, otherwise failed and marked interrupted (``_recover_inflight`` recorded the device
@@ -739,7 +615,6 @@ def _recover_optuna(store: Store, storage: Any, name: str, d: Driver,
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         stage = t.user_attrs.get("stage", "screen")
         ev = recorded.get(f"{stage}:{t.number}:{stage}")
-        sample_metrics = _sample_metrics(d.cfg)
         if ev is not None and ev.error is None and all(m in ev.metrics for m in sample_metrics):
             study.tell(t.number, [ev.metrics[m] for m in sample_metrics])
         else:
@@ -792,180 +667,15 @@ def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = 
     return out[:8] if refill else out
 
 
-class _Stage:
-    """One stage of the plan while it runs: its gate and its searcher."""
-
-    def __init__(self, name: str, gate: _Gate, searcher: Any, mark: str | None) -> None:
-        self.name, self.gate, self.searcher, self.mark = name, gate, searcher, mark
-        self.exhausted = False
-
-
-class _StagePlan:
-    """The whole search as one Tune experiment (workers start once): the stages in ``order``, each
-    gated by its budget share, then refill rounds of latency + training while budget is left; when a
-    refill round finds no candidate left, a round that screens more (its share of what is left),
-    ranks them with the supernet, measures and trains them.
-    A stage starts only when the previous one has no trial running, so it can read its results."""
-
-    def __init__(self, d: Driver, store: Store, frame: Any, order: list[str], sampled: str, searcher: Any,
-                 on_complete: Callable[[Any, str, dict[str, Any] | None], None]) -> None:
-        self.d, self.store, self.frame, self.order, self.sampled = d, store, frame, order, sampled
-        self.optuna, self._on_complete = searcher, on_complete
-        self.queue = [s for s in order if not d.stage_done(s)]
-        self.cur: _Stage | None = None
-        self.refill_mark = self.rescreen_mark = -1
-
-    # -- the Plan protocol ----------------------------------------------------------------
-    def decide(self, running: int) -> str:
-        from workers.ray_tune import FINISH, LAUNCH, WAIT
-
-        for _ in range(32):
-            if self.cur is None:
-                if running:
-                    return WAIT
-                if not self._start_next():
-                    return FINISH
-                continue
-            what = FINISH if self.cur.exhausted else self.cur.gate.decide(running)
-            if what != FINISH:
-                return what
-            if running:
-                return WAIT
-            self._end()
-        return WAIT if running else LAUNCH if self.cur is not None else FINISH
-
-    def searcher(self) -> Any:
-        assert self.cur is not None
-        return self.cur.searcher
-
-    def exhausted(self) -> None:
-        if self.cur is not None:
-            self.cur.exhausted = True
-
-    def on_complete(self, inner: Any, trial_id: str, result: dict[str, Any] | None) -> None:
-        if inner is self.optuna:
-            self._on_complete(inner, trial_id, result)
-
-    def started(self, config: dict[str, Any], attempt: int) -> None:
-        self.d.started(config, attempt)
-
-    def finished(self, trial: Any) -> None:
-        self.d.record_trial(trial)
-
-    def failed(self, trial: Any) -> None:
-        stage = (trial.config.get("stages") or ["?"])[0]
-        if getattr(trial, "final", True):  # a retried attempt keeps its reservation
-            self.d.release(trial.config.get("key"))
-        self.d.record_error(stage, trial.config, trial.error, trial.seconds, trial.attempt)
-
-    # -- stages -----------------------------------------------------------------------------
-    def _end(self) -> None:
-        assert self.cur is not None
-        if self.cur.mark and not self.d.stop_requested():
-            self.d.mark_done(self.cur.mark)
-        self.cur = None
-
-    def _start_next(self) -> bool:
-        d = self.d
-        while True:
-            if d.stop_requested() or d.exhausted():
-                return False
-            if not self.queue:
-                if self.d.cfg.strategy != "staged":
-                    return False
-                ran = d.trials_done + d.errors
-                if self.refill_mark == ran:  # the last round ran nothing: the screened candidates are used up
-                    if self.rescreen_mark == ran:
-                        return False  # and screening more gave nothing either
-                    self.rescreen_mark = ran
-                    self.queue = ["screen+", "supernet.eval+", "latency+", "train+"]
-                else:
-                    self.queue = ["latency+", "train+"]
-                self.refill_mark = ran
-            stage = self.queue.pop(0)
-            refill = stage.endswith("+")
-            stage = stage.rstrip("+")
-            base = stage.removesuffix(".eval")
-            self.store.set_status(d.name, "running", stage=base)
-            left = d._total() - d._used()
-            if refill and base == self.sampled:  # screening again: its share of what is left, room for 2 trials
-                room = max(left * d.cfg.shares.get(base, 0.0), 2.0 * d.estimate(base))
-                limit = d.stage_used(base) + min(left, room)
-            elif refill:  # the other stages may take all that is left
-                limit = d.stage_used(base) + left
-            else:
-                limit = d.limit(base, self.order)
-            if base == self.sampled:
-                self.cur = _Stage(base, _Gate(d, base, limit), self.optuna, None if refill else base)
-                return True
-            if stage == "supernet":
-                if not d.cfg.supernet and not self._supernet_trained():
-                    # a first training, or the continuation of one its allowance stopped (a resume
-                    # with more budget): the checkpoint resumes exactly, each part has its own key
-                    self.queue.insert(0, "supernet.eval")
-                    rows = self.store.evaluations(d.name, stage="supernet_train")
-                    parts = [e for e in rows if e.error is None]
-                    # training seconds in the checkpoint that rows already count: a finished part
-                    # records the checkpoint's total; a failed or interrupted one, the time it ran
-                    counted = 0.0
-                    for e in rows:
-                        counted = counted + e.seconds if e.error else max(counted,
-                                                                          e.metrics.get("train_seconds", 0.0))
-                    share_left = limit - d.stage_used("supernet")
-                    cfg_json = {"task": "supernet", "frame": self.frame.to_json(), "out": str(d.workdir / "supernet"),
-                                "epochs": d.cfg.supernet_epochs, "max_epochs": d.cfg.max_supernet_epochs,
-                                "plan_seconds": 0.6 * share_left if d.budget.kind == "seconds" else None,
-                                "counted": counted,
-                                "key": "supernet_train" if not parts else f"supernet_train.{len(parts)}",
-                                "number": None, "spec_hash": None, "seed": d.cfg.seed, "stages": ["supernet_train"]}
-                    self.cur = _Stage("supernet_train", _OneShot(d, "supernet_train", limit),
-                                      _Queue(d, "supernet_train", [cfg_json],
-                                             lambda cap=0.8 * share_left: cap), None)
-                    return True
-                stage = "supernet.eval"
-            if stage == "supernet.eval":
-                if not (d.cfg.supernet or self._supernet_usable()):
-                    continue  # no supernet (no budget, a stop, or training failed): screening scores rank
-                configs = [{"spec": sp, "spec_hash": h, "number": None, "key": f"supernet:{h}", "stages": ["supernet"]}
-                           for h, sp in _screen_front(d, self.store)]
-                mark = None if refill else "supernet"
-            else:
-                cands = _candidates(d, self.store, base, self.frame, refill=refill)
-                asha_on = base == "train" and len(cands) > 2
-                configs = [{"spec": sp, "spec_hash": h, "number": None, "key": f"{base}:{h}", "stages": [base],
-                            "asha": asha_on} for h, sp in cands]
-                mark = None if refill else base
-            if not configs:
-                if mark:
-                    d.mark_done(mark)
-                continue
-            exclusive = base == "latency" and d.cfg.target == "cpu"  # measured alone, not beside another trial
-            queue = _Queue(d, base, configs)
-            self.cur = _Stage(base, _Gate(d, base, limit, exclusive, peek=queue.peek), queue, mark)
-            return True
-
-    def _supernet_trained(self) -> bool:
-        """The supernet's training ran to the end of its schedule (parts an allowance stopped say
-        ``complete`` = 0; rows from before parts existed are complete)."""
-        parts = self.store.evaluations(self.d.name, stage="supernet_train", errors=False)
-        return any(p.metrics.get("complete", 1.0) >= 1.0 for p in parts)
-
-    def _supernet_usable(self) -> bool:
-        """A supernet checkpoint exists, complete or not: its subnets can be ranked."""
-        return bool(self.store.evaluations(self.d.name, stage="supernet_train", errors=False))
-
-
 class _OneShot(_Gate):
     """Launches exactly one trial (supernet training) if the budget holds a few of its steps; the
-    trial's allowance (set at launch by :class:`_Queue`) bounds it at step granularity."""
+    trial's allowance (set at launch by ``SupernetTrain.request``) bounds it at step granularity."""
 
     def __init__(self, driver: Driver, stage: str, limit: float) -> None:
         super().__init__(driver, stage, limit)
         self.launched = False
 
     def decide(self, running: int) -> str:
-        from workers.ray_tune import FINISH, LAUNCH, WAIT
-
         if running:
             return WAIT
         if self.launched or self.d.stop_requested() or self.d.exhausted() or \

@@ -1,0 +1,258 @@
+"""The Ray executor: a search plan's requests run on a pool of long-lived Ray worker actors.
+
+``run_trials`` keeps one actor per worker (one CPU, or one GPU, each) busy: before each launch
+it asks the plan (:class:`Plan`) for the next :class:`~workers.request.TrialRequest`, the actor
+runs it with :func:`workers.request.run_request`, and every finished or failed attempt goes back
+to the plan, which records it in the store. A failed attempt is retried up to ``max_failures``
+times (a worker process that died is replaced first). Training that allows it is stopped
+between epochs by ASHA (asynchronous successive halving, Li et al. 2020), judged by one small
+actor all workers report to.
+
+Why not Ray Tune's trial runner: it reuses a finished trial's actor for the next pending trial
+and cancels the actor it was starting, and it drops idle actors when no trial is pending. With
+trials shorter than a worker's start (2-3 s: a process importing torch) and plans that run one
+trial alone at times (the first screening, a careful CPU latency), a second worker then never
+came up again: the ``make demo`` search kept 2 workers 47% busy, screening 30-38%.
+
+Local mode binds Ray to 127.0.0.1 without the dashboard; ``address`` joins an existing cluster.
+This module imports Ray but not the store: ``nas.search`` drives it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import ray
+
+from workers.evaluate import EvalData, fingerprint
+from workers.request import FINISH, Asha, TrialError, TrialRequest, TrialResult, run_request
+
+__all__ = [
+    "Plan",
+    "init_ray",
+    "run_trials",
+    "shutdown_ray",
+]
+
+_TEMP_DIR: str | None = None  # the private local Ray's temp folder (None: joined a cluster, or not started)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """Start a private local Ray on 127.0.0.1 (no dashboard), or join ``address`` ("auto", "HOST:PORT")."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # trials are timed in wall-clock device-seconds: at Ray's default worker niceness (15) a trial
+    # starved beside any ordinary process and its seconds grew 20-100x (151 s for one CIFAR-10
+    # screening trial that takes 6 s); a cluster joined with --address sets this when it starts
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
+                          "logging_level": "ERROR"}
+    # ray.init replaces the driver's SIGTERM handler with one that exits the process (it ended in
+    # SIGABRT within seconds, the study left `running`); the caller's graceful stop is put back
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if address:
+            ray.init(address=address, **kw)
+            return
+        global _TEMP_DIR
+        tmp = temp_dir or tempfile.mkdtemp(prefix="nas-ray-")
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, _node_ip_address="127.0.0.1",
+                 runtime_env={"worker_process_setup_hook": "workers.ray_pool.warm_worker"}, **kw)
+        if temp_dir is None:  # our own folder: removed by shutdown_ray, or by the reaper if we are killed
+            _TEMP_DIR = tmp
+            subprocess.Popen([sys.executable, str(Path(__file__).with_name("_reaper.py")), str(os.getpid()), tmp],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, close_fds=True)
+    finally:
+        if callable(term):
+            signal.signal(signal.SIGTERM, term)
+
+
+def warm_worker() -> None:
+    """Runs when Ray starts a worker process: import torch and the evaluation code before a trial
+    needs them (each Tune stage starts fresh actor processes; this takes seconds off each)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import search_spaces.counting
+    import search_spaces.hybrid_vit  # noqa: F401
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray (or leave a joined cluster) and remove the temp folder init_ray made."""
+    global _TEMP_DIR
+    if ray.is_initialized():
+        ray.shutdown()
+    if _TEMP_DIR is not None:
+        shutil.rmtree(_TEMP_DIR, ignore_errors=True)
+        _TEMP_DIR = None
+
+
+
+# --------------------------------------------------------------------------------------------
+# the workers
+# --------------------------------------------------------------------------------------------
+
+
+_WARMED: set[str] = set()
+
+
+def _warm_evaluation(device: str, threads: int) -> None:
+    """Once per worker process, before the first trial's clock starts: import the evaluation code
+    and read the device fingerprint. Process set-up is not the candidate's device time, and on a
+    loaded machine it made a worker's first trial cost 10-30x the next (31 s for a digits screening)."""
+    if device in _WARMED:
+        return
+    import predictors.latency
+    import predictors.precision
+    import predictors.supernet
+    import predictors.zero_cost  # noqa: F401
+    from predictors.latency import parse_device
+
+    fingerprint(str(parse_device(device)), threads)
+    _WARMED.add(device)
+
+
+class _Worker:
+    """One worker process: holds the data, runs requests (reports training epochs to ASHA)."""
+
+    def __init__(self, data: EvalData) -> None:
+        self.data = data
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, req: TrialRequest, judge: Any = None) -> TrialResult:
+        if req.supernet is None:
+            _warm_evaluation(req.device, req.eval.threads)
+        report = None
+        if req.asha and judge is not None:
+            def report(m: dict[str, Any]) -> bool:
+                return bool(ray.get(judge.report.remote(req.key, int(m["asha_epoch"]), float(m["accuracy"]))))
+        return run_request(req, self.data, report=report)
+
+
+# --------------------------------------------------------------------------------------------
+# driver side
+# --------------------------------------------------------------------------------------------
+
+
+class Plan(Protocol):
+    """The driver's side of a search: ``next`` is asked before every launch and returns the request
+    to run, WAIT (ask again when a trial ends) or FINISH; every attempt comes back through
+    ``started`` / ``finished`` / ``failed`` (which record it)."""
+
+    def next(self, running: int) -> TrialRequest | str: ...
+
+    def started(self, request: TrialRequest, attempt: int) -> None: ...
+
+    def finished(self, result: TrialResult) -> None: ...
+
+    def failed(self, error: TrialError) -> None: ...
+
+
+def _chaos_pause(var: str) -> None:
+    """Reliability tests: where ``$var`` names a file that does not exist yet, create it and stall
+    this process, so a test can kill the driver at exactly this point."""
+    path = os.environ.get(var)
+    if path and not Path(path).exists():
+        Path(path).write_text(str(os.getpid()))
+        time.sleep(600)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _error_text(e: BaseException) -> str:
+    """What a failed attempt reports: the worker's traceback (colour codes removed, last 8,000
+    characters)."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        return _ANSI.sub("", str(e)).strip()[-8000:]
+    if isinstance(e, ray.exceptions.RayActorError):
+        return f"the worker process died: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+    return f"{type(e).__name__}: {e}"[-8000:]
+
+
+def run_trials(
+    plan: Plan,
+    *,
+    data_ref: Any,
+    workers: int = 1,
+    resources: dict[str, float] | None = None,
+    asha_max_t: int | None = None,
+    max_failures: int = 2,
+    poll_s: float = 0.5,
+) -> int:
+    """Run ``plan`` on ``workers`` worker actors until it says FINISH; the attempts made.
+
+    ``data_ref``: the :class:`EvalData` every worker holds (put in the object store once).
+    ``resources``: per worker, ``{"cpu": 1}`` or ``{"cpu": 1, "gpu": 1}``. ``asha_max_t``: the
+    training epochs ASHA judges (None: no early stopping). While trials run the plan is asked
+    again every ``poll_s`` seconds too (a stop request ends the launches)."""
+    res = resources or {"cpu": 1}
+    actor_cls = ray.remote(_Worker).options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0),
+                                            max_restarts=0, max_task_retries=0)
+    pool = [actor_cls.remote(data_ref) for _ in range(max(1, workers))]
+    judge = ray.remote(Asha).options(num_cpus=0).remote(asha_max_t) if asha_max_t else None
+    free = list(range(len(pool)))
+    running: dict[Any, tuple[TrialRequest, int, int, float]] = {}  # ref -> (request, worker, attempt, start)
+    attempts = 0
+
+    def launch(req: TrialRequest, w: int, attempt: int) -> None:
+        nonlocal attempts
+        plan.started(req, attempt)
+        running[pool[w].run.remote(req, judge)] = (req, w, attempt, time.perf_counter())
+        attempts += 1
+
+    try:
+        finishing = False
+        while True:
+            while free and not finishing:
+                what = plan.next(len(running))
+                if isinstance(what, str):
+                    finishing = what == FINISH
+                    break
+                launch(what, free.pop(0), 0)
+            if not running:
+                if finishing:
+                    return attempts
+                time.sleep(0.05)  # WAIT with nothing running: the plan waits on its own clock
+                continue
+            done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+            for ref in done:
+                req, w, attempt, t0 = running.pop(ref)
+                try:
+                    result: TrialResult = ray.get(ref)
+                except Exception as e:  # the request raised, or its worker process died
+                    final = attempt >= max_failures
+                    plan.failed(TrialError(req, _error_text(e), time.perf_counter() - t0, attempt, final))
+                    if isinstance(e, ray.exceptions.RayActorError):  # its process died: a new one
+                        pool[w] = actor_cls.remote(data_ref)
+                    if not final:
+                        launch(req, w, attempt + 1)
+                        continue
+                else:
+                    result.attempt = attempt
+                    plan.finished(result)
+                    _chaos_pause("NAS_CHAOS_PAUSE_AFTER_TELL")
+                free.append(w)
+            finishing = False  # a finished trial may let the plan go on (the next stage)
+    finally:
+        for a in pool:
+            ray.kill(a, no_restart=True)
+        if judge is not None:
+            ray.kill(judge, no_restart=True)
