@@ -189,3 +189,16 @@ def test_requests_are_frozen_and_round_trip_as_json(tmp_path: Path) -> None:
         req.key = "x"  # type: ignore[misc]
     with pytest.raises(ValueError, match="candidates or a supernet job"):
         TrialRequest(key="k", stage="screen", stages=("screen",))
+
+
+def test_a_new_study_never_takes_over_an_old_studys_folder(tmp_path: Path) -> None:
+    """A study named like an earlier one (its store deleted, or another store in the same folder)
+    gets a folder of its own: the earlier supernet checkpoint is never continued and counted as its."""
+    old = tmp_path / "nas_runs" / "s" / "supernet"
+    old.mkdir(parents=True)
+    (old / "supernet.pt").write_bytes(b"an earlier study's checkpoint")
+    store = _new(tmp_path, "s", "5s")
+    assert store.study("s").config["workdir"] == str((tmp_path / "nas_runs" / "s.2").resolve())
+    other = Store(f"sqlite:///{tmp_path / 'other.db'}")
+    create_study(other, "s", SearchConfig(train_epochs=1), parse_budget("5s"))
+    assert other.study("s").config["workdir"] == str((tmp_path / "nas_runs" / "s.3").resolve())

@@ -29,6 +29,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -187,6 +189,16 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[-8000:]
 
 
+@dataclass
+class _Slot:
+    """A request submitted to a worker: running (``t0`` set) or queued behind the running one."""
+
+    ref: Any
+    req: TrialRequest
+    attempt: int
+    t0: float | None = None
+
+
 def run_trials(
     plan: Plan,
     *,
@@ -195,61 +207,83 @@ def run_trials(
     resources: dict[str, float] | None = None,
     asha_max_t: int | None = None,
     max_failures: int = 2,
+    depth: int = 2,
     poll_s: float = 0.5,
 ) -> int:
     """Run ``plan`` on ``workers`` worker actors until it says FINISH; the attempts made.
 
     ``data_ref``: the :class:`EvalData` every worker holds (put in the object store once).
     ``resources``: per worker, ``{"cpu": 1}`` or ``{"cpu": 1, "gpu": 1}``. ``asha_max_t``: the
-    training epochs ASHA judges (None: no early stopping). While trials run the plan is asked
-    again every ``poll_s`` seconds too (a stop request ends the launches)."""
+    training epochs ASHA judges (None: no early stopping). ``depth``: requests a worker holds, the
+    running one and those queued behind it, so that it starts the next the moment one ends while
+    the driver records the last (the plan counts queued ones as running, so a stage that runs
+    alone is never queued behind another). While trials run the plan is asked again every
+    ``poll_s`` seconds too (a stop request ends the launches)."""
     res = resources or {"cpu": 1}
     actor_cls = ray.remote(_Worker).options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0),
                                             max_restarts=0, max_task_retries=0)
     pool = [actor_cls.remote(data_ref) for _ in range(max(1, workers))]
     judge = ray.remote(Asha).options(num_cpus=0).remote(asha_max_t) if asha_max_t else None
-    free = list(range(len(pool)))
-    running: dict[Any, tuple[TrialRequest, int, int, float]] = {}  # ref -> (request, worker, attempt, start)
+    queues: list[deque[_Slot]] = [deque() for _ in pool]
     attempts = 0
 
-    def launch(req: TrialRequest, w: int, attempt: int) -> None:
+    def start(slot: _Slot) -> None:
         nonlocal attempts
-        plan.started(req, attempt)
-        running[pool[w].run.remote(req, judge)] = (req, w, attempt, time.perf_counter())
+        plan.started(slot.req, slot.attempt)
+        slot.t0 = time.perf_counter()
         attempts += 1
+
+    def submit(w: int, req: TrialRequest, attempt: int) -> None:
+        queues[w].append(_Slot(pool[w].run.remote(req, judge), req, attempt))
+        if len(queues[w]) == 1:
+            start(queues[w][0])
+
+    def inflight() -> int:
+        return sum(len(q) for q in queues)
 
     try:
         finishing = False
         while True:
-            while free and not finishing:
-                what = plan.next(len(running))
-                if isinstance(what, str):
-                    finishing = what == FINISH
-                    break
-                launch(what, free.pop(0), 0)
-            if not running:
+            asking = not finishing
+            for level in range(max(1, depth)):  # idle workers first, then one more behind each
+                for w in range(len(pool)):
+                    if not asking or len(queues[w]) != level:
+                        continue
+                    what = plan.next(inflight())
+                    if isinstance(what, str):  # WAIT or FINISH: ask again when a trial ends
+                        finishing, asking = what == FINISH, False
+                        break
+                    submit(w, what, 0)
+            heads = {q[0].ref: w for w, q in enumerate(queues) if q}
+            if not heads:
                 if finishing:
                     return attempts
                 time.sleep(0.05)  # WAIT with nothing running: the plan waits on its own clock
                 continue
-            done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+            done, _ = ray.wait(list(heads), num_returns=1, timeout=poll_s)
             for ref in done:
-                req, w, attempt, t0 = running.pop(ref)
+                w = heads[ref]
+                slot = queues[w].popleft()
+                seconds = time.perf_counter() - (slot.t0 or time.perf_counter())
                 try:
                     result: TrialResult = ray.get(ref)
                 except Exception as e:  # the request raised, or its worker process died
-                    final = attempt >= max_failures
-                    plan.failed(TrialError(req, _error_text(e), time.perf_counter() - t0, attempt, final))
-                    if isinstance(e, ray.exceptions.RayActorError):  # its process died: a new one
+                    queued: list[_Slot] = []
+                    if isinstance(e, ray.exceptions.RayActorError):  # a new process; the queued go there
                         pool[w] = actor_cls.remote(data_ref)
+                        queued, queues[w] = list(queues[w]), deque()
+                    final = slot.attempt >= max_failures
+                    plan.failed(TrialError(slot.req, _error_text(e), seconds, slot.attempt, final))
                     if not final:
-                        launch(req, w, attempt + 1)
-                        continue
+                        submit(w, slot.req, slot.attempt + 1)
+                    for q in queued:  # they never started: resubmitted as they were
+                        submit(w, q.req, q.attempt)
                 else:
-                    result.attempt = attempt
+                    result.attempt = slot.attempt
                     plan.finished(result)
                     _chaos_pause("NAS_CHAOS_PAUSE_AFTER_TELL")
-                free.append(w)
+                if queues[w] and queues[w][0].t0 is None:  # the one queued behind it runs now
+                    start(queues[w][0])
             finishing = False  # a finished trial may let the plan go on (the next stage)
     finally:
         for a in pool:

@@ -309,11 +309,19 @@ def make_frame(cfg: SearchConfig, in_chans: int, num_classes: int, img_size: int
 
 
 def default_workdir(url: str, study: str) -> str:
-    """Where a study keeps its files (supernet checkpoint, Tune logs): next to a SQLite file."""
+    """Where a new study keeps its files (supernet checkpoint, trained weights): ``nas_runs/NAME``
+    next to a SQLite file, or ``nas_runs/NAME.2``, ``.3``, ... when that folder exists: it belongs
+    to an earlier study of that name (a deleted store, another store in the same folder), and its
+    supernet checkpoint would otherwise be continued, and its seconds counted, as this study's."""
     base = Path(".")
     if url.startswith("sqlite:///"):
         base = Path(url[len("sqlite:///"):]).resolve().parent
-    return str((base / "nas_runs" / study).resolve())
+    root = (base / "nas_runs").resolve()
+    path, n = root / study, 1
+    while path.exists():
+        n += 1
+        path = root / f"{study}.{n}"
+    return str(path)
 
 
 def load_data(cfg: SearchConfig) -> Any:
@@ -439,6 +447,8 @@ def create_study(store: Store, name: str, cfg: SearchConfig, budget: Budget,
         raise SearchError(f"study {name!r} already exists; resume it with `nas resume {name}` or pick another --study")
     conf = conf or prepare_study(name, cfg, budget, store.url)
     store.create_study(name, cfg.space, conf, budget.to_dict())
+    if not cfg.workdir:  # claim the folder now, so that a study created next picks another
+        Path(conf["workdir"]).mkdir(parents=True, exist_ok=True)
 
 
 def param_count(spec: Any, frame: Any) -> int:
