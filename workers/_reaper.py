@@ -30,6 +30,14 @@ def _stat(pid: int) -> tuple[int, int] | None:
         return None
 
 
+def _state(pid: int) -> str:
+    """The process state letter of ``pid`` (``Z``: exited, waiting to be reaped), or "" when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def _table() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, start time) of every process."""
     out = {}
@@ -89,6 +97,7 @@ def main(driver: int, tmp: str) -> None:
             if pid not in ray and _names(_cmdline(pid), tmp):
                 ray[pid] = table[pid][1]
         time.sleep(0.5)
+    killed: dict[int, int] = {}  # pid -> start time of every process sent SIGKILL
     for _ in range(3):  # their children may still be starting: sweep a few times
         table = _table()
         alive = {p for p, t in ray.items() if p in table and table[p][1] == t}
@@ -96,11 +105,26 @@ def main(driver: int, tmp: str) -> None:
         # line names this driver's own temp folder (unique to it), wherever it was reparented
         alive |= {p for p in table if p != me and _names(_cmdline(p), tmp)}
         for pid in alive | _descendants(alive, table):
+            killed.setdefault(pid, table[pid][1])
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
         time.sleep(0.2)
+    # the folder goes last, once every process sent SIGKILL has exited (a worker holding a few GB
+    # takes a moment to): its removal tells a waiting caller that nothing of this Ray is left
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = [p for p, t in killed.items() if _stat(p) is not None and _stat(p)[1] == t  # type: ignore[index]
+                and _state(p) not in ("Z", "X", "")]
+        if not left:
+            break
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.1)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
