@@ -63,8 +63,14 @@ class Sampling:
         self.modes = [OBJECTIVES[o][1] for o in cfg.objectives]
         directions = ["maximize" if m == "max" else "minimize" for m in self.modes]
         self.storage = store.optuna_storage()
-        stored = optuna.create_study(study_name=d.name, storage=self.storage, load_if_exists=True,
-                                     directions=directions)
+        level = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created ..." on the CLI
+        try:
+            stored = optuna.create_study(study_name=d.name, storage=self.storage, load_if_exists=True,
+                                         directions=directions)
+            memory = optuna.create_study(directions=directions)
+        finally:
+            optuna.logging.set_verbosity(level)
         past = stored.get_trials(deepcopy=False)
         # a resumed study continues the sampler's stream instead of drawing the same candidates again
         seed = cfg.seed + len(past)
@@ -73,7 +79,8 @@ class Sampling:
             optuna.trial.Trial, "set_constraint")
         sampler = strategy.sampler(cfg, seed, _constraints if use_cons else None)
         self.study_id = self.storage.get_study_id_from_name(d.name)
-        self.study = optuna.create_study(sampler=sampler, directions=directions)  # in memory
+        self.study = memory
+        self.study.sampler = sampler
         self.study.add_trials(sorted(past, key=lambda t: t.number))
         self.done = dict(store.done(d.name, stage))  # arch -> metrics: a repeat is told these at once
         self.asked: dict[int, tuple[Any, int, Any]] = {}  # number -> (trial, stored id, as written when asked)
