@@ -1,6 +1,6 @@
 """The in-process executor: a search plan's requests run one at a time in this process.
 
-The same :class:`workers.ray_pool.Plan` protocol as the Ray executor, with no Ray: unit tests
+The same :class:`workers.request.Plan` protocol as the Ray executor, with no Ray: unit tests
 run a whole plan (stages, budget, recording, resume) through it, and a user without Ray can run
 a small search. Failed attempts are retried up to ``max_failures`` times, and ASHA stops
 training between epochs, as on Ray.
@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any, Protocol
+from typing import Any
 
-from workers.request import FINISH, LAUNCH, WAIT, Asha, TrialError, TrialRequest, TrialResult, run_request
+from workers.request import FINISH, Asha, Plan, TrialError, run_request
 
-__all__ = ["FINISH", "LAUNCH", "WAIT", "run_local"]
-
-
-class _Plan(Protocol):
-    def next(self, running: int) -> TrialRequest | str: ...
-
-    def started(self, request: TrialRequest, attempt: int) -> None: ...
-
-    def finished(self, result: TrialResult) -> None: ...
-
-    def failed(self, error: TrialError) -> None: ...
+__all__ = ["run_local"]
 
 
-def run_local(plan: _Plan, data: Any, *, max_failures: int = 2, asha_max_t: int | None = None,
+def run_local(plan: Plan, data: Any, *, max_failures: int = 2, asha_max_t: int | None = None,
               max_waits: int = 100) -> int:
     """Run ``plan`` here until it says FINISH; returns the number of attempts made.
 

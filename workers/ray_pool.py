@@ -32,12 +32,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 
 from workers.evaluate import EvalData, fingerprint
-from workers.request import FINISH, Asha, TrialError, TrialRequest, TrialResult, run_request
+from workers.request import FINISH, Asha, Plan, TrialError, TrialRequest, TrialResult, run_request
 
 __all__ = [
     "Plan",
@@ -151,20 +151,6 @@ class _Worker:
 # --------------------------------------------------------------------------------------------
 # driver side
 # --------------------------------------------------------------------------------------------
-
-
-class Plan(Protocol):
-    """The driver's side of a search: ``next`` is asked before every launch and returns the request
-    to run, WAIT (ask again when a trial ends) or FINISH; every attempt comes back through
-    ``started`` / ``finished`` / ``failed`` (which record it)."""
-
-    def next(self, running: int) -> TrialRequest | str: ...
-
-    def started(self, request: TrialRequest, attempt: int) -> None: ...
-
-    def finished(self, result: TrialResult) -> None: ...
-
-    def failed(self, error: TrialError) -> None: ...
 
 
 def _chaos_pause(var: str) -> None:

@@ -18,7 +18,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from workers.evaluate import EvalConfig, EvalData, evaluate, fingerprint
 
@@ -29,6 +29,7 @@ __all__ = [
     "Asha",
     "Candidate",
     "CandidateResult",
+    "Plan",
     "SupernetJob",
     "TrialError",
     "TrialRequest",
@@ -180,6 +181,20 @@ class Asha:
         asc = done[::-1]
         cutoff = asc[lo] + (asc[hi] - asc[lo]) * (q - lo)
         return accuracy < cutoff
+
+
+class Plan(Protocol):
+    """The driver's side of a search: ``next`` is asked before every launch and returns the request
+    to run, WAIT (ask again when a trial ends) or FINISH; every attempt comes back through
+    ``started`` / ``finished`` / ``failed`` (which record it)."""
+
+    def next(self, running: int) -> TrialRequest | str: ...
+
+    def started(self, request: TrialRequest, attempt: int) -> None: ...
+
+    def finished(self, result: TrialResult) -> None: ...
+
+    def failed(self, error: TrialError) -> None: ...
 
 
 def merge(evals: list[dict[str, Any]]) -> dict[str, Any]:

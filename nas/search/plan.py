@@ -34,7 +34,6 @@ class Plan:
         self.shares = list(dict.fromkeys(s.share for s in planned))  # the shares in plan order
         self.queue: list[Stage] = [s for s in planned if not d.stage_done(s.share)]
         self.cur: Stage | None = None
-        self.rounds = 0
         self.memo: dict[str, Any] = {}  # the strategy's round policy keeps its state here
 
     # -- what an executor calls ---------------------------------------------------------------
@@ -120,7 +119,6 @@ class Plan:
                 more = self.strategy.rounds(self) if self.strategy.rounds is not None else None
                 if not more:
                     return False
-                self.rounds += 1
                 self.queue = list(more)
             stage = self.queue.pop(0)
             self.store.set_status(d.name, "running", stage=stage.share)
