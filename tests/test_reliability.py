@@ -258,6 +258,29 @@ def test_a_refused_resume_keeps_a_pending_stop(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def test_sigterm_inside_a_write_of_the_main_thread_asks_for_a_stop(tmp_path: Path) -> None:
+    """The signal lands while the main thread holds a SQLite write (CI met it: the handler's own
+    write waited on its thread's transaction for the busy timeout, then aborted the study with
+    exit 130). The stop request must be stored once the write ends, and nothing is interrupted."""
+    from sqlalchemy import text
+
+    from nas.search import install_stop_handlers
+
+    store = Store(f"sqlite:///{tmp_path / 'nas.db'}")
+    create_study(store, "w", SearchConfig(), parse_budget("30s"))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    install_stop_handlers(store, "w")
+    try:
+        with store._session(write=True) as s:
+            s.execute(text("update nas_studies set name = name"))
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here, inside the transaction
+        _until(lambda: store.stop_requested("w"), "the stop request to be stored")
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_sigterm_stops_gracefully_and_leaves_no_temp_folder(tmp: Path) -> None:
     with _searching(tmp, "t") as (proc, store):
         proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ strategies, stages and plan are :mod:`nas.search.strategy`, :mod:`~nas.search.st
 
 from __future__ import annotations
 
+import _thread
 import json
 import math
 import os
@@ -745,17 +746,29 @@ def _front(d: Driver, store: Store) -> list[dict[str, Any]]:
 
 
 def install_stop_handlers(store: Store, name: str) -> None:
-    """Ctrl-C (or SIGTERM) asks the running study to stop gracefully; a second Ctrl-C aborts."""
+    """Ctrl-C (or SIGTERM) asks the running study to stop gracefully; a second Ctrl-C aborts.
+
+    The handler never touches the database itself: it runs in the main thread between two
+    bytecodes, possibly inside a write transaction of that same thread, where a second write waits
+    on itself until SQLite's busy timeout (CI met this as an exit 130 on SIGTERM). A thread of its
+    own writes the stop request, which the driver reads as for ``nas stop``; if the store cannot
+    take it, the main thread is interrupted instead."""
     state = {"n": 0}
+
+    def ask() -> None:
+        for attempt in range(5):
+            try:
+                store.request_stop(name)
+                return
+            except Exception:
+                time.sleep(0.2 * (attempt + 1))
+        _thread.interrupt_main()  # the stop cannot be stored: abort as a second Ctrl-C would
 
     def handler(signum: int, frame: Any) -> None:
         state["n"] += 1
         if state["n"] > 1:
             raise KeyboardInterrupt
-        try:
-            store.request_stop(name)
-        except Exception:
-            raise KeyboardInterrupt from None
+        threading.Thread(target=ask, name="nas-stop-request", daemon=True).start()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
