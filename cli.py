@@ -9,6 +9,7 @@ import importlib
 import json
 import re
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -329,7 +330,7 @@ app.add_typer(supernet_app, name="supernet")
 
 @supernet_app.command("train")
 def supernet_train(
-    space: str = _opt("hybrid_vit", "--space", "Search space (hybrid_vit)."),
+    space: str = _opt("hybrid_vit", "--space", "Search space: hybrid_vit, or nb201 with --benchmark."),
     frame: str = _opt("auto", "--frame", "auto (tiny at 16px and below, else small), small, tiny or a JSON file."),
     data: str = _DATA, epochs: int = _opt(..., "--epochs", "Epochs over the training images."),
     out: str = _opt(..., "--out", "Checkpoint directory (an existing run there is resumed)."),
@@ -422,6 +423,11 @@ def _print_front(summary: Any, json_out: bool, next_url: str | None = None) -> N
     key = "score" if src == "screen" else "accuracy"  # nothing trained: a screening score is never an accuracy
     what = (f"no architecture trained yet: screening ranking, not a front ({len(rows)}, score from screen)"
             if key == "score" else f"Pareto front ({len(rows)}, accuracy from {src or '-'})")
+    cfg = info.config
+    if src == "benchmark":  # nothing here was trained: say where the figures come from
+        what = (f"Pareto front ({len(rows)}) from a benchmark, not trained here: accuracy from "
+                f"{Path(cfg.get('benchmark') or '').name}:{cfg.get('benchmark_column')}, latency from "
+                f"{Path(cfg.get('benchmark_latency') or '').name}:{cfg.get('device_column')}, simulated training cost")
     _table(f"study {info.name}: {info.status}, {summary.used_text}, {info.trials_done} evaluations; {what}",
            ["#", "hash", key, "latency ms", "params", "architecture"],
            [[str(r["rank"]), r["hash"][:10], f"{r['metrics'].get(key, float('nan')):.4f}",
@@ -436,7 +442,7 @@ def _print_front(summary: Any, json_out: bool, next_url: str | None = None) -> N
 
 @app.command()
 def search(
-    space: str = _opt("hybrid_vit", "--space", "Search space (hybrid_vit)."),
+    space: str = _opt("hybrid_vit", "--space", "Search space: hybrid_vit, or nb201 with --benchmark."),
     budget: str = _opt(..., "--budget", "8gpu-h, 30gpu-m, 2cpu-h, 90s, 2h or 500trials."),
     data: str = _DATA, objectives: str = _opt("accuracy,latency", "--objectives", "accuracy plus latency/params/flops"),
     target: str = _opt("auto", "--target", "Device of the trials: auto (a cpu/gpu budget's, else the GPU if any), "
@@ -457,6 +463,18 @@ def search(
     supernet: str | None = _opt(None, "--supernet", "A trained supernet to use instead of training one."),
     parzc: str | None = _opt(None, "--parzc", "A saved ParZC predictor to screen with."),
     threads: int = _opt(1, "--threads", "Torch threads per trial."), json_out: bool = _JSON,
+    benchmark: str | None = _opt(None, "--benchmark", "nb201: a labels CSV (arch, accuracy) to look accuracies up "
+                                                     "in instead of training."),
+    benchmark_column: str | None = _opt(None, "--benchmark-column", "Its accuracy column (default: the one *_acc)."),
+    benchmark_latency: str | None = _opt(None, "--benchmark-latency", "nb201: a latency CSV (arch, one column per "
+                                                                     "device)."),
+    device_column: str | None = _opt(None, "--device-column", "The device's column in it, e.g. titan_rtx_256_ms."),
+    benchmark_train_s: float = _opt(1000.0, "--benchmark-train-seconds", "Simulated device-seconds of training the "
+                                                                         "mean cell (cost scales with FLOPs)."),
+    proxy_cache: str | None = _opt(None, "--proxy-cache", "A folder that shares zero-cost scores across benchmark "
+                                                         "studies (each is still charged)."),
+    screen_max: int | None = _opt(None, "--screen-max", "Candidates a screening round takes at most (benchmark "
+                                                       "default 1000)."),
 ) -> None:
     """Search SPACE for the Pareto front of accuracy against latency within a budget."""
     options = {k: v for k, v in locals().items() if k not in ("budget", "study", "storage", "json_out", "stages")}
@@ -543,7 +561,7 @@ def stop(name: str = _NAME, storage: str | None = _STORAGE, json_out: bool = _JS
 @app.command("export")
 def export_cmd(
     name: str | None = typer.Argument(None, help="A study to export from (or use --spec)."),
-    space: str = _opt("hybrid_vit", "--space", "Search space (hybrid_vit)."),
+    space: str = _opt("hybrid_vit", "--space", "Search space: hybrid_vit, or nb201 with --benchmark."),
     spec: str | None = _opt(None, "--spec", "Spec JSON file, or - for stdin (no study needed)."),
     pick: str | None = _opt(None, "--pick", "From the study's front: accuracy (default), latency or knee."),
     trial: int | None = _opt(None, "--trial", "The architecture of this Optuna trial number."),

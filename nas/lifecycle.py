@@ -103,8 +103,14 @@ def _budget(info: StudyInfo) -> Budget:
 
 
 def budget_text(info: StudyInfo) -> str:
-    """Used against total, as ``nas studies`` shows it (``179.7/180 cpu-s``, ``6/6 trials``)."""
-    return _budget(info).used_text(info.used_seconds, info.trials_done)
+    """Used against total, as ``nas studies`` shows it (``179.7/180 cpu-s``, ``6/6 trials``; a
+    benchmark study's seconds are simulated: ``29,871.3/30,000 simulated device-s``)."""
+    return simulated(info, _budget(info).used_text(info.used_seconds, info.trials_done))
+
+
+def simulated(info: StudyInfo, text: str) -> str:
+    """``text`` (a budget's used/total) marked as simulated for a benchmark study."""
+    return text.replace(" device-s", " simulated device-s") if info.config.get("benchmark") else text
 
 
 def increment_hint(budget: Budget, short: float = 0.0) -> str:
@@ -369,8 +375,9 @@ def front(store: Store, name: str) -> list[dict[str, Any]]:
     from search_spaces import spec_from_json
 
     out = []
+    space = store.study(name).space
     for row in store.front(name):
-        spec = spec_from_json(row["spec"] if isinstance(row["spec"], str) else json.dumps(row["spec"]), "hybrid_vit")
+        spec = spec_from_json(row["spec"] if isinstance(row["spec"], str) else json.dumps(row["spec"]), space)
         metrics = dict(row["metrics"])
         if metrics.get("source") == "screen" and "accuracy" in metrics:  # stored before screening had its own key
             metrics.setdefault("score", metrics.pop("accuracy"))
@@ -396,7 +403,7 @@ class Summary:
 
     @property
     def used_text(self) -> str:
-        return self.budget.used_text(self.study.used_seconds, self.study.trials_done)
+        return simulated(self.study, self.budget.used_text(self.study.used_seconds, self.study.trials_done))
 
     def to_dict(self) -> dict[str, Any]:
         b = self.budget

@@ -37,11 +37,15 @@ from search_spaces.spec import canonical_json, spec_hash
 __all__ = [
     "EDGES",
     "OPS",
+    "NB201Frame",
     "NB201Network",
     "NB201Space",
     "NB201Spec",
     "enumerate_specs",
     "load_labels",
+    "nb201_flops",
+    "nb201_mean_flops",
+    "nb201_params",
 ]
 
 SPACE = "nb201"
@@ -431,3 +435,77 @@ def load_labels(path: str | Path, column: str = "cifar10_test_acc") -> dict[str,
                 raise ValueError(f"{p}:{line}: duplicate arch {arch}")
             labels[arch] = value
     return labels
+
+
+# ------------------------------------------------------------------------- FLOPs, frame
+
+
+@lru_cache(maxsize=8)
+def _terms(num_classes: int, img_size: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """FLOPs and parameters as (all-``none`` cell network, extra per 1x1 conv edge, extra per 3x3
+    conv edge). Torch's FLOP counter counts convolutions and matmuls only, pooling and skip edges
+    have no parameters, and every edge of a cell works at the same channels and resolution, so
+    both are exactly linear in a cell's number of conv edges (``test_nb201_flops_formula_equals_the_counter``)."""
+    shape = (1, 3, img_size, img_size)
+
+    def count(ops: tuple[str, ...]) -> tuple[int, int]:
+        with torch.device("meta"):
+            model = NB201Network(NB201Spec(ops), num_classes=num_classes)
+        return count_flops(model, shape), count_params(model)
+
+    none = ("none",) * (len(EDGES) - 1)
+    base, one, three = count(("none", *none)), count(("nor_conv_1x1", *none)), count(("nor_conv_3x3", *none))
+    return ((base[0], one[0] - base[0], three[0] - base[0]), (base[1], one[1] - base[1], three[1] - base[1]))
+
+
+def nb201_flops(spec: NB201Spec, num_classes: int = 10, img_size: int = 32) -> int:
+    """Forward FLOPs of ``spec``'s network at 1x3xHxW (torch's counter: 2 per multiply-add),
+    from the linear formula of :func:`_terms` (no model is built)."""
+    base, one, three = _terms(num_classes, img_size)[0]
+    return base + one * spec.ops.count("nor_conv_1x1") + three * spec.ops.count("nor_conv_3x3")
+
+
+def nb201_params(spec: NB201Spec, num_classes: int = 10) -> int:
+    """Parameters of ``spec``'s network, from the linear formula of :func:`_terms`."""
+    base, one, three = _terms(num_classes, 32)[1]
+    return base + one * spec.ops.count("nor_conv_1x1") + three * spec.ops.count("nor_conv_3x3")
+
+
+def nb201_mean_flops(num_classes: int = 10, img_size: int = 32) -> float:
+    """The mean of :func:`nb201_flops` over all 15,625 cells (each edge takes each op equally often)."""
+    base, one, three = _terms(num_classes, img_size)[0]
+    return base + len(EDGES) * (one + three) / len(OPS)
+
+
+@dataclass(frozen=True)
+class NB201Frame:
+    """The search's view of the NB201 space (what ``nas search`` samples from): the same
+    interface as a hybrid_vit supernet frame where a search needs one (``sample``, ``largest``,
+    ``to_dict``), for the fixed CIFAR-sized skeleton."""
+
+    num_classes: int = 10
+    img_size: int = 32
+    in_chans: int = 3
+    space: str = SPACE
+
+    def sample(self, trial: Trial) -> NB201Spec:
+        return NB201Space().sample(trial)
+
+    def largest(self, rng: random.Random | None = None) -> NB201Spec:
+        return NB201Spec(("nor_conv_3x3",) * len(EDGES))
+
+    def smallest(self, rng: random.Random | None = None) -> NB201Spec:
+        return NB201Spec(("none",) * len(EDGES))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"space": SPACE, "num_classes": self.num_classes, "img_size": self.img_size, "in_chans": self.in_chans}
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NB201Frame:
+        if data.get("space") != SPACE:
+            raise ValueError(f"not an NB201 frame: {data.get('space')!r}")
+        return cls(num_classes=int(data["num_classes"]), img_size=int(data["img_size"]),
+                   in_chans=int(data.get("in_chans", 3)))

@@ -72,7 +72,7 @@ def test_a_python_caller_gets_the_checks_the_cli_had(tmp_path: Path) -> None:
     for kwargs, part in (({"data_limit": 5}, "--data-limit"), ({"seed": 2**40}, "--seed"),
                          ({"workers": 100_000}, "--workers"), ({"threads": 10**7}, "--threads"),
                          ({"train_epochs": 10**6}, "--train-epochs"), ({"max_latency_ms": 1e12}, "--max-latency-ms"),
-                         ({"address": "localhost:99999"}, "--address"), ({"space": "nb201"}, "benchmark space"),
+                         ({"address": "localhost:99999"}, "--address"), ({"space": "nb201"}, "benchmark table"),
                          ({"space": "resnet"}, "unknown search space"), ({"target": "tpu"}, "--target")):
         with pytest.raises(SearchError, match=part):
             SearchConfig(**kwargs)

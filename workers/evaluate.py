@@ -117,6 +117,15 @@ class EvalConfig:
     threads: int = 1
     seed: int = 0
     weights_dir: str | None = None  # train stage: keep the fp32 weights of fully trained models here
+    space: str = "hybrid_vit"
+    # a tabular benchmark in place of training (workers.benchmark): labels CSV and its accuracy
+    # column, latency CSV and its device column, simulated seconds of a mean training
+    benchmark: str | None = None
+    benchmark_column: str | None = None
+    benchmark_latency: str | None = None
+    device_column: str | None = None
+    benchmark_train_s: float = 1000.0
+    proxy_cache: str | None = None  # a folder: zero-cost scores shared across studies (benchmark screening)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "proxies", tuple(self.proxies))
@@ -383,6 +392,10 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
     cfg = config or EvalConfig()
     if stage not in STAGES:
         raise EvaluationError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if cfg.benchmark:
+        from workers.benchmark import evaluate_benchmark
+
+        return evaluate_benchmark(spec, stage, data, cfg)
     dev = str(parse_device(device))
     t0 = time.perf_counter()
     prev_threads = torch.get_num_threads()

@@ -248,7 +248,7 @@ def run_request(req: TrialRequest, data: EvalData, report: Report | None = None)
     device = fingerprint(str(parse_device(req.device)), req.eval.threads)
     out: list[CandidateResult] = []
     for cand in req.candidates:
-        spec = spec_from_json(cand.spec, "hybrid_vit")
+        spec = spec_from_json(cand.spec, req.eval.space)
         evals: list[dict[str, Any]] = []
         used = [0.0]  # seconds of this candidate's earlier stages
 

@@ -24,7 +24,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: what a latency measurement records; the careful ``latency`` stage's values replace the screening ones
 LATENCY_KEYS = ("latency_ms", "latency_p90_ms", "latency_cv", "peak_mem_mb")
 #: stages whose ``accuracy`` is a measured accuracy (a screening ``score`` never is one)
-ACCURACY_STAGES = ("train", "supernet")
+ACCURACY_STAGES = ("train", "supernet", "benchmark")  # front sources that hold an accuracy
 _ERROR_DETAIL = 4000  # characters of a traceback sent to the page
 
 
@@ -53,6 +53,8 @@ def budget_view(info: StudyInfo) -> dict[str, Any]:
     else:
         used, total, unit = info.used_seconds, float(b.seconds or 0), f"{b.device or 'device'}-s"
     text = b.used_text(info.used_seconds, info.trials_done)
+    if info.config.get("benchmark"):  # a benchmark study's training seconds are simulated
+        text = text.replace(" device-s", " simulated device-s")
     over = total > 0 and used > total
     over_pct = 100.0 * (used - total) / total if over else 0.0
     if over:
@@ -175,10 +177,23 @@ def study_summary(store: Store, info: StudyInfo, launch: Any = None) -> dict[str
         "best": best_metrics(store, info.name),
         "config": {k: cfg.get(k) for k in ("strategy", "data", "target", "objectives", "workers", "precision",
                                            "train_epochs", "max_params", "max_latency_ms", "seed")},
+        "benchmark": benchmark_view(cfg),
         "resumable": live is None and not (view and view["running"]),
         "stoppable": status in ("running", "created") or bool(view and view["phase"] == "starting"),
         "launch": view,
     }
+
+
+def benchmark_view(cfg: dict[str, Any]) -> str | None:
+    """Where a benchmark study's figures come from (None for a study that trains): its accuracies
+    are looked up in a table and its training costs are simulated, and the page says so."""
+    if not cfg.get("benchmark"):
+        return None
+    from pathlib import Path
+
+    return (f"accuracy from {Path(cfg['benchmark']).name}:{cfg.get('benchmark_column')}, latency from "
+            f"{Path(cfg.get('benchmark_latency') or '').name}:{cfg.get('device_column')}; training cost simulated "
+            f"({cfg.get('benchmark_train_s')} device-s for the mean cell), nothing trained here")
 
 
 def _last_line(text: str) -> str:

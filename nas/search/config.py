@@ -103,6 +103,14 @@ class SearchConfig:
     supernet: str | None = None  # an already trained supernet checkpoint to use instead of training one
     workdir: str = ""
     max_failures: int = 2
+    # a tabular benchmark in place of training (space nb201; see workers/benchmark.py)
+    benchmark: str | None = None  # labels CSV: arch and an accuracy column
+    benchmark_column: str | None = None  # its accuracy column (default: the one column ending in _acc)
+    benchmark_latency: str | None = None  # latency CSV: arch and one column per device
+    device_column: str | None = None  # the device's column in it, e.g. titan_rtx_256_ms
+    benchmark_train_s: float = 1000.0  # simulated device-seconds of training the mean cell
+    proxy_cache: str | None = None  # a folder that shares zero-cost scores across benchmark studies
+    screen_max: int | None = None  # candidates a screening round takes at most (benchmark default 1000)
 
     def __post_init__(self) -> None:
         if isinstance(self.objectives, (list, tuple)):
@@ -116,13 +124,17 @@ class SearchConfig:
 
     def _problems(self) -> Iterator[str]:
         """Every problem of this config, one short sentence each."""
-        if self.space != "hybrid_vit":
-            from search_spaces import list_spaces
+        from search_spaces import list_spaces
 
-            known = list_spaces()
-            yield (f"nas search runs on space hybrid_vit; {self.space!r} is a benchmark space for the proxies"
-                   if self.space in known else
-                   f"unknown search space {_clip(self.space)}; choose one of: {', '.join(known)}")
+        known = list_spaces()
+        if self.space not in known:
+            yield f"unknown search space {_clip(self.space)}; choose one of: {', '.join(known)}"
+        elif self.space == "nb201" and not self.benchmark:
+            yield ("nas search runs nb201 only against its benchmark table: pass --benchmark LABELS.csv "
+                   "--benchmark-latency LATENCY.csv --device-column COLUMN")
+        elif self.space != "nb201" and self.benchmark:
+            yield f"--benchmark is a NAS-Bench-201 table; use it with --space nb201, not {_clip(self.space)}"
+        yield from self._benchmark_problems()
         if not isinstance(self.data, str) or not self.data.strip() or len(self.data) > 4096 \
                 or not self.data.isprintable():
             yield (f"--data {_clip(self.data)} is not a dataset; use digits, cifar10:PATH, imagefolder:PATH or "
@@ -165,6 +177,31 @@ class SearchConfig:
         if problem:
             yield problem
         yield from _share_problems(self.shares)
+
+    def _benchmark_problems(self) -> Iterator[str]:
+        for flag, value in (("--benchmark", self.benchmark), ("--benchmark-latency", self.benchmark_latency),
+                            ("--benchmark-column", self.benchmark_column), ("--device-column", self.device_column),
+                            ("--proxy-cache", self.proxy_cache)):
+            if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 4096):
+                yield f"{flag} must be a path or a column name, got {_clip(value)}"
+        if not self.benchmark:
+            extra = [f for f, v in (("--benchmark-latency", self.benchmark_latency),
+                                    ("--device-column", self.device_column)) if v is not None]
+            if extra:
+                yield f"{extra[0]} needs --benchmark LABELS.csv"
+            return
+        if not self.benchmark_latency or not self.device_column:
+            yield "a benchmark search needs --benchmark-latency LATENCY.csv and --device-column COLUMN too"
+        t = self.benchmark_train_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and 0 < t < 1e9):
+            yield f"--benchmark-train-seconds must be a positive number, got {_clip(t)}"
+        for flag, value in (("--max-params", self.max_params), ("--supernet", self.supernet), ("--parzc", self.parzc)):
+            if value is not None:
+                yield f"{flag} is not used by a benchmark search; leave it out"
+        if self.screen_max is not None:
+            problem = _int_problem("--screen-max", self.screen_max, 1, MAX_DATA_LIMIT)
+            if problem:
+                yield problem
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -329,16 +366,18 @@ def load_data(cfg: SearchConfig) -> Any:
     from nas.data import load
     from workers.evaluate import split_train_val
 
+    # a benchmark's proxies take one fixed batch whatever the study's seed (workers/benchmark.py)
+    seed = 0 if cfg.benchmark else cfg.seed
     try:
-        ds = load(cfg.data, "train", limit=cfg.data_limit, img_size=None, seed=cfg.seed)
+        ds = load(cfg.data, "train", limit=cfg.data_limit, img_size=None, seed=seed)
         native = int(ds.x.shape[2])
         img = cfg.img_size or max(16, native)
         if img != native:
-            ds = load(cfg.data, "train", limit=cfg.data_limit, img_size=img, seed=cfg.seed)
+            ds = load(cfg.data, "train", limit=cfg.data_limit, img_size=img, seed=seed)
     except (ValueError, OSError) as e:
         raise SearchError(f"data {_clip(cfg.data)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
-    return split_train_val(ds.x, ds.y, val_fraction=0.2, seed=cfg.seed, num_classes=ds.num_classes)
+    return split_train_val(ds.x, ds.y, val_fraction=0.2, seed=seed, num_classes=ds.num_classes)
 
 
 def check_target(target: str) -> None:
@@ -380,6 +419,8 @@ def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dic
     from predictors.precision import PrecisionError, check_precision
 
     validate_study_name(name)
+    if cfg.benchmark:
+        return _prepare_benchmark(name, cfg, budget, url)
     target = resolve_target(cfg.target, budget)
     _check_budget_device(budget, cfg, target)
     check_target(target)
@@ -436,6 +477,35 @@ def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dic
     conf = cfg.to_dict()
     conf["workdir"] = cfg.workdir or default_workdir(url, name)
     conf["frame_json"] = frame.to_dict()
+    conf["progress"] = {}
+    return conf
+
+
+def _prepare_benchmark(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dict[str, Any]:
+    """``prepare_study`` of a benchmark search: the tables, the data of the proxies' batch (3-channel
+    images), a budget in simulated device-seconds or trials; the proxies run on this CPU."""
+    from search_spaces.nb201 import NB201Frame
+    from workers.benchmark import BenchmarkError, load_table
+
+    if budget.device is not None:
+        raise SearchError(f"a benchmark search spends simulated device-seconds, not {budget.device} time; use a "
+                          f"plain budget such as {int(30 * cfg.benchmark_train_s)}s (30 trainings of the mean cell) "
+                          "or 500trials")
+    if cfg.target == "cuda":
+        raise SearchError("a benchmark search computes its proxies on the CPU; leave out --target")
+    try:
+        table = load_table(cfg.benchmark or "", cfg.benchmark_column, cfg.benchmark_latency or "",
+                           cfg.device_column)
+    except BenchmarkError as e:
+        raise SearchError(str(e)) from None
+    data = load_data(cfg)
+    if data.in_chans != 3:
+        raise SearchError(f"the NB201 network takes RGB images; --data {_clip(cfg.data)} has {data.in_chans} "
+                          "channel(s): pass cifar10:PATH or imagefolder:PATH")
+    cfg = replace(cfg, target="cpu", benchmark_column=table.column, device_column=table.device)
+    conf = cfg.to_dict()
+    conf["workdir"] = cfg.workdir or default_workdir(url, name)
+    conf["frame_json"] = NB201Frame(num_classes=data.num_classes, img_size=data.img_size).to_dict()
     conf["progress"] = {}
     return conf
 

@@ -116,6 +116,7 @@ class Sampling:
 
         trial = self.study.ask()
         spec = self.frame.sample(trial)
+        self.d.note(spec)
         cfg = self.cfg
         trial.set_user_attr("spec_hash", spec.hash)
         trial.set_user_attr("spec", spec.to_json())

@@ -136,8 +136,15 @@ class Screen(Stage):
     MAX_BATCH = 32
     MAX_ASKS = 256  # sampled architectures that need no work (seen before, over a limit) per request
 
+    #: a benchmark search's screening round takes at most this many candidates (``--screen-max``):
+    #: its budget share would otherwise screen the whole space, as simulated training is dear
+    BENCHMARK_MAX = 1000
+
     def open(self, plan: Plan) -> bool:
         self.gate = _Gate(plan.d, self.name, self.limit(plan))
+        cfg = plan.d.cfg
+        self.cap = cfg.screen_max or (self.BENCHMARK_MAX if cfg.benchmark else None)
+        self.taken = 0
         return True
 
     def batch(self, plan: Plan) -> int:
@@ -153,6 +160,10 @@ class Screen(Stage):
     def request(self, plan: Plan) -> TrialRequest | None:
         d = plan.d
         k = self.batch(plan)
+        if self.cap is not None:
+            k = min(k, self.cap - self.taken)
+            if k <= 0:
+                return None
         cands: list[Candidate] = []
         for _ in range(self.MAX_ASKS + k):
             if len(cands) == k:
@@ -162,6 +173,7 @@ class Screen(Stage):
                 cands.append(c)
         if not cands:  # the space gives nothing new: the stage is done
             return None
+        self.taken += len(cands)
         key = cands[0].key if len(cands) == 1 else f"{cands[0].key}-{cands[-1].number}"
         d.reserve(key, self.name, len(cands) * d.estimate(self.name))
         return plan.request(key, self.name, ("screen",), tuple(cands), sampled=True)
@@ -187,6 +199,9 @@ class SampledTrain(Stage):
         else:
             return None
         est = d.estimate("train", cand.spec_hash)
+        if d.cfg.benchmark and d.budget.kind == "seconds" and est > d.left():
+            plan.sampling.fail(cand.number)  # its known cost does not fit in what is left: the stage ends
+            return None
         allowance, reserve = None, 0.0
         if d.budget.kind == "seconds":
             allowance = est = d.allowance("train", est)

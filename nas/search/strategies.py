@@ -4,6 +4,8 @@
   ranking (BigNAS) -> careful latency -> short training with ASHA; then, while budget is left,
   rounds of latency + training of the next candidates, and when those run out, a round that
   screens more (its share of what is left), ranks, measures and trains them.
+  On a tabular benchmark (``--benchmark``): screen, then predictor-guided training
+  (:mod:`nas.search.guided`), with more screening when the screened candidates run out.
 - ``nsga2`` / ``random``: every sampled candidate is trained briefly and measured.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nas.search.guided import GuidedTrain
 from nas.search.rea import rea_sampler
 from nas.search.stages import Latency, SampledTrain, Screen, Stage, SupernetRank, SupernetTrain, Train
 from nas.search.strategy import Strategy, register_strategy
@@ -43,6 +46,8 @@ def sampled_train(cfg: SearchConfig) -> list[Stage]:
 
 
 def _staged(cfg: SearchConfig) -> list[Stage]:
+    if cfg.benchmark:  # latencies come with screening (a table lookup): a predictor picks what to train
+        return [Screen(), GuidedTrain()]
     return [Screen(), SupernetTrain(), SupernetRank(), Latency(), Train()]
 
 
@@ -52,6 +57,11 @@ def _staged_rounds(plan: Plan) -> list[Stage] | None:
     either, stop."""
     d = plan.d
     ran = d.trials_done + d.errors
+    if d.cfg.benchmark:  # the screened candidates are used up: screen more, and go on training
+        if plan.memo.get("rescreen") == ran or not plan.memo.pop("pool_used_up", False):
+            return None
+        plan.memo["rescreen"] = ran
+        return [Screen(refill=True), GuidedTrain(refill=True)]
     if plan.memo.get("refill") == ran:
         if plan.memo.get("rescreen") == ran:
             return None

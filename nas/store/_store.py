@@ -812,7 +812,8 @@ class Store:
         if not isinstance(fingerprint, Mapping):
             raise StoreError(f"device fingerprint must be a dict, got {type(fingerprint).__name__}")
         key = device_key(fingerprint)
-        kind = "cuda" if str(fingerprint.get("kind", "cpu")) in ("cuda", "gpu") else "cpu"
+        kind = str(fingerprint.get("kind", "cpu"))
+        kind = "cuda" if kind in ("cuda", "gpu") else "benchmark" if kind == "benchmark" else "cpu"
         name = str(fingerprint.get("name") or kind)[:255]
         stmt = self._insert(DeviceModel).values(key=key, kind=kind, name=name,
                                                 fingerprint=_json(dict(fingerprint), "device fingerprint"))
