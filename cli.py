@@ -399,6 +399,7 @@ def _run(json_out: bool, start: Any, name: str, url: str) -> None:
 
         def progress(p: dict[str, Any]) -> None:
             unit, best = "trials" if p["kind"] == "trials" else "device-s", p["best"]
+            unit = "simulated " + unit if p.get("simulated") and unit == "device-s" else unit
             update(completed=min(1.0, p["used"] / max(p["total"], 1e-9)), total=1.0, description=f"{p['stage']:>8}",
                    i=f"{p['used']:,.1f}/{p['total']:,.0f} {unit}  trials {p['trials']}  best acc "
                      f"{'-' if best is None else f'{best:.4f}'}  errors {p['errors']}")

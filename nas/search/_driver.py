@@ -444,6 +444,7 @@ class Driver:
 
     def tick(self, stage: str) -> None:
         self.progress({"stage": stage, "used": self._used(), "total": self._total(), "kind": self.budget.kind,
+                       "simulated": bool(self.cfg.benchmark),
                        "trials": self.trials_done, "best": self.best, "errors": self.errors})
 
     def mark_done(self, stage: str) -> None:
