@@ -89,6 +89,9 @@ class GuidedTrain(Stage):
         trained = {h: m for h, m in plan.store.done(plan.d.name, "train").items() if "accuracy" in m}
         lat = np.array([self.pool[h]["latency_ms"] for h in todo])
         ref_lat = float(np.percentile([m["latency_ms"] for m in self.pool.values()], REF_QUANTILES[1]))
+        cfg = plan.d.cfg
+        if cfg.max_latency_ms is not None:  # a latency limit: nothing slower counts
+            ref_lat = min(ref_lat, float(cfg.max_latency_ms))
         if len(trained) < WARM:  # zero-cost warm-up: the best score in each latency quantile not yet covered
             edges = np.percentile(lat, np.linspace(0, REF_QUANTILES[1], WARM + 1))
             covered = {int(np.searchsorted(edges[1:-1], self.pool[h]["latency_ms"], side="right"))
@@ -117,7 +120,13 @@ class GuidedTrain(Stage):
         front_lat = [trained[h].get("latency_ms", self.pool.get(h, {}).get("latency_ms", math.inf)) for h in trained]
         front_lat += [self.pool[h]["latency_ms"] for h in believed]
         ref_acc = float(np.percentile(np.concatenate([mean, acc]), REF_QUANTILES[0]))
-        gain = expected_hvi(mean, std, lat, np.array(front_acc), np.array(front_lat), ref_acc, ref_lat)
+        if "latency" in cfg.objectives:
+            gain = expected_hvi(mean, std, lat, np.array(front_acc), np.array(front_lat), ref_acc, ref_lat)
+        else:  # accuracy alone: expected improvement over the best (HV of one objective, latencies equal)
+            none = np.zeros(len(todo))
+            gain = expected_hvi(mean, std, none, np.array(front_acc), np.zeros(len(front_acc)), ref_acc, 1.0)
+            if cfg.max_latency_ms is not None:
+                gain[lat > cfg.max_latency_ms] = 0.0
         best = int(np.argmax(gain))
         self._last_mean = float(mean[best])
         return todo[best]
