@@ -438,7 +438,8 @@ def _print_front(summary: Any, json_out: bool, next_url: str | None = None) -> N
     if next_url:
         console.print("next: " + " | ".join(lifecycle.command(*w, url=next_url) for w in (
             ("show", info.name), ("best", info.name, "--json"),
-            ("resume", info.name, "--budget", lifecycle.increment_hint(summary.budget)))))
+            ("resume", info.name, "--budget", lifecycle.increment_hint(
+                summary.budget, training_s=cfg.get("benchmark_train_s") if cfg.get("benchmark") else None)))))
 
 
 @app.command()

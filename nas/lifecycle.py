@@ -113,8 +113,11 @@ def simulated(info: StudyInfo, text: str) -> str:
     return text.replace(" device-s", " simulated device-s") if info.config.get("benchmark") else text
 
 
-def increment_hint(budget: Budget, short: float = 0.0) -> str:
-    """A budget to add in the study's own unit (``+10trials``, ``+1cpu-m``), more than ``short``."""
+def increment_hint(budget: Budget, short: float = 0.0, training_s: float | None = None) -> str:
+    """A budget to add in the study's own unit (``+10trials``, ``+1cpu-m``), more than ``short``;
+    for a benchmark study (``training_s``: simulated seconds of a mean training) ten trainings."""
+    if training_s and budget.kind == "seconds":
+        return f"+{int(short + 10 * training_s)}s"
     if budget.kind == "trials":
         return f"+{int(short) + 10}trials"
     unit = f"{budget.device}-" if budget.device else ""

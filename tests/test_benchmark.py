@@ -182,7 +182,7 @@ def test_cli_benchmark_search_marks_its_rows(tmp_path: Path) -> None:
     out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "from a benchmark, not trained here" in out.stdout and "nb201_cifar10.csv:cifar10_test_acc" in out.stdout
-    assert "simulated device-s" in out.stdout
+    assert "simulated device-s" in out.stdout and "--budget +10000s" in out.stdout  # ten mean trainings
     best = subprocess.run([NAS, "best", "b", "--storage", url, "--json"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     rows = json.loads(best.stdout)
