@@ -9,7 +9,6 @@ import importlib
 import json
 import re
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -426,9 +425,8 @@ def _print_front(summary: Any, json_out: bool, next_url: str | None = None) -> N
             if key == "score" else f"Pareto front ({len(rows)}, accuracy from {src or '-'})")
     cfg = info.config
     if src == "benchmark":  # nothing here was trained: say where the figures come from
-        what = (f"Pareto front ({len(rows)}) from a benchmark, not trained here: accuracy from "
-                f"{Path(cfg.get('benchmark') or '').name}:{cfg.get('benchmark_column')}, latency from "
-                f"{Path(cfg.get('benchmark_latency') or '').name}:{cfg.get('device_column')}, simulated training cost")
+        what = (f"Pareto front ({len(rows)}) from a benchmark, not trained here: {lifecycle.benchmark_source(cfg)}, "
+                "simulated training cost")
     _table(f"study {info.name}: {info.status}, {summary.used_text}, {info.trials_done} evaluations; {what}",
            ["#", "hash", key, "latency ms", "params", "architecture"],
            [[str(r["rank"]), r["hash"][:10], f"{r['metrics'].get(key, float('nan')):.4f}",

@@ -113,6 +113,17 @@ def simulated(info: StudyInfo, text: str) -> str:
     return text.replace(" device-s", " simulated device-s") if info.config.get("benchmark") else text
 
 
+def benchmark_source(config: Mapping[str, Any]) -> str | None:
+    """Where a benchmark study's figures come from (``accuracy from LABELS:COL, latency from
+    LATENCY:DEVICE``); None for a study that trains."""
+    if not config.get("benchmark"):
+        return None
+    from pathlib import Path
+
+    return (f"accuracy from {Path(config['benchmark']).name}:{config.get('benchmark_column')}, latency from "
+            f"{Path(config.get('benchmark_latency') or '').name}:{config.get('device_column')}")
+
+
 def increment_hint(budget: Budget, short: float = 0.0, training_s: float | None = None) -> str:
     """A budget to add in the study's own unit (``+10trials``, ``+1cpu-m``), more than ``short``;
     for a benchmark study (``training_s``: simulated seconds of a mean training) ten trainings."""

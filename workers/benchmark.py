@@ -60,10 +60,9 @@ class BenchmarkTable:
         return f"{Path(self.labels).name}:{self.column} x {Path(self.latency).name}:{self.device}"
 
 
-def _read(path: str, what: str, flag: str) -> tuple[list[str], list[dict[str, str]]]:
+def _read(path: str, flag: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a CSV that ``load_table`` found on disk."""
     p = Path(path)
-    if not p.is_file():
-        raise BenchmarkError(f"{flag} {path}: no such file; pass the {what} CSV")
     try:
         with p.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -109,10 +108,10 @@ def _values(rows: list[dict[str, str]], column: str, path: str) -> dict[str, flo
 @lru_cache(maxsize=8)
 def _load(labels: str, column: str | None, latency: str, device: str | None,
           mtimes: tuple[float, float]) -> BenchmarkTable:
-    header, rows = _read(labels, "labels", "--benchmark")
+    header, rows = _read(labels, "--benchmark")
     column = _column(header, column, "--benchmark-column", labels, "_acc")
     acc = _values(rows, column, labels)
-    header, rows = _read(latency, "latency", "--benchmark-latency")
+    header, rows = _read(latency, "--benchmark-latency")
     if device is None:
         raise BenchmarkError(f"--device-column is needed: one of {', '.join(c for c in header if c.endswith('_ms'))}")
     device = _column(header, device, "--device-column", latency, "_ms")

@@ -10,7 +10,7 @@ from typing import Any
 
 from nas.budget import Budget, BudgetError
 from nas.jobs import device_line
-from nas.lifecycle import frame_sizes
+from nas.lifecycle import benchmark_source, frame_sizes, simulated
 from nas.store import Store, StudyInfo
 
 from ._runner import last_line
@@ -53,8 +53,7 @@ def budget_view(info: StudyInfo) -> dict[str, Any]:
     else:
         used, total, unit = info.used_seconds, float(b.seconds or 0), f"{b.device or 'device'}-s"
     text = b.used_text(info.used_seconds, info.trials_done)
-    if info.config.get("benchmark"):  # a benchmark study's training seconds are simulated
-        text = text.replace(" device-s", " simulated device-s")
+    text = simulated(info, text)  # a benchmark study's training seconds are simulated
     over = total > 0 and used > total
     over_pct = 100.0 * (used - total) / total if over else 0.0
     if over:
@@ -187,13 +186,11 @@ def study_summary(store: Store, info: StudyInfo, launch: Any = None) -> dict[str
 def benchmark_view(cfg: dict[str, Any]) -> str | None:
     """Where a benchmark study's figures come from (None for a study that trains): its accuracies
     are looked up in a table and its training costs are simulated, and the page says so."""
-    if not cfg.get("benchmark"):
+    source = benchmark_source(cfg)
+    if source is None:
         return None
-    from pathlib import Path
-
-    return (f"accuracy from {Path(cfg['benchmark']).name}:{cfg.get('benchmark_column')}, latency from "
-            f"{Path(cfg.get('benchmark_latency') or '').name}:{cfg.get('device_column')}; training cost simulated "
-            f"({cfg.get('benchmark_train_s')} device-s for the mean cell), nothing trained here")
+    return (f"{source}; training cost simulated ({cfg.get('benchmark_train_s')} device-s for the mean cell), "
+            "nothing trained here")
 
 
 def _last_line(text: str) -> str:

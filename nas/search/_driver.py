@@ -314,19 +314,12 @@ class Driver:
         """A benchmark training's cost, known before it runs (``workers.benchmark``): the mean
         training's for an architecture not yet known."""
         from search_spaces.nb201 import NB201Spec
-        from workers.benchmark import simulated_train_seconds
 
-        mean = float(self.cfg.benchmark_train_s)
-        if not arch:
-            return mean
-        if arch not in self._simulated:  # a candidate that was not noted (a resumed study's)
-            row = self.store.architecture(arch)
-            spec = (row or {}).get("spec")
-            if spec is None:
-                return mean
-            data = json.loads(spec) if isinstance(spec, str) else spec
-            self._simulated[arch] = simulated_train_seconds(NB201Spec.from_dict(data), mean)
-        return self._simulated[arch]
+        if arch and arch not in self._simulated:  # a candidate that was not noted (a resumed study's)
+            spec = (self.store.architecture(arch) or {}).get("spec")
+            if spec is not None:
+                self.note(NB201Spec.from_dict(json.loads(spec) if isinstance(spec, str) else spec))
+        return self._simulated.get(arch or "", float(self.cfg.benchmark_train_s))
 
     def note(self, spec: Any) -> None:
         """A sampled benchmark candidate: its training's simulated cost, for ``simulated``."""

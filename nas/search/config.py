@@ -474,6 +474,11 @@ def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dic
         if small > cfg.max_params:
             raise SearchError(f"--max-params {cfg.max_params:,} is below the smallest architecture of the space "
                               f"({small:,} parameters); raise it")
+    return _conf(cfg, name, url, frame)
+
+
+def _conf(cfg: SearchConfig, name: str, url: str, frame: Any) -> dict[str, Any]:
+    """The config a new study stores: its fields, its folder, its frame and an empty progress."""
     conf = cfg.to_dict()
     conf["workdir"] = cfg.workdir or default_workdir(url, name)
     conf["frame_json"] = frame.to_dict()
@@ -503,11 +508,7 @@ def _prepare_benchmark(name: str, cfg: SearchConfig, budget: Budget, url: str) -
         raise SearchError(f"the NB201 network takes RGB images; --data {_clip(cfg.data)} has {data.in_chans} "
                           "channel(s): pass cifar10:PATH or imagefolder:PATH")
     cfg = replace(cfg, target="cpu", benchmark_column=table.column, device_column=table.device)
-    conf = cfg.to_dict()
-    conf["workdir"] = cfg.workdir or default_workdir(url, name)
-    conf["frame_json"] = NB201Frame(num_classes=data.num_classes, img_size=data.img_size).to_dict()
-    conf["progress"] = {}
-    return conf
+    return _conf(cfg, name, url, NB201Frame(num_classes=data.num_classes, img_size=data.img_size))
 
 
 def create_study(store: Store, name: str, cfg: SearchConfig, budget: Budget,

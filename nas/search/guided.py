@@ -73,20 +73,21 @@ class GuidedTrain(Stage):
                 d.note(NB201Spec.from_dict(arch["spec"]))  # its training's cost, known now
         self.pool = {h: m for h, m in self.pool.items() if h in self.feats}
         self.running: dict[str, float] = {}  # hash -> the accuracy it was picked at
-        if not self.untrained(plan):
+        if not self.untrained(plan.store.done(d.name, "train")):
             return False
         self.gate = _Gate(d, self.name, self.limit(plan))
         return True
 
-    def untrained(self, plan: Plan) -> list[str]:
-        trained = plan.store.done(plan.d.name, "train")
+    def untrained(self, trained: dict[str, dict[str, float]]) -> list[str]:
+        """The pool's candidates neither ``trained`` nor running (those trained since leave ``running``)."""
         for h in [h for h in self.running if h in trained]:
             del self.running[h]
         return [h for h in self.pool if h not in trained and h not in self.running]
 
-    def pick(self, plan: Plan, todo: list[str]) -> str:
-        """The next candidate to train (see the module docstring)."""
-        trained = {h: m for h, m in plan.store.done(plan.d.name, "train").items() if "accuracy" in m}
+    def pick(self, plan: Plan, todo: list[str], done: dict[str, dict[str, float]]) -> tuple[str, float]:
+        """The next candidate to train (see the module docstring), and its predicted accuracy (NaN
+        during the warm-up). ``done``: the trained candidates' metrics."""
+        trained = {h: m for h, m in done.items() if "accuracy" in m}
         lat = np.array([self.pool[h]["latency_ms"] for h in todo])
         ref_lat = float(np.percentile([m["latency_ms"] for m in self.pool.values()], REF_QUANTILES[1]))
         cfg = plan.d.cfg
@@ -104,8 +105,8 @@ class GuidedTrain(Stage):
                     continue
                 idx = np.flatnonzero((bins == b) & (lat <= ref_lat))
                 if len(idx):
-                    return todo[int(idx[np.argmax(score[idx])])]
-            return todo[int(np.argmax(score))]
+                    return todo[int(idx[np.argmax(score[idx])])], math.nan
+            return todo[int(np.argmax(score))], math.nan
         xs = np.array([self.feats[h] for h in trained] + [self.feats[h] for h in todo], dtype=float)
         col_min = np.nanmin(np.where(np.isfinite(xs), xs, np.nan), axis=0)
         xs = np.where(np.isfinite(xs), xs, np.nan_to_num(col_min, nan=0.0)[None, :])  # a score not finite: the lowest
@@ -128,21 +129,21 @@ class GuidedTrain(Stage):
             if cfg.max_latency_ms is not None:
                 gain[lat > cfg.max_latency_ms] = 0.0
         best = int(np.argmax(gain))
-        self._last_mean = float(mean[best])
-        return todo[best]
+        return todo[best], float(mean[best])
 
     def request(self, plan: Plan) -> TrialRequest | None:
         d = plan.d
-        left = self.untrained(plan)
+        done = plan.store.done(d.name, "train")
+        left = self.untrained(done)
         if not left:  # every screened candidate is trained: the strategy may screen more
             plan.memo["pool_used_up"] = True
-        todo = [h for h in left if d.budget.kind != "seconds" or d.estimate("train", h) <= d.left()]
+        room = d.left()
+        todo = [h for h in left if d.budget.kind != "seconds" or d.estimate("train", h) <= room]
         if not todo:
             return None
-        self._last_mean = math.nan
-        h = self.pick(plan, todo)
+        h, predicted = self.pick(plan, todo, done)
         spec = self.specs[h]
         cand = Candidate(key=f"train:{h}", spec=spec if isinstance(spec, str) else json.dumps(spec), spec_hash=h)
-        self.running[h] = self._last_mean
+        self.running[h] = predicted
         d.reserve(cand.key, self.name, d.estimate("train", h))
         return plan.request(cand.key, self.name, self.stages, (cand,))
