@@ -35,6 +35,7 @@ from search_spaces.spec import ArchSpec
 # modules the file is cut from, in emission order; (module, names allowed, or None for all)
 _LAYER_MODULES = (
     "search_spaces.layers._scan",
+    "search_spaces.layers._selective_scan",
     "search_spaces.layers.common",
     "search_spaces.layers.norm",
     "search_spaces.layers.attention",

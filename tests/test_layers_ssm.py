@@ -232,6 +232,26 @@ def test_gla_chunked_strong_gates_float64() -> None:
     torch.testing.assert_close(gla_chunked(q, k, v, log_alpha), torch.stack(want, 1), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("spans", [{}, {torch.float32: math.inf, torch.float64: math.inf}])
+@pytest.mark.parametrize("n", [5, 40])
+def test_gla_chunked_both_intra_chunk_forms_equal_the_loop(spans: dict, n: int,  # type: ignore[type-arg]
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The elementwise form ({}: always) and the matmul form (inf: always) equal the recurrence."""
+    import search_spaces.layers.gated_linear as gl
+
+    monkeypatch.setattr(gl, "_MATMUL_SPAN", spans)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 2, n, 8, generator=g).unbind(0)
+    log_alpha = F.logsigmoid(2 * torch.randn(2, n, 8, generator=g)) / 4  # up to ~10 over a chunk
+    s = torch.zeros(2, 8, 8, dtype=torch.float64)
+    want = []
+    for t in range(n):
+        s = log_alpha[:, t, :, None].double().exp() * s + k[:, t, :, None].double() * v[:, t, None, :].double()
+        want.append((q[:, t, :, None].double() * s).sum(-2))
+    got = gla_chunked(q, k, v, log_alpha)
+    torch.testing.assert_close(got.double(), torch.stack(want, 1), atol=1e-5, rtol=1e-5)
+
+
 def test_gated_linear_errors() -> None:
     with pytest.raises(ValueError, match="divisible"):
         BidirectionalGLA(10, heads=3)
@@ -258,3 +278,54 @@ def test_bf16_autocast_close_to_fp32(name: str) -> None:
     rel = (out.float() - ref).norm() / ref.norm()
     assert rel < BF16_REL_TOL, float(rel)
     assert math.isfinite(float(rel))
+
+
+# ---- the fused, cache-blocked selective scan (search_spaces/layers/_selective_scan.py) ------------
+
+
+def _scan_inputs(bsz: int, n: int, d: int, s: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(bsz, n, d, generator=g)
+    delta = F.softplus(torch.randn(bsz, n, d, generator=g) - 2)
+    a = -torch.exp(torch.randn(d, s, generator=g).clamp(-2, 2))
+    b, c = torch.randn(bsz, n, s, generator=g), torch.randn(bsz, n, s, generator=g)
+    return [t.to(dtype).requires_grad_() for t in (u, delta, a, b, c)]
+
+
+def _scan_loop(u, delta, a, b, c):  # type: ignore[no-untyped-def]
+    """The recurrence as written in the paper, one step at a time."""
+    h = torch.zeros(u.shape[0], u.shape[2], a.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(delta[:, t, :, None] * a) * h + (delta[:, t] * u[:, t])[..., None] * b[:, t, None, :]
+        ys.append((h * c[:, t, None, :]).sum(-1))
+    return torch.stack(ys, 1)
+
+
+@pytest.mark.parametrize("bsz,n", [(3, 1), (5, 17), (9, 64)])
+def test_fused_selective_scan_equals_the_float64_loop(bsz: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import search_spaces.layers._selective_scan as ss
+
+    monkeypatch.setattr(ss, "SLICE_ELEMENTS", 2 * n * 8 * 4)  # slices of 2 samples: the last one is short
+    ins = _scan_inputs(bsz, n, 8, 4, torch.float32)
+    ref = [t.detach().double().requires_grad_() for t in ins]
+    y, y_ref = ss.selective_scan(*ins), _scan_loop(*ref)
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=1e-5, rtol=1e-5)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, ins, gy)
+    grads_ref = torch.autograd.grad(y_ref, ref, gy.double())
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), gr, atol=1e-5 * float(gr.abs().max()), rtol=1e-5)
+
+
+def test_fused_selective_scan_second_derivative_equals_the_plain_one() -> None:
+    from search_spaces.layers._selective_scan import selective_scan, selective_scan_reference
+
+    ins = _scan_inputs(2, 6, 4, 3, torch.float64)
+    ref = [t.detach().clone().requires_grad_() for t in ins]
+    hvp = []
+    for fn, xs in ((selective_scan, ins), (selective_scan_reference, ref)):
+        g = torch.autograd.grad(fn(*xs).pow(2).sum(), xs, create_graph=True)
+        hvp.append(torch.autograd.grad(sum((gi * gi).sum() for gi in g), xs))
+    for a, b in zip(*hvp):
+        torch.testing.assert_close(a, b)

@@ -22,6 +22,9 @@ from search_spaces.layers._scan import linear_recurrence
 from search_spaces.registry import FusedSlices, token_mixer
 
 GLA_CHUNK = 16
+# Largest in-chunk decay (sum of -log alpha over a chunk) for which the matmul form of the intra-chunk
+# scores is used: exp(span) times |q| |k| must stay far below the dtype's largest value.
+_MATMUL_SPAN = {torch.float32: 30.0, torch.float64: 300.0}
 
 
 def gla_chunked(q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, chunk: int = GLA_CHUNK) -> Tensor:
@@ -42,8 +45,19 @@ def gla_chunked(q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, chunk: int =
     g = log_alpha.cumsum(-2)  # (..., C, T, d_k), decreasing along T
     # Intra-chunk: P_ij = sum_c q_ic k_jc exp(G_ic - G_jc) for j <= i.
     causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
-    rel = (g[..., :, None, :] - g[..., None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
-    scores = (q[..., :, None, :] * k[..., None, :, :] * rel.exp()).sum(-1)
+    first = g[..., :1, :]
+    # the check reads a value: not while a graph is traced (ONNX) or a CUDA graph captured
+    capturing = g.is_cuda and torch.cuda.is_current_stream_capturing()
+    span = math.inf if torch.jit.is_tracing() or capturing or not g.numel() else \
+        float((first - g[..., -1:, :]).detach().amax())
+    if span <= _MATMUL_SPAN.get(g.dtype, 0.0):
+        # exp(G_i - G_j) = exp(G_i - G_0) exp(G_0 - G_j) with G_0 the chunk's first step: one matmul,
+        # no (T, T, d_k) tensor. exp(G_0 - G_j) <= exp(span) stays finite (GLA paper, Sec. 4.2,
+        # uses the same split with secondary chunks for stronger decays; those take the path below).
+        scores = ((q * (g - first).exp()) @ (k * (first - g).exp()).transpose(-1, -2)).masked_fill(~causal, 0.0)
+    else:
+        rel = (g[..., :, None, :] - g[..., None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
+        scores = (q[..., :, None, :] * k[..., None, :, :] * rel.exp()).sum(-1)
     out = scores @ v
     # Inter-chunk: state at each chunk end, then what enters each chunk from the ones before.
     last = g[..., -1:, :]  # (..., C, 1, d_k)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search_spaces.layers._scan import linear_recurrence
+from search_spaces.layers._selective_scan import selective_scan
 from search_spaces.registry import FusedSlices, token_mixer
 
 
@@ -75,9 +75,9 @@ class SelectiveScanBranch(nn.Module):
             u, b, c = u.to(dtype), b.to(dtype), c.to(dtype)
             delta = F.softplus(F.linear(dt.to(dtype), self.dt_proj.weight.to(dtype)) + self.dt_proj.bias.to(dtype))
             a = -torch.exp(self.A_log.to(dtype))  # (d_inner, d_state)
-            decay = torch.exp(delta[..., None] * a)  # (B, N, d_inner, d_state)
-            h = linear_recurrence(decay, (delta * u)[..., None] * b[:, :, None, :], dim=1)
-            return torch.einsum("blds,bls->bld", h, c) + self.D.to(dtype) * u
+            # h_t = exp(delta_t a) h_{t-1} + delta_t u_t b_t, y_t = c_t . h_t, without keeping the
+            # (B, N, d_inner, d_state) states in memory (see _selective_scan)
+            return selective_scan(u, delta, a, b, c) + self.D.to(dtype) * u
 
 
 @token_mixer("ssm")
