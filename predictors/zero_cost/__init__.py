@@ -1,7 +1,7 @@
 """Zero-cost proxies: scores of an untrained network from one batch, without training.
 
 ``compute(model, inputs, targets, names=None, per_layer=False, loss_fn=None)`` returns
-``{name: float}`` for any subset of :data:`PROXIES`, sharing forward/backward passes between them;
+``{name: float}`` for any subset of :data:`ALL_PROXIES`, sharing forward/backward passes between them;
 ``per_layer=True`` adds ``"per_layer": {name: {layer: float}}`` for the node-wise proxies
 (:data:`NODE_WISE`). Definitions follow the published reference code:
 
@@ -11,13 +11,33 @@
   github.com/BayesWatch/nas-without-training;
 - zen: Lin et al. 2021, "Zen-NAS: A Zero-Shot NAS for High-Performance Image Recognition" (ICCV),
   github.com/idstcv/ZenNAS;
-- params, flops: ``search_spaces.counting`` (flops at batch 1 with the inputs' C, H, W).
+- params, flops: ``search_spaces.counting`` (flops at batch 1 with the inputs' C, H, W);
+- dss, dss_diversity, dss_saliency: Zhou et al. 2022, "Training-free Transformer Architecture Search"
+  (CVPR), github.com/decemberzhou/TF_TAS;
+- az_expressivity, az_progressivity, az_trainability, and the population-level
+  :func:`az_nas_aggregate` / :func:`rank_aggregate`: Lee & Ham 2024, "AZ-NAS: Assembling Zero-Cost
+  Proxies for Network Architecture Search" (CVPR), github.com/cvlab-yonsei/AZ-NAS.
 
-The model passed in is never modified (one deep copy per call).
+``names=None`` computes :data:`PROXIES`; the ViT-aware :data:`VIT_PROXIES` (``vit.py``) run when
+named. :data:`ALL_PROXIES` lists every accepted name.
+
+The model passed in is never modified (the passes run on deep copies).
 """
 
 from __future__ import annotations
 
-from predictors.zero_cost._proxies import NODE_WISE, PROXIES, compute, jacob_cov_score
+from predictors.zero_cost._proxies import ALL_PROXIES, NODE_WISE, PROXIES, compute, jacob_cov_score
+from predictors.zero_cost.vit import VIT_PROXIES, az_nas_aggregate, az_nas_components, dss_scores, rank_aggregate
 
-__all__ = ["NODE_WISE", "PROXIES", "compute", "jacob_cov_score"]
+__all__ = [
+    "ALL_PROXIES",
+    "NODE_WISE",
+    "PROXIES",
+    "VIT_PROXIES",
+    "az_nas_aggregate",
+    "az_nas_components",
+    "compute",
+    "dss_scores",
+    "jacob_cov_score",
+    "rank_aggregate",
+]

@@ -10,6 +10,8 @@ References (definitions reproduced from their code, not copied):
 - zen: Lin, Wang, Sun, Chen, Sun, Qian, Li, Jin 2021, "Zen-NAS: A Zero-Shot NAS for
   High-Performance Image Recognition" (ICCV), github.com/idstcv/ZenNAS,
   ``ZeroShotProxy/compute_zen_score.py``.
+- dss*, az_*: ViT-aware proxies (TF-TAS, Zhou et al. CVPR 2022; AZ-NAS, Lee & Ham CVPR 2024), defined
+  and computed in ``predictors/zero_cost/vit.py`` (:data:`VIT_PROXIES`), each on its own deep copy.
 
 Definitions as implemented. "Layers" are the Conv2d and Linear modules (subclasses included) in
 module order, as the reference's ``get_layer_metric_array``; every proxy runs the network in train
@@ -86,6 +88,7 @@ from predictors.zero_cost._hooks import (
     remove_batchnorm,
     restore,
 )
+from predictors.zero_cost.vit import VIT_PROXIES, compute_vit
 from search_spaces.counting import count_flops, count_params
 
 PROXIES: tuple[str, ...] = (
@@ -93,6 +96,8 @@ PROXIES: tuple[str, ...] = (
 )
 # Proxies with a value per Conv2d/Linear layer ("node-wise", as ParZC uses them).
 NODE_WISE: tuple[str, ...] = ("grad_norm", "snip", "grasp", "fisher", "synflow", "params")
+# Every name compute() accepts: PROXIES (the default set) and the ViT-aware ones, computed on request only.
+ALL_PROXIES: tuple[str, ...] = PROXIES + VIT_PROXIES
 
 ZEN_MIXUP_GAMMA = 1e-2  # ZenNAS's --mixup_gamma default
 JACOB_COV_K = 1e-5  # zero-cost-nas eval_score's k
@@ -101,16 +106,16 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def resolve_names(names: str | Iterable[str] | None) -> list[str]:
-    """The requested proxies in ``PROXIES`` order; ValueError naming the valid ones otherwise."""
+    """The requested proxies in ``ALL_PROXIES`` order (None: ``PROXIES``); ValueError naming the valid ones."""
     if names is None:
         return list(PROXIES)
     if isinstance(names, str):
         names = [names]
     names = list(names)
-    unknown = [n for n in names if n not in PROXIES]
+    unknown = [n for n in names if n not in ALL_PROXIES]
     if unknown:
-        raise ValueError(f"unknown zero-cost proxy {unknown[0]!r}; valid names: {', '.join(PROXIES)}")
-    return [p for p in PROXIES if p in names]
+        raise ValueError(f"unknown zero-cost proxy {unknown[0]!r}; valid names: {', '.join(ALL_PROXIES)}")
+    return [p for p in ALL_PROXIES if p in names]
 
 
 def compute(
@@ -125,14 +130,17 @@ def compute(
 ) -> dict[str, Any]:
     """Zero-cost proxies of ``model`` on one batch; ``{name: float}``.
 
-    ``names``: a subset of :data:`PROXIES` (None: all). ``per_layer``: also
+    ``names``: a subset of :data:`ALL_PROXIES` (None: all of :data:`PROXIES`; the ViT-aware
+    :data:`VIT_PROXIES` only when named). ``per_layer``: also
     ``result["per_layer"] = {name: {layer name: float}}`` for the node-wise proxies
     (:data:`NODE_WISE`), over the Conv2d/Linear layers in module order; the per-layer values sum to
     the totals. ``loss_fn``: ``loss_fn(logits, targets)``, default cross-entropy (the reference's).
-    ``seed``: zen's Gaussian weights and inputs (drawn from its own generator; the global RNG is
-    not used). A proxy on its own, as the reference computes it, is ``compute(..., names=[p])``.
+    ``seed``: zen's Gaussian weights and inputs, AZ-NAS's Rademacher signs (drawn from their own
+    generators; the global RNG is not used). A proxy on its own, as the reference computes it, is
+    ``compute(..., names=[p])``.
 
-    The model is deep-copied once; its parameters, buffers, gradients, flags and mode are untouched.
+    The model is deep-copied once (and once per ViT-aware pass); its parameters, buffers, gradients,
+    flags and mode are untouched.
     """
     wanted = resolve_names(names)
     if not wanted:
@@ -173,6 +181,9 @@ def compute(
         if dirty:
             restore(net, model, patched)
         values["zen"] = _zen_pass(net, inputs, seed)
+    vit = [p for p in wanted if p in VIT_PROXIES]
+    if vit:
+        values.update(compute_vit(model, inputs, vit, seed=seed))
 
     for name, per in layer_values.items():
         if name != "params":
