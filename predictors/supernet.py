@@ -6,9 +6,13 @@
   optional in-place distillation (the largest subnet's soft predictions teach the others).
   Checkpoints are atomic and resume exactly: all randomness of a step (its subnets, its
   augmentation) derives from ``(seed, step)`` and the data order from ``(seed, epoch)``.
+  ``TrainConfig(sampling="fair")`` replaces the random subnets by FairNAS's strictly fair paths
+  (Chu et al. 2021, "FairNAS: Rethinking Evaluation Fairness of Weight Sharing Neural
+  Architecture Search"): see :func:`fair_paths`.
 - :func:`evaluate_subnet`: extract the subnet, recalibrate its BatchNorm statistics on training
   images (shared statistics are wrong for any one subnet; OFA/BigNAS do the same), convert it
-  to the precision its spec carries, and measure top-1 accuracy.
+  to the precision its spec carries, and measure top-1 accuracy; optionally after a few
+  fine-tuning steps of the extracted subnet (:func:`finetune`).
 - :func:`train_standalone`: the same recipe for one plain model (the reference the supernet's
   ranking is judged against).
 
@@ -24,8 +28,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +47,7 @@ from search_spaces.supernet import Supernet, SupernetFrame
 
 CKPT_NAME = "supernet.pt"
 CKPT_FORMAT = 1
+SAMPLINGS = ("uniform", "fair")
 
 __all__ = [
     "CKPT_NAME",
@@ -49,8 +55,11 @@ __all__ = [
     "TrainConfig",
     "accuracy",
     "evaluate_subnet",
+    "fair_paths",
+    "finetune",
     "load_checkpoint",
     "recalibrate_bn",
+    "sandwich",
     "train_standalone",
     "train_supernet",
 ]
@@ -86,10 +95,15 @@ class TrainConfig:
     distill_temperature: float = 1.0
     distill_weight: float = 0.5  # student loss = w * KD + (1 - w) * CE on the labels
     seed: int = 0
+    # how the subnets besides the largest and the smallest are drawn: "uniform" (``n_random`` random
+    # ones) or "fair" (FairNAS strict fairness of the mixers, ``n_random`` unused; see fair_paths)
+    sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.lr <= 0 or self.n_random < 0 or self.warmup_epochs < 0:
             raise SupernetError("batch_size and lr must be positive, n_random and warmup_epochs >= 0")
+        if self.sampling not in SAMPLINGS:
+            raise SupernetError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -199,11 +213,75 @@ class TrainState:
 
 
 def sandwich(frame: SupernetFrame, cfg: TrainConfig, step: int) -> list[ArchSpec]:
-    """The subnets of ``step``: largest, smallest and ``cfg.n_random`` random ones (mixers random)."""
+    """The subnets of ``step``: largest, smallest and ``cfg.n_random`` random ones (mixers random);
+    with ``cfg.sampling == "fair"`` the random ones are the FairNAS paths of :func:`fair_paths`
+    (``n_random`` unused). The two ends keep their random mixers, so fairness is strict among the
+    paths and holds in expectation over the whole step. Everything derives from ``(cfg.seed, step)``,
+    so every rank of a distributed run draws the same."""
     rng = random.Random(f"{cfg.seed}:{step}")
     specs = [frame.largest(rng), frame.smallest(rng)]
-    specs += [frame.random(rng.randrange(2**31)) for _ in range(cfg.n_random)]
+    if cfg.sampling == "fair":
+        specs += fair_paths(frame, rng)
+    else:
+        specs += [frame.random(rng.randrange(2**31)) for _ in range(cfg.n_random)]
     return [s.with_precision(frame.precisions[0]) for s in specs]
+
+
+_MIXER_PARAM = re.compile(r"s(\d+)\.(?:b(\d+)\.)?(token|channel)_mixer")
+
+
+class _FairTrial:
+    """A seeded trial for ``SupernetFrame.sample`` that answers the mixer names with fixed choices
+    (``mixers[i][j]`` = (token, channel) of stage ``i``, block ``j``; the stage-wide name takes
+    block 0's) and always mixes per block; depth, width, heads, MLP ratio stay uniformly random."""
+
+    def __init__(self, seed: int, mixers: list[list[tuple[str, str]]]) -> None:
+        self._rng = random.Random(seed)
+        self._mixers = mixers
+        self.params: dict[str, Any] = {}
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        if name not in self.params:
+            m = _MIXER_PARAM.fullmatch(name)
+            if m is not None:
+                value = self._mixers[int(m[1])][int(m[2] or 0)][0 if m[3] == "token" else 1]
+            elif name.endswith(".per_block"):
+                value = True
+            else:
+                value = choices[self._rng.randrange(len(choices))]
+            self.params[name] = value
+        return self.params[name]
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1) -> int:
+        if name not in self.params:
+            self.params[name] = low + step * self._rng.randrange((high - low) // step + 1)
+        return self.params[name]
+
+
+def fair_paths(frame: SupernetFrame, rng: random.Random) -> list[ArchSpec]:
+    """FairNAS strict fairness (Chu, Zhang, Xu 2021, "FairNAS: Rethinking Evaluation Fairness of
+    Weight Sharing Neural Architecture Search") over the mixers of ``frame``: ``m`` paths, ``m`` the
+    most token mixers any stage has.
+
+    Every block position (stage i, block j < max depth) draws one random permutation of its stage's
+    token mixers and one of its channel mixers; path k takes element ``k mod len`` of each. So at
+    every position each token mixer is in exactly one path (a stage with fewer than ``m`` cycles its
+    permutation: each then ``floor(m/T)`` or ``ceil(m/T)`` times), as is each channel mixer
+    ``floor(m/C)`` or ``ceil(m/C)`` times. Depth, width, heads and MLP ratio of each path are
+    uniformly random, as in ``frame.random``. A path of depth d uses only its first d positions,
+    so the counts are exact at block 0 of every stage and only approximate (in expectation) deeper.
+    With ``frame.per_block`` false a stage takes its block-0 choice in every block (exact then).
+    Draws from ``rng`` only."""
+    stages = frame.stages
+    m = max(len(sf.token_mixers) for sf in stages)
+    tperm = [[rng.sample(sf.token_mixers, len(sf.token_mixers)) for _ in range(sf.max_depth)] for sf in stages]
+    cperm = [[rng.sample(sf.channel_mixers, len(sf.channel_mixers)) for _ in range(sf.max_depth)] for sf in stages]
+    seeds = [rng.randrange(2**31) for _ in range(m)]
+    paths = []
+    for k in range(m):
+        mixers = [[(t[k % len(t)], c[k % len(c)]) for t, c in zip(tperm[i], cperm[i])] for i in range(len(stages))]
+        paths.append(frame.sample(_FairTrial(seeds[k], mixers)))
+    return paths
 
 
 def _kd(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -242,6 +320,11 @@ def _ckpt_payload(net: Supernet, opt: torch.optim.Optimizer, cfg: TrainConfig, s
         "seconds": st.seconds, "history": st.history or [], "meta": meta,
         "model": net.state_dict(), "optimizer": opt.state_dict(),
     }
+
+
+def _stored_config(stored: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recipe with the fields added since it was written at their defaults."""
+    return {**{f.name: f.default for f in fields(TrainConfig)}, **stored}
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Supernet, dict[str, Any]]:
@@ -283,7 +366,8 @@ def train_supernet(
     total_steps: int | None = None,
     max_seconds: float | None = None,
 ) -> Supernet:
-    """Train a supernet of ``frame`` on ``data`` for ``epochs`` with the sandwich rule.
+    """Train a supernet of ``frame`` on ``data`` for ``epochs`` with the sandwich rule (the subnets
+    of each step by :func:`sandwich`: uniform or, with ``cfg.sampling="fair"``, FairNAS paths).
 
     With ``out`` the run is checkpointed there (atomically, every ``ckpt_every`` steps, at each
     epoch end and at the end) and an existing checkpoint is resumed exactly; a checkpoint made
@@ -313,8 +397,8 @@ def train_supernet(
         net.to(dev)
         if ckpt["frame"] != frame.to_dict():
             raise SupernetError(f"{out} holds a supernet of another frame; pass the same frame or a new --out")
-        if ckpt["config"] != asdict(cfg) or ckpt["epochs"] != epochs or ckpt["steps_per_epoch"] != spe or \
-                ckpt["total_steps"] != total:
+        if _stored_config(ckpt["config"]) != asdict(cfg) or ckpt["epochs"] != epochs or \
+                ckpt["steps_per_epoch"] != spe or ckpt["total_steps"] != total:
             raise SupernetError(f"{out} was trained with another recipe ({ckpt['epochs']} epochs, "
                                 f"{ckpt['steps_per_epoch']} steps an epoch); pass the same settings or a new --out")
         opt = _optimizer(net, cfg)
@@ -414,6 +498,35 @@ def accuracy(model: nn.Module, data: Data, batch_size: int = 512, dtype: torch.d
     return correct / len(data.x)
 
 
+def finetune(model: nn.Module, data: Data, steps: int, *, lr: float = 1e-4, batch_size: int = 128,
+             seed: int = 0) -> nn.Module:
+    """Train ``model`` in place for ``steps`` steps on ``data``: AdamW at the constant ``lr`` (the
+    recipe's weight decay and parameter groups, gradient clipping and label smoothing, no
+    augmentation), batches in an order drawn from ``seed`` alone. Extracted subnets are briefly
+    fine-tuned before evaluation as in Once-for-All (Cai et al. 2020), here only a few steps to
+    undo the interference of weight sharing. Returns ``model`` in its previous train/eval mode."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise SupernetError(f"finetune_steps must be a non-negative integer, got {steps!r}")
+    _check_data(data, "fine-tuning")
+    cfg = TrainConfig(batch_size=batch_size, lr=lr, seed=seed, augment=False)
+    n = len(data.x)
+    bs = min(cfg.batch_size, n)
+    spe = n // bs
+    dev = next(model.parameters()).device
+    opt = _optimizer(model, cfg)
+    was_training = model.training
+    model.train()
+    with torch.enable_grad():
+        for step in range(steps):
+            x, y = _batch(data, cfg, step, spe, bs, dev)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+    return model.train(was_training)
+
+
 def evaluate_subnet(
     supernet: Supernet,
     spec: ArchSpec,
@@ -424,15 +537,29 @@ def evaluate_subnet(
     batch_size: int = 512,
     precision: str | None = None,
     device: str | torch.device = "cpu",
+    finetune_steps: int = 0,
+    finetune_data: Data | None = None,
+    finetune_lr: float = 1e-4,
+    finetune_batch: int = 128,
+    seed: int = 0,
 ) -> float:
     """Top-1 accuracy on ``data`` of the subnet ``spec`` with inherited weights.
 
-    BatchNorm statistics are recalibrated on ``calib`` (training images; ``data`` itself when
-    None, which is transductive: pass training data where you have it). The model then runs at
-    ``precision`` (the spec's own by default) on ``device``: bf16/fp16 cast, int8/fp8 Linear
-    layers (``predictors.precision``), so the accuracy includes the cost of that precision."""
+    With ``finetune_steps`` > 0 the extracted subnet (a copy: the supernet does not change) first
+    trains that many steps on ``finetune_data`` (training images, required then) by :func:`finetune`
+    (``finetune_lr``, ``finetune_batch``, batches from ``seed``). BatchNorm statistics are then
+    recalibrated on ``calib`` (training images; ``data`` itself when None, which is transductive:
+    pass training data where you have it). The model then runs at ``precision`` (the spec's own by
+    default) on ``device``: bf16/fp16 cast, int8/fp8 Linear layers (``predictors.precision``), so
+    the accuracy includes the cost of that precision."""
     _check_data(data, "evaluation")
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+        raise SupernetError(f"finetune_steps must be a non-negative integer, got {finetune_steps!r}")
+    if finetune_steps and finetune_data is None:
+        raise SupernetError("finetune_steps > 0 needs finetune_data (training images); pass it or set 0 steps")
     model = supernet.extract(spec).to(device)
+    if finetune_steps and finetune_data is not None:
+        finetune(model, finetune_data, finetune_steps, lr=finetune_lr, batch_size=finetune_batch, seed=seed)
     if has_batchnorm(model):
         recalibrate_bn(model, calib if calib is not None else data, batches=calib_batches)
     precision = precision or spec.precision
