@@ -14,11 +14,13 @@ kernel does with registers, with the CPU's cache instead:
   slice (about 4 MB) stay in cache while they are made, scanned and contracted;
 - the scan is sequential in time, in place (``h[:, t] += a[:, t] * h[:, t-1]``): N small steps
   that do the minimum work, instead of log-depth doubling sweeps over the whole tensor;
+- contractions over S or D are a product and a sum on the cached slice: as einsums they became
+  batched matrix-vector products of (D, S) by S, which ran 2-3x slower here;
 - the backward pass recomputes the states of each slice (as Mamba's kernel does) instead of
   keeping (batch, N, D, S) tensors between the passes, and runs the adjoint recurrence
   ``lam_t = dy_t C_t + a_{t+1} lam_{t+1}`` backwards in time.
 
-About 7x faster than the plain version for one direction at 64 tokens, batch 128, one thread;
+About 15x faster than the plain version for a bidirectional block at 64 tokens, batch 128, one thread;
 equal to it within float rounding. A second derivative (GraSP's Hessian-vector product asks for
 one) and ``torch.jit.trace`` (ONNX export) take the plain, differentiable formulation.
 """
@@ -68,7 +70,7 @@ class _SelectiveScan(torch.autograd.Function):
             d = delta[s:s + per]
             a = torch.exp(d[..., None] * A)
             h = _scan_(a, (d * u[s:s + per])[..., None] * B[s:s + per, :, None, :])
-            ys.append(torch.einsum("bnds,bns->bnd", h, C[s:s + per]))
+            ys.append((h * C[s:s + per, :, None, :]).sum(-1))
         ctx.save_for_backward(u, delta, A, B, C)
         return torch.cat(ys)
 
@@ -89,18 +91,18 @@ class _SelectiveScan(torch.autograd.Function):
             a = torch.exp(d[..., None] * A)
             du = d * uu
             h = _scan_(a, du[..., None] * bb[:, :, None, :])  # the states again
-            gc.append(torch.einsum("bnds,bnd->bns", h, g))
+            gc.append((h * g[..., None]).sum(2))
             lam = _reverse_scan_(a, g[..., None] * cc[:, :, None, :])  # dL/dh_t, all paths
             # dL/d(delta_t A) = lam_t * h_{t-1} * a_t (a = exp(delta A)); h_{-1} = 0
             ga = torch.empty_like(h)
             ga[:, 0].zero_()
             torch.mul(lam[:, 1:], h[:, :-1], out=ga[:, 1:])
             ga.mul_(a)
-            lb = torch.einsum("bnds,bns->bnd", lam, bb)  # sum_s lam * B: dL/d(delta u)
-            gd.append(torch.einsum("bnds,ds->bnd", ga, A) + uu * lb)
-            gA += torch.einsum("bnds,bnd->ds", ga, d)
+            lb = (lam * bb[:, :, None, :]).sum(-1)  # sum_s lam * B: dL/d(delta u)
+            gd.append((ga * A).sum(-1) + uu * lb)
+            gA += (ga * d[..., None]).sum((0, 1))
             gu.append(d * lb)
-            gb.append(torch.einsum("bnds,bnd->bns", lam, du))
+            gb.append((lam * du[..., None]).sum(2))
         return torch.cat(gu), torch.cat(gd), gA, torch.cat(gb), torch.cat(gc)
 
 
