@@ -1,0 +1,212 @@
+"""Ranking on HybridBench: how well each training-free score, ParZC and the supernet order
+hybrid_vit architectures by their trained accuracy.
+
+    .venv/bin/python bench/hybridbench_ranking.py [--table bench/data/hybridbench_c10_v1.csv] [--json out.json]
+
+Target: ``test_acc_mean`` (mean over the seeds trained) of every row of the committed table. For
+each score: Kendall tau and Spearman rho against it, and tau as a fraction of the noise ceiling
+(tau between the two training seeds on the architectures trained twice: no predictor can honestly
+beat the agreement of the ground truth with itself).
+
+Scores:
+- every zero-cost proxy column (``zc_*``), params and FLOPs; non-finite values rank last;
+- the screening score the search uses today (``EvalConfig.score``, nwot);
+- rank aggregations fixed in advance (not picked on this table): AZ-NAS's (Lee & Ham, CVPR 2024:
+  expressivity, progressivity, trainability and FLOPs, sum of log relative ranks) and the same
+  aggregation over params with nwot, synflow or DSS;
+- ParZC (Dong et al. 2024) fitted on 50 and 100 HybridBench labels, scored on the remaining rows
+  (mean of 5 random splits), and ParZC fitted on NAS-Bench-201 cells only (transfer: its labels
+  from ../shared/data/nb201_cifar10.csv, its features from the same CIFAR-10 batch recipe);
+- the supernet's inherited accuracy (``supernet_acc``), when the table has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from predictors.metrics import kendall_tau, spearman  # noqa: E402
+from predictors.zero_cost import rank_aggregate  # noqa: E402
+
+DEFAULT_TABLE = ROOT / "bench" / "data" / "hybridbench_c10_v1.csv"
+SHARED = ROOT.parent / "shared" / "data"
+SCREEN_SCORE = "zc_nwot"  # workers.evaluate.EvalConfig.score's default, what staged screening ranks by
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    out = []
+    with Path(path).open() as f:
+        for row in csv.DictReader(f):
+            rec: dict[str, Any] = {}
+            for k, v in row.items():
+                if v == "":
+                    continue
+                try:
+                    rec[k] = float(v)
+                except ValueError:
+                    rec[k] = v
+            out.append(rec)
+    return out
+
+
+def finite_last(values: list[float]) -> np.ndarray:
+    """Scores with every non-finite value replaced by one below the finite minimum (ranked last)."""
+    s = np.array(values, dtype=np.float64)
+    bad = ~np.isfinite(s)
+    if bad.any():
+        s[bad] = (s[~bad].min() - 1.0) if (~bad).any() else 0.0
+    return s
+
+
+def noise_ceiling(rows: list[dict[str, Any]]) -> tuple[float, float, int]:
+    both = [r for r in rows if "test_acc_s0" in r and "test_acc_s1" in r]
+    a, b = [r["test_acc_s0"] for r in both], [r["test_acc_s1"] for r in both]
+    return kendall_tau(a, b), spearman(a, b), len(both)
+
+
+def parzc_splits(nodes: list[np.ndarray], acc: np.ndarray, n_train: int, splits: int) -> list[float]:
+    from predictors.parzc import ParZC
+
+    taus = []
+    for seed in range(splits):
+        order = np.random.default_rng(seed).permutation(len(acc))
+        tr, te = order[:n_train], order[n_train:]
+        model = ParZC(seed=seed).fit([nodes[i] for i in tr], acc[tr])
+        mean, _ = model.predict([nodes[i] for i in te])
+        taus.append(kendall_tau(mean, acc[te]))
+    return taus
+
+
+def nb201_parzc(args: argparse.Namespace) -> Any:
+    """ParZC fitted on ``--nb201-n`` seeded NAS-Bench-201 cells: node-wise features on one
+    class-balanced batch of 64 CIFAR-10 training images (seed 0, as HybridBench's), labels from
+    ../shared/data/nb201_cifar10.csv. Features are cached as JSON lines (a rerun is quick)."""
+    from nas.data import load, one_batch
+    from predictors.parzc import ParZC, node_features
+    from search_spaces.nb201 import NB201Space, enumerate_specs, load_labels
+
+    labels = load_labels(str(SHARED / "nb201_cifar10.csv"))
+    specs = enumerate_specs()
+    cells = [specs[i] for i in sorted(random.Random(0).sample(range(len(specs)), args.nb201_n))]
+    cache = Path(args.nb201_cache) / f"nb201_parzc_nodes_n{args.nb201_n}_b64_s0.jsonl"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[rec["arch"]] = np.array(rec["nodes"], dtype=np.float32)
+    todo = [c for c in cells if c.to_string() not in done]
+    if todo:
+        ds = load(f"imagefolder:{SHARED / 'cifar10-jpeg.tar.gz'}", split="train", limit=64, img_size=32, seed=0)
+        x, y = one_batch(ds, 64, seed=0)
+        space = NB201Space()
+        with cache.open("a") as fh:
+            for i, c in enumerate(todo, 1):
+                torch.manual_seed(0)
+                nodes = node_features(space.build(c), x, y)
+                fh.write(json.dumps({"arch": c.to_string(), "nodes": nodes.tolist()}) + "\n")
+                done[c.to_string()] = nodes
+                if i % 100 == 0:
+                    print(f"  NB201 features {i}/{len(todo)}", flush=True)
+    archs = [c.to_string() for c in cells]
+    return ParZC(seed=0).fit([done[a] for a in archs], np.array([labels[a] for a in archs]))
+
+
+def hybrid_nodes(rows: list[dict[str, Any]], cache: Path) -> list[np.ndarray] | None:
+    """ParZC node matrices of the rows from hybridbench.py's proxy cache (None if any is missing)."""
+    found = {}
+    for f in cache.glob("proxies_*/*.json"):
+        rec = json.loads(f.read_text())
+        if "parzc_nodes" in rec:
+            found[rec["hash"]] = np.array(rec["parzc_nodes"], dtype=np.float32)
+    if not all(r["hash"] in found for r in rows):
+        return None
+    return [found[r["hash"]] for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--table", default=str(DEFAULT_TABLE))
+    ap.add_argument("--cache", default=str(ROOT / ".bench_cache" / "hybridbench"),
+                    help="hybridbench.py's cache (ParZC's node-wise features)")
+    ap.add_argument("--nb201-cache", default=str(ROOT / ".bench_cache"))
+    ap.add_argument("--nb201-n", type=int, default=500, help="NB201 cells ParZC's transfer model is fitted on")
+    ap.add_argument("--splits", type=int, default=5)
+    ap.add_argument("--no-parzc", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    rows = [r for r in read_table(Path(args.table)) if "test_acc_mean" in r]
+    acc = np.array([r["test_acc_mean"] for r in rows])
+    ceil_tau, ceil_rho, n_both = noise_ceiling(rows)
+    print(f"HybridBench: {len(rows)} architectures, test accuracy {acc.min():.4f}-{acc.max():.4f} "
+          f"(std {acc.std():.4f})")
+    print(f"noise ceiling: tau {ceil_tau:.3f}, rho {ceil_rho:.3f} between two training seeds "
+          f"on {n_both} architectures\n")
+
+    scores: dict[str, np.ndarray] = {}
+    for k in sorted(rows[0]):
+        if k.startswith("zc_") or k in ("params", "flops", "supernet_acc"):
+            if all(k in r for r in rows):
+                scores[k] = finite_last([r[k] for r in rows])
+    if SCREEN_SCORE in scores:
+        scores[f"search screening today ({SCREEN_SCORE[3:]})"] = scores[SCREEN_SCORE]
+    combos = {"rank agg: params+nwot": ("params", "zc_nwot"),
+              "rank agg: params+synflow": ("params", "zc_synflow"),
+              "rank agg: params+nwot+synflow": ("params", "zc_nwot", "zc_synflow"),
+              "rank agg: params+dss": ("params", "zc_dss"),
+              "AZ-NAS (expr+prog+train+flops)": ("zc_az_expressivity", "zc_az_progressivity",
+                                                 "zc_az_trainability", "flops")}
+    for name, cols in combos.items():
+        if all(c in scores for c in cols):
+            scores[name] = np.array(rank_aggregate({c: scores[c] for c in cols}))
+
+    results: dict[str, dict[str, float]] = {}
+    for name, s in scores.items():
+        tau, rho = kendall_tau(s, acc), spearman(s, acc)
+        results[name] = {"tau": tau, "rho": rho, "of_ceiling": tau / ceil_tau if ceil_tau > 0 else math.nan}
+
+    if not args.no_parzc:
+        nodes = hybrid_nodes(rows, Path(args.cache))
+        if nodes is None:
+            print("ParZC: node-wise features missing for some rows; run `bench/hybridbench.py proxies` first")
+        else:
+            for n_train in (50, 100):
+                if len(rows) - n_train < 10:
+                    continue
+                taus = parzc_splits(nodes, acc, n_train, args.splits)
+                t = statistics.fmean(taus)
+                results[f"ParZC, {n_train} HybridBench labels"] = {
+                    "tau": t, "rho": math.nan, "of_ceiling": t / ceil_tau, "per_split": taus}
+            model = nb201_parzc(args)
+            mean, _ = model.predict(nodes)
+            t = kendall_tau(mean, acc)
+            results[f"ParZC, NB201 only ({args.nb201_n} cells)"] = {
+                "tau": t, "rho": spearman(mean, acc), "of_ceiling": t / ceil_tau}
+
+    print(f"{'score':<40} {'Kendall tau':>11} {'Spearman':>9} {'tau / ceiling':>14}")
+    for name, r in sorted(results.items(), key=lambda kv: -kv[1]["tau"]):
+        rho = "" if math.isnan(r["rho"]) else f"{r['rho']:.3f}"
+        print(f"{name:<40} {r['tau']:11.3f} {rho:>9} {r['of_ceiling']:14.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"n": len(rows), "noise_ceiling": {"tau": ceil_tau, "rho": ceil_rho,
+                                               "n": n_both}, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
