@@ -260,7 +260,8 @@ def describe(space: str = _SPACE, spec: str | None = _SPEC, preset: str | None =
 @app.command()
 def proxies(space: str = _SPACE, spec: str | None = _SPEC, preset: str | None = _PRESET, data: str = _DATA,
             arch: str | None = _opt(None, "--arch", "Inline spec: JSON, or an NB201 cell string."),
-            names: str | None = _opt(None, "--names", "Comma-separated proxies (default: all)."),
+            names: str | None = _opt(None, "--names", "Comma-separated proxies (default: the ten classic ones; "
+                                     "the ViT-aware dss*, az_* on request)."),
             batch_size: int = _opt(64, "--batch-size", "Images in the (class-balanced) batch."),
             img_size: int | None = _IMG, seed: int = _opt(0, "--seed", "Seed of the batch and the proxies."),
             json_out: bool = _JSON,

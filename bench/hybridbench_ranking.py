@@ -164,6 +164,13 @@ def main() -> None:
         if k.startswith("zc_") or k in ("params", "flops", "supernet_acc"):
             if all(k in r for r in rows):
                 scores[k] = finite_last([r[k] for r in rows])
+    # every supernet variant hybridbench.py trained (each attempt's tau), read from its cache
+    for f in sorted(Path(args.cache).glob("supernet_*/*/inherited_ft*.json")):
+        inherited = json.loads(f.read_text())
+        if all(r["hash"] in inherited for r in rows):
+            ft = f.stem.split("_ft")[-1]
+            scores[f"supernet {f.parent.name}" + (f", {ft} fine-tuning steps" if ft != "0" else "")] = \
+                np.array([inherited[r["hash"]] for r in rows])
     if SCREEN_SCORE in scores:
         scores[f"search screening today ({SCREEN_SCORE[3:]})"] = scores[SCREEN_SCORE]
     combos = {"rank agg: params+nwot": ("params", "zc_nwot"),

@@ -205,13 +205,13 @@ def score_proxies(space: Any, spec: Any, *, data: str = "digits", names: list[st
                   per_layer: bool = False) -> dict[str, Any]:
     """Zero-cost proxy scores of ``spec`` on one class-balanced batch of ``data`` (as ``nas proxies --json``)."""
     from nas.data import one_batch
-    from predictors.zero_cost import PROXIES, compute
+    from predictors.zero_cost import ALL_PROXIES, PROXIES, compute
 
     check_limits(batch_size=batch_size, img_size=img_size or space.default_img_size, seed=seed)
     wanted = list(PROXIES) if names is None else names
-    bad = [n for n in wanted if n not in PROXIES]
+    bad = [n for n in wanted if n not in ALL_PROXIES]
     if bad or not wanted:
-        raise SearchError(f"unknown proxy {_short(bad[0] if bad else '', 40)}; choose from: {', '.join(PROXIES)}")
+        raise SearchError(f"unknown proxy {_short(bad[0] if bad else '', 40)}; choose from: {', '.join(ALL_PROXIES)}")
     size = img_size or space.default_img_size
     ds = load_dataset(data, limit=batch_size, img_size=size, seed=seed)
     if batch_size > len(ds):
