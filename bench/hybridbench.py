@@ -289,12 +289,39 @@ def jobs(specs: list[ArchSpec], seeds: Sequence[int], second_n: int) -> list[tup
     return out
 
 
+def runs_file(table: Path) -> Path:
+    """Every finished training of the recipe (JSON lines, curves included), committed beside the
+    table, so that a fresh clone continues the benchmark instead of training again."""
+    return table.with_name(table.stem + "_runs.jsonl")
+
+
+def import_runs(cache: Path, r: Recipe, path: Path) -> int:
+    """Copy the results of ``path`` made with recipe ``r`` into the cache where it lacks them."""
+    from predictors._io import atomic_write
+
+    if not path.is_file():
+        return 0
+    n = 0
+    for line in path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else None
+        if rec and rec.get("recipe") == r.__dict__:
+            f = result_file(cache, r, rec["hash"], int(rec["seed"]))
+            if not f.is_file():
+                res = {k: v for k, v in rec.items() if k != "id"}  # as train_one wrote it
+                atomic_write(f, lambda fh, o=res: fh.write(json.dumps(o).encode()), durable=False)
+                n += 1
+    return n
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     frame, specs, _ = load_archs(Path(args.archs))
     if args.only:
         specs = specs[:args.only]
     cache = Path(args.cache)
     r = recipe_of(args, frame)
+    imported = import_runs(cache, r, runs_file(Path(args.out)))
+    if imported:
+        print(f"{imported} finished trainings taken from {runs_file(Path(args.out))} into the cache", flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     todo = [(i, s) for i, s in jobs(specs, seeds, args.second_seed_n)
             if not result_file(cache, r, specs[i].hash, s).is_file()]
@@ -472,6 +499,8 @@ def cmd_supernet(args: argparse.Namespace) -> None:
           f"{time.perf_counter() - t0:.0f} s this call)", flush=True)
     net, _ = load_checkpoint(out)
     net.eval()
+    if args.only:  # evaluate only the first N architectures (the trained prefix)
+        specs = specs[:args.only]
     res_path = out / f"inherited_ft{args.finetune_steps}.json"
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
     t0 = time.perf_counter()
@@ -566,6 +595,24 @@ def cmd_table(args: argparse.Namespace) -> None:
         for r in (done if not args.all else table):
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     print(f"{len(done if not args.all else table)} rows -> {out}")
+    frame, specs, _ = load_archs(Path(args.archs))
+    r = recipe_of(args, frame)
+    cache = Path(args.cache)
+    lines = []
+    for i, spec in enumerate(specs):
+        for sd in seeds:
+            rec = _read(result_file(cache, r, spec.hash, sd))
+            if rec:
+                lines.append(json.dumps({"id": i, **rec}, sort_keys=True))
+    runs = runs_file(out)
+    runs.write_text("".join(line + "\n" for line in lines))
+    print(f"{len(lines)} finished trainings -> {runs}")
+    sup = {f"{d.name}/ft{f.stem.split('_ft')[-1]}": json.loads(f.read_text())
+           for d in sorted(cache.glob(f"supernet_{r.digest()}/*")) for f in sorted(d.glob("inherited_ft*.json"))}
+    if sup:
+        sup_path = out.with_name(out.stem + "_supernet.json")
+        sup_path.write_text(json.dumps(sup, indent=0, sort_keys=True) + "\n")
+        print(f"inherited accuracies of {len(sup)} supernet variants -> {sup_path}")
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -622,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seeds", default="0,1", help="training seeds (the first for every architecture)")
     ap.add_argument("--second-seed-n", type=int, default=40, help="architectures trained with every seed")
-    ap.add_argument("--only", type=int, default=0, help="train: only the first N architectures (a pilot)")
+    ap.add_argument("--only", type=int, default=0, help="train, supernet: only the first N architectures")
     ap.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     ap.add_argument("--proxy-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=40, help="latency: timed runs at batch 1")

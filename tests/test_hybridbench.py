@@ -20,7 +20,9 @@ import hybridbench as hb  # noqa: E402
 from predictors.precision import activation_dtype, to_precision  # noqa: E402
 from predictors.supernet import accuracy, evaluate_subnet, load_checkpoint  # noqa: E402
 from predictors.zero_cost import ALL_PROXIES, compute  # noqa: E402
+from search_spaces.counting import count_params  # noqa: E402
 from search_spaces.hybrid_vit import build  # noqa: E402
+from search_spaces.spec import ArchSpec  # noqa: E402
 from workers.evaluate import Split  # noqa: E402
 
 TABLE = ROOT / "bench" / "data" / "hybridbench_c10_v1.csv"
@@ -87,6 +89,24 @@ def test_tiny_benchmark_resumes_without_training_again(tiny: dict, capsys: pytes
     assert {f: f.stat().st_mtime_ns for f in files} == before
 
 
+def test_tiny_benchmark_continues_from_the_committed_runs_in_a_fresh_cache(
+        tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = [json.loads(line) for line in (tiny["table"].parent / "table_runs.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["seed"]) for r in runs) == [(0, 0), (0, 1), (1, 0), (2, 0)]
+    sup = json.loads((tiny["table"].parent / "table_supernet.json").read_text())
+    assert list(sup) == ["base/ft0"] and len(sup["base/ft0"]) == 3
+    common = list(tiny["common"])
+    common[common.index("--cache") + 1] = str(tmp_path / "fresh")
+    capsys.readouterr()
+    hb.main(["train", *common, "--out", str(tiny["table"])])
+    out = capsys.readouterr().out
+    assert "4 finished trainings taken from" in out and "4/4 trainings cached; 0 to run" in out
+    frame, specs, _ = hb.load_archs(tiny["archs"])
+    r = hb.recipe_of(_args(tiny), frame)
+    assert json.loads(hb.result_file(tmp_path / "fresh", r, specs[1].hash, 0).read_text()) == \
+        json.loads(hb.result_file(tiny["cache"], r, specs[1].hash, 0).read_text())
+
+
 def test_tiny_benchmark_proxies_equal_a_direct_computation(tiny: dict) -> None:
     frame, specs, _ = hb.load_archs(tiny["archs"])
     r = hb.recipe_of(_args(tiny), frame)
@@ -146,3 +166,32 @@ def test_committed_architecture_list_is_stratified() -> None:
         assert {s.stages[i].width for s in specs} == set(sf.widths)
         assert {s.stages[i].depth for s in specs} == set(range(1, sf.max_depth + 1))
     assert {s.precision for s in specs} == set(frame.precisions)
+
+
+def test_committed_table_schema_and_values() -> None:
+    frame, specs, _ = hb.load_archs(ARCHS)
+    with TABLE.open() as f:
+        rows = list(csv.DictReader(f))
+    n = len(rows)
+    assert n >= 10
+    # rows are the list's architectures in order (a prefix while the benchmark is being completed)
+    assert [r["hash"] for r in rows] == [s.hash for s in specs[:n]]
+    required = ["params", "flops", "test_acc_s0", "test_acc_mean", "test_acc_fp32_s0", "train_seconds_s0", "spec",
+                *(f"zc_{p}" for p in ALL_PROXIES if p not in ("params", "flops"))]
+    for r in rows:
+        for col in required:
+            assert r.get(col, "") != "", (r["id"], col)
+        assert 0.1 <= float(r["test_acc_s0"]) <= 1.0
+        s = ArchSpec.from_dict(json.loads(r["spec"]))
+        assert s.hash == r["hash"] and int(r["blocks"]) == sum(st.depth for st in s.stages)
+        assert int(r["params"]) == count_params(build(s, num_classes=10, img_size=32, in_chans=3))
+    # the first 40 architectures carry the second seed, and the mean is over the seeds
+    for r in rows[:40]:
+        s0, s1 = float(r["test_acc_s0"]), float(r["test_acc_s1"])
+        assert float(r["test_acc_mean"]) == pytest.approx((s0 + s1) / 2, abs=1e-5)
+    # stratified: each token mixer is used by at least 15 of every 200 rows (pro rata for a prefix)
+    used: Counter[str] = Counter()
+    for r in rows:
+        used.update(m for m in (*frame.stages[0].token_mixers, *frame.stages[0].channel_mixers) if int(r[f"n_{m}"]))
+    for m in (*frame.stages[0].token_mixers, *frame.stages[0].channel_mixers):
+        assert used[m] >= 15 * n // 200, (m, used[m], n)
