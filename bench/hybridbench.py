@@ -363,7 +363,9 @@ def proxy_file(cache: Path, r: Recipe, spec_hash: str) -> Path:
 
 def proxies_one(spec_dict: dict[str, Any], data_path: str, batch: int, names: list[str]) -> dict[str, Any]:
     """Params, FLOPs and every zero-cost proxy of the untrained model (seed 0) on one fixed,
-    class-balanced batch of training images (seed 0), as the search's screen stage takes it."""
+    class-balanced batch of training images (``_balanced``, seed 0). The same recipe as the search's
+    screen stage (seed-0 weights, 64 balanced images), but not its very batch: that one is drawn by
+    ``workers.evaluate._balanced_batch``, which picks other images."""
     from predictors.parzc import node_features
     from predictors.zero_cost import compute
     from search_spaces.counting import count_flops, count_params
