@@ -361,11 +361,13 @@ def proxy_file(cache: Path, r: Recipe, spec_hash: str) -> Path:
     return cache / f"proxies_{r.digest()}" / f"{spec_hash[:16]}.json"
 
 
-def proxies_one(spec_dict: dict[str, Any], data_path: str, batch: int, names: list[str]) -> dict[str, Any]:
+def proxies_one(spec_dict: dict[str, Any], data_path: str, batch: int, names: list[str],
+                nodes: bool = True) -> dict[str, Any]:
     """Params, FLOPs and every zero-cost proxy of the untrained model (seed 0) on one fixed,
     class-balanced batch of training images (``_balanced``, seed 0). The same recipe as the search's
     screen stage (seed-0 weights, 64 balanced images), but not its very batch: that one is drawn by
-    ``workers.evaluate._balanced_batch``, which picks other images."""
+    ``workers.evaluate._balanced_batch``, which picks other images. ``names``: the proxies to compute
+    (a cached record is completed with the missing ones only); ``nodes``: ParZC's features too."""
     from predictors.parzc import node_features
     from predictors.zero_cost import compute
     from search_spaces.counting import count_flops, count_params
@@ -384,7 +386,8 @@ def proxies_one(spec_dict: dict[str, Any], data_path: str, batch: int, names: li
     out["proxy_seconds"] = time.perf_counter() - t0
     out.update({f"zc_{k}": float(v) for k, v in res.items() if isinstance(v, (int, float))})
     # ParZC's node-wise statistics (its own compute call: per-layer values of its proxies)
-    out["parzc_nodes"] = node_features(model, x, y).tolist()
+    if nodes:
+        out["parzc_nodes"] = node_features(model, x, y).tolist()
     return out
 
 
@@ -396,12 +399,13 @@ def cmd_proxies(args: argparse.Namespace) -> None:
     cache = Path(args.cache)
     r = recipe_of(args, frame)
     names = list(ALL_PROXIES)
-    todo = []
+    todo: list[tuple[ArchSpec, list[str], bool]] = []  # (spec, proxies missing, ParZC features missing)
     for s in specs:
         f = proxy_file(cache, r, s.hash)
         have = json.loads(f.read_text()) if f.is_file() else {}
-        if "parzc_nodes" not in have or any(f"zc_{n}" not in have for n in names if n not in ("params", "flops")):
-            todo.append(s)
+        missing = [n for n in names if n not in ("params", "flops") and f"zc_{n}" not in have]
+        if missing or "parzc_nodes" not in have:
+            todo.append((s, missing, "parzc_nodes" not in have))
     print(f"{len(specs) - len(todo)}/{len(specs)} architectures have every proxy ({', '.join(names)})", flush=True)
     if not todo:
         return
@@ -410,16 +414,18 @@ def cmd_proxies(args: argparse.Namespace) -> None:
     def store(n: int, res: dict[str, Any]) -> None:
         path = proxy_file(cache, r, res["hash"])
         old = json.loads(path.read_text()) if path.is_file() else {}
+        if "proxy_seconds" in old:  # a completed record: the time of all its proxies together
+            res["proxy_seconds"] += old["proxy_seconds"]
         atomic_write(path, lambda fh: fh.write(json.dumps({**old, **res}).encode()), durable=False)
         if n % 20 == 0 or n == len(todo):
             print(f"  proxies {n}/{len(todo)}", flush=True)
 
     if args.workers == 1:
-        for n, s in enumerate(todo, 1):
-            store(n, proxies_one(s.to_dict(), dpath, args.proxy_batch, names))
+        for n, (s, miss, nodes) in enumerate(todo, 1):
+            store(n, proxies_one(s.to_dict(), dpath, args.proxy_batch, miss, nodes))
         return
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futs = [pool.submit(proxies_one, s.to_dict(), dpath, args.proxy_batch, names) for s in todo]
+        futs = [pool.submit(proxies_one, s.to_dict(), dpath, args.proxy_batch, miss, nodes) for s, miss, nodes in todo]
         for n, f in enumerate(futs, 1):
             store(n, f.result())
 
@@ -470,8 +476,10 @@ def supernet_recipe(args: argparse.Namespace, n_train: int, in_chans: int) -> An
     from predictors.supernet import study_recipe
 
     base = study_recipe(n_train, in_chans, seed=0)
-    return replace(base, sampling=args.sampling, n_random=args.n_random, distill=not args.no_distill,
-                   lr=args.supernet_lr or base.lr)
+    cfg = replace(base, sampling=args.sampling, n_random=args.n_random, distill=not args.no_distill,
+                  lr=args.supernet_lr or base.lr)
+    # --no-augment matches the standalone recipe, which trains without crop or flip
+    return replace(cfg, augment=False, flip=False) if args.no_augment else cfg
 
 
 def cmd_supernet(args: argparse.Namespace) -> None:
@@ -682,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sampling", default="uniform", choices=("uniform", "fair"), help="supernet: subnet sampling")
     ap.add_argument("--finetune-steps", type=int, default=0, help="supernet: fine-tuning steps before evaluation")
     ap.add_argument("--no-distill", action="store_true")
+    ap.add_argument("--no-augment", action="store_true", help="supernet: no crop or flip, as the standalone recipe")
     ap.add_argument("--threads", type=int, default=2, help="supernet: torch threads")
     ap.add_argument("--out", default=str(DEFAULT_TABLE), help="table: the CSV")
     ap.add_argument("--all", action="store_true", help="table: also rows not trained yet")

@@ -18,6 +18,10 @@ Scores:
   (mean of 5 random splits), and ParZC fitted on NAS-Bench-201 cells only (transfer: its labels
   from ../shared/data/nb201_cifar10.csv, its features from the same CIFAR-10 batch recipe);
 - the supernet's inherited accuracy (``supernet_acc``), when the table has it.
+
+For each score also: the bootstrap standard error of tau over the rows, and Kendall's partial tau
+given FLOPs (how much the score knows beyond model size: the search screens by a score AND latency,
+so a score that only restates size adds little to the front).
 """
 
 from __future__ import annotations
@@ -75,6 +79,12 @@ def noise_ceiling(rows: list[dict[str, Any]]) -> tuple[float, float, int]:
     both = [r for r in rows if "test_acc_s0" in r and "test_acc_s1" in r]
     a, b = [r["test_acc_s0"] for r in both], [r["test_acc_s1"] for r in both]
     return kendall_tau(a, b), spearman(a, b), len(both)
+
+
+def partial_tau(t_xy: float, t_xz: float, t_yz: float) -> float:
+    """Kendall's partial tau of x and y given z (Kendall 1942): (t_xy - t_xz t_yz) / sqrt((1 - t_xz^2)(1 - t_yz^2))."""
+    den = math.sqrt(max(0.0, (1 - t_xz ** 2) * (1 - t_yz ** 2)))
+    return (t_xy - t_xz * t_yz) / den if den > 0 else math.nan
 
 
 def parzc_splits(nodes: list[np.ndarray], acc: np.ndarray, n_train: int, splits: int) -> list[float]:
@@ -148,6 +158,7 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--no-parzc", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--bootstrap", type=int, default=200, help="resamples for the standard error of tau (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -156,7 +167,11 @@ def main() -> None:
     ceil_tau, ceil_rho, n_both = noise_ceiling(rows)
     print(f"HybridBench: {len(rows)} architectures, test accuracy {acc.min():.4f}-{acc.max():.4f} "
           f"(std {acc.std():.4f})")
-    print(f"noise ceiling: tau {ceil_tau:.3f}, rho {ceil_rho:.3f} between two training seeds "
+    both = [r for r in rows if "test_acc_s0" in r and "test_acc_s1" in r]
+    a, b = np.array([r["test_acc_s0"] for r in both]), np.array([r["test_acc_s1"] for r in both])
+    pick = np.random.default_rng(1).integers(0, len(both), size=(args.bootstrap, len(both)))
+    ceil_se = float(np.std([kendall_tau(a[i], b[i]) for i in pick])) if args.bootstrap else math.nan
+    print(f"noise ceiling: tau {ceil_tau:.3f} (se {ceil_se:.3f}), rho {ceil_rho:.3f} between two training seeds "
           f"on {n_both} architectures\n")
 
     scores: dict[str, np.ndarray] = {}
@@ -184,9 +199,14 @@ def main() -> None:
             scores[name] = np.array(rank_aggregate({c: scores[c] for c in cols}))
 
     results: dict[str, dict[str, float]] = {}
+    boot = np.random.default_rng(0).integers(0, len(rows), size=(args.bootstrap, len(rows)))
+    t_flops = kendall_tau(scores["flops"], acc) if "flops" in scores else math.nan
     for name, s in scores.items():
         tau, rho = kendall_tau(s, acc), spearman(s, acc)
-        results[name] = {"tau": tau, "rho": rho, "of_ceiling": tau / ceil_tau if ceil_tau > 0 else math.nan}
+        results[name] = {"tau": tau, "rho": rho, "of_ceiling": tau / ceil_tau if ceil_tau > 0 else math.nan,
+                         "tau_se": float(np.std([kendall_tau(s[i], acc[i]) for i in boot])) if len(boot) else math.nan,
+                         "partial_tau_given_flops": partial_tau(tau, kendall_tau(s, scores["flops"]), t_flops)
+                         if "flops" in scores else math.nan}
 
     if not args.no_parzc:
         nodes = hybrid_nodes(rows, Path(args.cache))
@@ -206,13 +226,17 @@ def main() -> None:
             results[f"ParZC, NB201 only ({args.nb201_n} cells)"] = {
                 "tau": t, "rho": spearman(mean, acc), "of_ceiling": t / ceil_tau}
 
-    print(f"{'score':<40} {'Kendall tau':>11} {'Spearman':>9} {'tau / ceiling':>14}")
+    print(f"{'score':<40} {'Kendall tau':>11} {'(se)':>6} {'Spearman':>9} {'tau / ceiling':>14} {'tau | flops':>12}")
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["tau"]):
         rho = "" if math.isnan(r["rho"]) else f"{r['rho']:.3f}"
-        print(f"{name:<40} {r['tau']:11.3f} {rho:>9} {r['of_ceiling']:14.2f}")
+        se = "" if math.isnan(r.get("tau_se", math.nan)) else f"{r['tau_se']:.3f}"
+        pt = "" if math.isnan(r.get("partial_tau_given_flops", math.nan)) else f"{r['partial_tau_given_flops']:.3f}"
+        print(f"{name:<40} {r['tau']:11.3f} {se:>6} {rho:>9} {r['of_ceiling']:14.2f} {pt:>12}")
+    print(f"\n(se): bootstrap standard error of tau over the rows ({args.bootstrap} resamples). tau | flops: "
+          "Kendall's partial tau given FLOPs, what a score knows beyond model size.")
     if args.json:
-        Path(args.json).write_text(json.dumps({"n": len(rows), "noise_ceiling": {"tau": ceil_tau, "rho": ceil_rho,
-                                               "n": n_both}, "results": results}, indent=1))
+        ceiling = {"tau": ceil_tau, "tau_se": ceil_se, "rho": ceil_rho, "n": n_both}
+        Path(args.json).write_text(json.dumps({"n": len(rows), "noise_ceiling": ceiling, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

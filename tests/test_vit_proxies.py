@@ -18,6 +18,7 @@ from torch import nn
 import search_spaces
 from predictors.zero_cost import (
     ALL_PROXIES,
+    EXTRA_PROXIES,
     PROXIES,
     VIT_PROXIES,
     az_nas_aggregate,
@@ -333,7 +334,7 @@ def test_model_is_never_modified(mode: str) -> None:
 def test_compute_wiring_keeps_existing_proxies() -> None:
     net = _hybrid_net()
     x, t = _batch()
-    assert len(PROXIES) == 10 and ALL_PROXIES == PROXIES + VIT_PROXIES
+    assert len(PROXIES) == 10 and ALL_PROXIES == PROXIES + VIT_PROXIES + EXTRA_PROXIES
     assert list(compute(net, x, t, names=["nwot", "az_trainability", "dss"])) == ["nwot", "dss", "az_trainability"]
     old = compute(net, x, t, names=["snip", "synflow", "nwot", "zen"], seed=2)
     both = compute(net, x, t, names=["snip", "synflow", "nwot", "zen", *VIT_PROXIES], seed=2)

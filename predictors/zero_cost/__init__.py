@@ -16,21 +16,32 @@
   (CVPR), github.com/decemberzhou/TF_TAS;
 - az_expressivity, az_progressivity, az_trainability, and the population-level
   :func:`az_nas_aggregate` / :func:`rank_aggregate`: Lee & Ham 2024, "AZ-NAS: Assembling Zero-Cost
-  Proxies for Network Architecture Search" (CVPR), github.com/cvlab-yonsei/AZ-NAS.
+  Proxies for Network Architecture Search" (CVPR), github.com/cvlab-yonsei/AZ-NAS;
+- zico: Li et al. 2023, "ZiCo: Zero-shot NAS via Inverse Coefficient of Variation on Gradients"
+  (ICLR), github.com/SLDGroup/ZiCo.
 
-``names=None`` computes :data:`PROXIES`; the ViT-aware :data:`VIT_PROXIES` (``vit.py``) run when
-named. :data:`ALL_PROXIES` lists every accepted name.
+``names=None`` computes :data:`PROXIES`; the ViT-aware :data:`VIT_PROXIES` (``vit.py``) and
+:data:`EXTRA_PROXIES` (zico) run when named. :data:`ALL_PROXIES` lists every accepted name.
 
 The model passed in is never modified (the passes run on deep copies).
 """
 
 from __future__ import annotations
 
-from predictors.zero_cost._proxies import ALL_PROXIES, NODE_WISE, PROXIES, compute, jacob_cov_score
+from predictors.zero_cost._proxies import (
+    ALL_PROXIES,
+    EXTRA_PROXIES,
+    NODE_WISE,
+    PROXIES,
+    compute,
+    jacob_cov_score,
+)
 from predictors.zero_cost.vit import VIT_PROXIES, az_nas_aggregate, az_nas_components, dss_scores, rank_aggregate
+from predictors.zero_cost.zico import zico_score
 
 __all__ = [
     "ALL_PROXIES",
+    "EXTRA_PROXIES",
     "NODE_WISE",
     "PROXIES",
     "VIT_PROXIES",
@@ -40,4 +51,5 @@ __all__ = [
     "dss_scores",
     "jacob_cov_score",
     "rank_aggregate",
+    "zico_score",
 ]

@@ -12,6 +12,8 @@ References (definitions reproduced from their code, not copied):
   ``ZeroShotProxy/compute_zen_score.py``.
 - dss*, az_*: ViT-aware proxies (TF-TAS, Zhou et al. CVPR 2022; AZ-NAS, Lee & Ham CVPR 2024), defined
   and computed in ``predictors/zero_cost/vit.py`` (:data:`VIT_PROXIES`), each on its own deep copy.
+- zico: Li, Yang, Wang, Marculescu 2023, "ZiCo" (ICLR), github.com/SLDGroup/ZiCo, defined and computed
+  in ``predictors/zero_cost/zico.py`` on its own deep copy.
 
 Definitions as implemented. "Layers" are the Conv2d and Linear modules (subclasses included) in
 module order, as the reference's ``get_layer_metric_array``; every proxy runs the network in train
@@ -89,6 +91,7 @@ from predictors.zero_cost._hooks import (
     restore,
 )
 from predictors.zero_cost.vit import VIT_PROXIES, compute_vit
+from predictors.zero_cost.zico import zico_score
 from search_spaces.counting import count_flops, count_params
 
 PROXIES: tuple[str, ...] = (
@@ -96,8 +99,10 @@ PROXIES: tuple[str, ...] = (
 )
 # Proxies with a value per Conv2d/Linear layer ("node-wise", as ParZC uses them).
 NODE_WISE: tuple[str, ...] = ("grad_norm", "snip", "grasp", "fisher", "synflow", "params")
-# Every name compute() accepts: PROXIES (the default set) and the ViT-aware ones, computed on request only.
-ALL_PROXIES: tuple[str, ...] = PROXIES + VIT_PROXIES
+# Proxies computed on request only, besides the ViT-aware ones: ZiCo (Li et al. ICLR 2023, ``zico.py``).
+EXTRA_PROXIES: tuple[str, ...] = ("zico",)
+# Every name compute() accepts: PROXIES (the default set), the ViT-aware ones and the extra ones.
+ALL_PROXIES: tuple[str, ...] = PROXIES + VIT_PROXIES + EXTRA_PROXIES
 
 ZEN_MIXUP_GAMMA = 1e-2  # ZenNAS's --mixup_gamma default
 JACOB_COV_K = 1e-5  # zero-cost-nas eval_score's k
@@ -184,6 +189,8 @@ def compute(
     vit = [p for p in wanted if p in VIT_PROXIES]
     if vit:
         values.update(compute_vit(model, inputs, vit, seed=seed))
+    if "zico" in wanted:  # its own deep copy: gradients accumulated over chunks of the batch
+        values["zico"] = zico_score(model, inputs, targets, loss_fn)
 
     for name, per in layer_values.items():
         if name != "params":
