@@ -22,7 +22,7 @@ kernel does with registers, with the CPU's cache instead:
 
 About 15x faster than the plain version for a bidirectional block at 64 tokens, batch 128, one thread;
 equal to it within float rounding. A second derivative (GraSP's Hessian-vector product asks for
-one) and ``torch.jit.trace`` (ONNX export) take the plain, differentiable formulation.
+one), ``torch.jit.trace`` (ONNX export) and tensors on a GPU take the plain, differentiable formulation.
 """
 
 from __future__ import annotations
@@ -107,7 +107,9 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """``y`` (batch, N, D) of the selective scan (see the module docstring), zero initial state."""
-    if torch.jit.is_tracing() or u.shape[1] == 0:
+    """``y`` (batch, N, D) of the selective scan (see the module docstring), zero initial state.
+    The fused form is for CPUs: on a GPU its per-token loop would be one kernel launch per token
+    and slice, so other devices take the plain form (a log-depth parallel scan)."""
+    if torch.jit.is_tracing() or u.shape[1] == 0 or u.device.type != "cpu":
         return selective_scan_reference(u, delta, A, B, C)
     return _SelectiveScan.apply(u, delta, A, B, C)
