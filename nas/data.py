@@ -14,6 +14,16 @@ A source is a string (the CLI's ``--data``):
   TIFF, PPM, decoded with Pillow.
 - ``npz:PATH``: arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` (and optionally
   ``classes``); x is N,H,W,C or N,C,H,W (or N,H,W), uint8 (scaled by 1/255) or float (as is).
+- ``wds:PATH``: WebDataset shards (a directory of ``*.tar``, or one shard): each sample is
+  ``KEY.jpg`` (or another image type) plus ``KEY.cls`` holding the class index as text. Shards
+  named (or in folders named) ``train*`` and ``test*``/``val*`` give the splits, else 80/20 per
+  class. Read with the same tar reader as image folders; no ``webdataset`` package needed.
+
+:func:`open_dataset` is the entry point for training and evaluation: it returns this in-memory
+:class:`ImageDataset` for small sets and a :class:`nas.stream.StreamDataset` (decoded lazily in
+DataLoader workers) for large image folders and shards, chosen by size
+(:data:`nas.stream.STREAM_ABOVE_BYTES`, overridden by ``stream=`` or ``$HYBRID_NAS_STREAM``). Both
+offer ``labels``, ``take(indices)`` and ``loader(indices, batch_size, train=...)``.
 
 :func:`load` returns an :class:`ImageDataset`: ``x`` float32 N,C,H,W normalised per channel,
 ``y`` int64. The per-channel ``mean``/``std`` belong to the source, not to one call: they are
@@ -66,17 +76,18 @@ __all__ = [
     "cache_dir",
     "load",
     "one_batch",
+    "open_dataset",
     "parse_data",
 ]
 
-KINDS: tuple[str, ...] = ("digits", "cifar10", "imagefolder", "npz")
+KINDS: tuple[str, ...] = ("digits", "cifar10", "imagefolder", "npz", "wds")
 SPLITS: tuple[str, ...] = ("train", "test")
 STATS_SAMPLE = 2000  # train images the per-channel mean/std are computed on (class-balanced, seed 0)
 TEST_FRACTION = 0.2  # share of each class held out when a source has no test split of its own
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 ARCHIVE_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
-_USAGE = "pass digits, cifar10:PATH, imagefolder:PATH (directory or .tar.gz) or npz:PATH"
+_USAGE = "pass digits, cifar10:PATH, imagefolder:PATH (directory or .tar.gz), npz:PATH or wds:PATH (shards)"
 _SPLIT_SEED = 0  # the 80/20 split never depends on the load's seed: train and test never overlap
 _STATS_SEED = 0
 _CACHE_VERSION = 1
@@ -102,7 +113,7 @@ class DataSpec:
 
 
 def parse_data(source: str) -> DataSpec:
-    """Parse ``digits`` / ``cifar10:PATH`` / ``imagefolder:PATH`` / ``npz:PATH``; the path must exist."""
+    """Parse ``digits`` / ``cifar10:PATH`` / ``imagefolder:PATH`` / ``npz:PATH`` / ``wds:PATH``; the path must exist."""
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"empty dataset source; {_USAGE}")
     text = source.strip()
@@ -131,6 +142,9 @@ def parse_data(source: str) -> DataSpec:
             f"imagefolder path {str(path)!r} is neither a directory nor a .tar/.tar.gz/.tgz archive; "
             "pass imagefolder:DIR or imagefolder:ARCHIVE.tar.gz"
         )
+    if kind == "wds" and path.is_file() and not path.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
+        raise ValueError(f"wds path {str(path)!r} is neither a directory of shards nor a .tar shard; "
+                         "pass wds:DIR or wds:SHARD.tar")
     return DataSpec(kind, str(path))
 
 
@@ -139,6 +153,7 @@ def _what(kind: str) -> str:
         "cifar10": "the cifar-10-batches-py directory (or cifar-10-python.tar.gz)",
         "imagefolder": "a directory or .tar.gz with train/<class>/*.jpg and test/<class>/*.jpg, or <class>/*.jpg",
         "npz": "an .npz file with x_train, y_train, x_test, y_test",
+        "wds": "a directory of WebDataset .tar shards (key.jpg + key.cls samples), or one shard",
     }[kind]
 
 
@@ -163,6 +178,16 @@ class ImageDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str = ""
+    augment: Any = None  # nas.stream.Augment for loader(train=True); None: its defaults
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every label (the interface a StreamDataset shares)."""
+        return self.y
+
+    @property
+    def streaming(self) -> bool:
+        return False
 
     @property
     def num_classes(self) -> int:
@@ -187,6 +212,37 @@ class ImageDataset:
     def class_counts(self) -> list[int]:
         return torch.bincount(self.y, minlength=self.num_classes).tolist()
 
+    def take(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images at ``indices`` and their labels, as one batch."""
+        from nas.stream import _as_indices
+
+        t = torch.from_numpy(_as_indices(indices, len(self)))
+        return self.x[t], self.y[t]
+
+    def loader(self, indices: Sequence[int] | torch.Tensor | np.ndarray | None = None, batch_size: int = 128, *,
+               train: bool = False, shuffle: bool | None = None, seed: int = 0, epoch: int = 0,
+               drop_last: bool = False, num_workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``(x, y)`` over ``indices`` (all when None), as ``StreamDataset.loader``: the same
+        order for the same (seed, epoch) and, with ``train``, the same random-resized crop and flip
+        per image (applied here to the stored, already resized image). ``num_workers`` is unused."""
+        from nas.stream import Augment, _as_indices, epoch_order, sample_rng, train_transform
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = epoch_order(_as_indices(indices, len(self)), seed, epoch, train if shuffle is None else shuffle)
+        aug = self.augment or Augment()
+        hw = (int(self.x.shape[2]), int(self.x.shape[3]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if drop_last and len(idx) < batch_size:
+                return
+            t = torch.from_numpy(idx)
+            x = self.x[t]
+            if train:  # crop and resize commute with the per-channel normalisation (both are affine)
+                x = torch.cat([train_transform(x[j : j + 1], hw, sample_rng(seed, epoch, int(i)), aug)
+                               for j, i in enumerate(idx.tolist())])
+            yield x, self.y[t]
+
     def __repr__(self) -> str:
         return (
             f"ImageDataset({self.name!r}, split={self.split!r}, n={len(self)}, classes={self.num_classes}, "
@@ -208,16 +264,15 @@ def load(
     antialiased); native size otherwise.
     """
     spec = parse_data(str(source))  # a DataSpec is checked again: its path may have gone
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; pass split='train' or split='test'")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
-        raise ValueError(f"img_size must be a positive integer or None, got {img_size!r}")
+    _check_args(split, limit, img_size)
     if spec.kind == "imagefolder":
         raw = _load_imagefolder(Path(str(spec.path)), split, limit, seed)
     elif spec.kind in ("digits", "cifar10", "npz"):
         raw = _load_arrays(spec, split, limit, seed)
+    elif spec.kind == "wds":
+        from nas import stream
+
+        return _materialise(stream.wds(Path(str(spec.path)), split, limit, img_size, seed, str(spec)))
     else:
         raise ValueError(f"unknown dataset kind {spec.kind!r}; {_USAGE}")
     x = _to_float(raw.images, raw.scale, img_size, str(spec.path))
@@ -234,6 +289,69 @@ def load(
         std=tuple(float(v) for v in raw.std),
         source=str(spec),
     )
+
+
+def _check_args(split: str, limit: int | None, img_size: int | None) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; pass split='train' or split='test'")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise ValueError(f"img_size must be a positive integer or None, got {img_size!r}")
+
+
+def open_dataset(
+    source: str | DataSpec,
+    split: str = "train",
+    *,
+    limit: int | None = None,
+    img_size: int | None = None,
+    seed: int = 0,
+    stream: bool | str | None = None,
+    crop_pct: float | None = None,
+    augment: Any = None,
+) -> Any:
+    """One split of a source, in memory (:class:`ImageDataset`) or streaming
+    (:class:`nas.stream.StreamDataset`); both have ``labels``, ``take`` and ``loader``.
+
+    ``stream``: True/"on" or False/"off" forces the path; None/"auto" reads ``$HYBRID_NAS_STREAM``
+    and, when that is unset or "auto", streams an image folder or shard set whose float32 images at
+    ``img_size`` (native size when None) would exceed :data:`nas.stream.STREAM_ABOVE_BYTES`.
+    digits, cifar10 and npz are arrays already and never stream. ``crop_pct``: evaluation resizes
+    the shorter side to ``img_size / crop_pct`` and centre-crops (default: the whole image, as
+    :func:`load`). ``augment``: a :class:`nas.stream.Augment` for ``loader(train=True)``."""
+    from nas import stream as st
+
+    spec = parse_data(str(source))
+    _check_args(split, limit, img_size)
+    choice = st.stream_choice(stream)
+    if spec.kind not in ("imagefolder", "wds"):
+        if choice is True:
+            raise ValueError(f"{spec.kind} is held in memory and cannot stream; pass stream=auto or off, or convert "
+                             "the data to imagefolder:DIR or wds:DIR")
+        if crop_pct is not None:
+            raise ValueError(f"crop_pct applies to imagefolder: and wds: sources, not {spec.kind}; leave it unset")
+        ds = load(spec, split, limit=limit, img_size=img_size, seed=seed)
+        return ImageDataset(ds.x, ds.y, ds.classes, ds.name, split, ds.mean, ds.std, ds.source, augment)
+    path = Path(str(spec.path))
+    if spec.kind == "wds":
+        sds = st.wds(path, split, limit, img_size, seed, str(spec), crop_pct, augment)
+        big = st.estimate_bytes(len(sds), sds.in_chans, sds.img_size) > st.STREAM_ABOVE_BYTES
+        return sds if (choice if choice is not None else big) else _materialise(sds)
+    folder = _Folder(path)
+    if choice is None:
+        choice = st.folder_size_hint(folder, split, limit, img_size) > st.STREAM_ABOVE_BYTES
+    if choice or crop_pct is not None:
+        sds = st.imagefolder(path, split, limit, img_size, seed, str(spec), crop_pct, augment, folder=folder)
+        return sds if choice else _materialise(sds)
+    ds = load(spec, split, limit=limit, img_size=img_size, seed=seed)
+    return ImageDataset(ds.x, ds.y, ds.classes, ds.name, split, ds.mean, ds.std, ds.source, augment)
+
+
+def _materialise(sds: Any) -> ImageDataset:
+    """A StreamDataset decoded into memory (evaluation transform)."""
+    x, y = sds.take(np.arange(len(sds)))
+    return ImageDataset(x, y, list(sds.classes), sds.name, sds.split, sds.mean, sds.std, sds.source, sds.augment)
 
 
 def batches(
@@ -637,9 +755,10 @@ class _Folder:
         self.archive = path.is_file()
         if not self.archive:
             self.fp: Any = [str(path.resolve())]
-            files = _walk(path)
+            dirs: list[str] = []
+            files = _walk(path, dirs)
             names = list(files)
-            self.classes, groups = _layout(names, path)
+            self.classes, groups = _layout(names, path, dirs)
             self.splits = {
                 s: _Split([names[i] for i in idx], labels, [files[names[i]] for i in idx])
                 for s, (idx, labels) in groups.items()
@@ -754,19 +873,25 @@ def _load_imagefolder(path: Path, split: str, limit: int | None, seed: int) -> _
     return _Raw(images, labels, folder.classes, tuple(stats["mean"]), tuple(stats["std"]), 1.0 / 255.0, name)
 
 
-def _walk(root: Path) -> dict[str, Path]:
+def _walk(root: Path, dirs: list[str] | None = None) -> dict[str, Path]:
+    """Files under ``root`` by relative name; ``dirs`` collects the relative folder names."""
     files: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
         rel = Path(dirpath).relative_to(root).as_posix()
+        if dirs is not None and rel != ".":
+            dirs.append(rel)
         for f in filenames:
             files[f if rel == "." else f"{rel}/{f}"] = Path(dirpath, f)
     return files
 
 
-def _layout(names: Sequence[str], path: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def _layout(names: Sequence[str], path: Path,
+            dirs: Sequence[str] | None = None) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Classes, and per split the indices into ``names`` of its images (sorted by class, then name)
-    with their labels. Hidden files and folders (``.x``, ``__MACOSX``) and non-images are skipped."""
+    with their labels. Hidden files and folders (``.x``, ``__MACOSX``) and non-images are skipped.
+    ``dirs`` (the folders of a directory source): a class folder among them without images is an
+    error (an archive lists no folders reliably, so there an empty class is only missing)."""
     kept: list[tuple[list[str], int]] = []
     for i, name in enumerate(names):
         n = name[2:] if name.startswith("./") else name
@@ -802,6 +927,9 @@ def _layout(names: Sequence[str], path: Path) -> tuple[list[str], dict[str, tupl
                 f"{path}: inconsistent classes between train/ and {test_key}/ (only in train: {only_tr[:5]}, "
                 f"only in {test_key}: {only_te[:5]}); give both splits the same class folders"
             )
+        for s, k in (("train", "train"), ("test", test_key)):
+            _no_empty_class(dirs, depth + 2, lambda parts, k=k: parts[depth].lower() == k,
+                            {c for c, _ in groups[s]}, path)
         index = {c: k for k, c in enumerate(classes)}
         out = {}
         for s, g in groups.items():
@@ -814,6 +942,8 @@ def _layout(names: Sequence[str], path: Path) -> tuple[list[str], dict[str, tupl
     classes = sorted({c for c, _ in flat})
     if not classes:
         raise ValueError(f"{path}: no class folders with images; {_what('imagefolder')}")
+    _no_empty_class(dirs, depth + 1, lambda parts: all(parts[j] == kept[0][0][j] for j in range(depth)),
+                    set(classes), path)
     _at_least_two(classes, path)
     index = {c: k for k, c in enumerate(classes)}
     order = sorted((index[c], names[i], i) for c, i in flat)
@@ -821,6 +951,15 @@ def _layout(names: Sequence[str], path: Path) -> tuple[list[str], dict[str, tupl
     labels = np.array([c for c, _, _ in order], dtype=np.int64)
     test = _split_test(labels, len(classes))
     return classes, {"train": (idx[~test], labels[~test]), "test": (idx[test], labels[test])}
+
+
+def _no_empty_class(dirs: Sequence[str] | None, level: int, under: Callable[[list[str]], bool],
+                    classes: set[str], path: Path) -> None:
+    """A folder at the class level (``level`` path parts, in a split ``under`` accepts) with no images."""
+    for d in dirs or ():
+        parts = d.split("/")
+        if len(parts) == level and under(parts) and parts[-1] not in classes:
+            raise ValueError(f"{path}: class folder {d!r} has no images; add images to it or remove the folder")
 
 
 def _at_least_two(classes: Sequence[str], path: Path) -> None:

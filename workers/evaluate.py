@@ -21,6 +21,12 @@ costs later stages of the same architecture from it before any of them has run.
 
 Accuracies are on a validation split carved out of the training data (``split_train_val``): the
 test split stays untouched by the search.
+
+Data. A split is either in memory (:class:`Split`: tensors ``x``, ``y``) or streaming
+(:class:`StreamSplit`: a dataset with ``labels``, ``take`` and ``loader``, such as
+``nas.stream.StreamDataset``, and the indices of the split's images); :func:`split_dataset` makes
+either from what ``nas.data.open_dataset`` returns. The screen, latency and train stages take both;
+the supernet stage needs in-memory data until ``predictors.supernet`` takes batches.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ __all__ = [
     "EvalData",
     "Evaluation",
     "EvaluationError",
+    "StreamSplit",
     "evaluate",
+    "split_dataset",
     "split_train_val",
 ]
 
@@ -61,25 +69,58 @@ class Split:
 
 
 @dataclass(frozen=True, eq=False)
+class StreamSplit:
+    """Images ``indices`` of a streaming dataset ``source`` (``labels``, ``take``, ``loader``,
+    ``in_chans``, ``img_size``): decoded batch by batch, never all in memory."""
+
+    source: Any
+    indices: Tensor  # int64, into source
+
+    @property
+    def y(self) -> Tensor:
+        return self.source.labels[self.indices]
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def take(self, sel: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``sel`` (positions in this split) as one batch, evaluation transform."""
+        return self.source.take(self.indices[sel])
+
+    def loader(self, batch_size: int, **kw: Any) -> Any:
+        return self.source.loader(self.indices, batch_size, **kw)
+
+
+def _n(split: Split | StreamSplit) -> int:
+    return len(split) if isinstance(split, StreamSplit) else int(split.x.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
 class EvalData:
     """What the workers see: a training split and a validation split of the same images."""
 
-    train: Split
-    val: Split
+    train: Split | StreamSplit
+    val: Split | StreamSplit
     num_classes: int
 
     @property
+    def streaming(self) -> bool:
+        return isinstance(self.train, StreamSplit)
+
+    @property
     def in_chans(self) -> int:
+        if isinstance(self.train, StreamSplit):
+            return int(self.train.source.in_chans)
         return int(self.train.x.shape[1])
 
     @property
     def img_size(self) -> int:
+        if isinstance(self.train, StreamSplit):
+            return int(self.train.source.img_size)
         return int(self.train.x.shape[2])
 
 
-def split_train_val(x: Tensor, y: Tensor, val_fraction: float = 0.2, seed: int = 0,
-                    num_classes: int | None = None) -> EvalData:
-    """A class-stratified, seeded split of the training images into train and validation."""
+def _stratified(y: Tensor, val_fraction: float, seed: int, num_classes: int | None) -> tuple[int, Tensor, Tensor]:
     if not 0.0 < val_fraction < 1.0:
         raise EvaluationError(f"val_fraction must be in (0, 1), got {val_fraction}")
     k = num_classes or int(y.max()) + 1
@@ -95,7 +136,24 @@ def split_train_val(x: Tensor, y: Tensor, val_fraction: float = 0.2, seed: int =
     va = torch.cat(val_idx).sort().values
     if len(va) == 0 or len(tr) == 0:
         raise EvaluationError(f"{len(y)} images are too few for a train/validation split")
+    return k, tr, va
+
+
+def split_train_val(x: Tensor, y: Tensor, val_fraction: float = 0.2, seed: int = 0,
+                    num_classes: int | None = None) -> EvalData:
+    """A class-stratified, seeded split of the training images into train and validation."""
+    k, tr, va = _stratified(y, val_fraction, seed, num_classes)
     return EvalData(Split(x[tr], y[tr]), Split(x[va], y[va]), k)
+
+
+def split_dataset(ds: Any, val_fraction: float = 0.2, seed: int = 0) -> EvalData:
+    """:func:`split_train_val` of what ``nas.data.open_dataset`` returns: in-memory splits for an
+    ``ImageDataset`` (the same as ``split_train_val(ds.x, ds.y, ...)``), :class:`StreamSplit` s of
+    the same images for a streaming one."""
+    if not getattr(ds, "streaming", False):
+        return split_train_val(ds.x, ds.y, val_fraction=val_fraction, seed=seed, num_classes=ds.num_classes)
+    k, tr, va = _stratified(ds.labels, val_fraction, seed, ds.num_classes)
+    return EvalData(StreamSplit(ds, tr), StreamSplit(ds, va), k)
 
 
 @dataclass(frozen=True)
@@ -228,7 +286,7 @@ def _parzc(path: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _balanced_batch(split: Split, n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+def _balanced_batch(split: Split | StreamSplit, n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     per = max(1, n // num_classes)
     idx = []
@@ -237,6 +295,8 @@ def _balanced_batch(split: Split, n: int, num_classes: int, seed: int) -> tuple[
         idx.append(cls[torch.randperm(len(cls), generator=gen)[:per]])
     sel = torch.cat(idx)
     sel = sel[torch.randperm(len(sel), generator=gen)]
+    if isinstance(split, StreamSplit):
+        return split.take(sel)
     return split.x[sel], split.y[sel]
 
 
@@ -296,6 +356,9 @@ def _supernet_accuracy(spec: Any, data: EvalData, device: str, cfg: EvalConfig) 
 
     if not cfg.supernet:
         raise EvaluationError("stage 'supernet' needs a trained supernet: set EvalConfig.supernet")
+    if data.streaming:
+        raise EvaluationError("stage 'supernet' needs in-memory data (predictors.supernet takes tensors); "
+                              "load the data with stream=off (HYBRID_NAS_STREAM=off) or a smaller --data-limit")
     net = _supernet(cfg.supernet, device)
     frame = net.frame
     try:
@@ -324,13 +387,16 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
            report: Callable[[int, dict[str, float]], bool | None] | None, t0: float,
            allowance: float | None = None) -> dict[str, float]:
     from predictors.precision import activation_dtype, to_precision
-    from predictors.supernet import TrainConfig, accuracy, train_standalone
+    from predictors.supernet import TrainConfig, train_standalone
+    from predictors.supernet import accuracy as accuracy_
 
     tcfg = TrainConfig(batch_size=cfg.train_batch, lr=cfg.train_lr, warmup_epochs=min(1.0, cfg.train_epochs / 3),
                        augment=False, seed=cfg.seed)
     last: dict[str, float] = {}
     passes: list[float] = []  # seconds of each validation pass so far
-    n_val, bs = len(data.val.x), min(cfg.train_batch, len(data.train.x))
+    n_val, bs = _n(data.val), min(cfg.train_batch, _n(data.train))
+    # streaming data: the same recipe fed by DataLoader batches
+    fit, accuracy = (_train_stream, _stream_accuracy) if data.streaming else (train_standalone, accuracy_)
 
     def val_cost(step_s: float) -> float:
         """A validation pass: as measured, or before the first one, half a training step per batch
@@ -354,7 +420,7 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
             return True
         return None
 
-    model = train_standalone(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
+    model = fit(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
                              device=device, on_epoch=on_epoch, before_step=before_step)
     st = model.train_state  # type: ignore[attr-defined]
     if st.stopped:  # the allowance ran out mid-training: report what was done
@@ -374,6 +440,66 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
         last["accuracy_fp32"] = last["accuracy"]
         last["accuracy"] = accuracy(q, data.val, batch_size=256, dtype=activation_dtype(spec.precision))
     return last
+
+
+@torch.no_grad()
+def _stream_accuracy(model: nn.Module, split: StreamSplit, batch_size: int = 512,
+                     dtype: torch.dtype | None = None) -> float:
+    """Top-1 accuracy on a streaming split (evaluation transform), as ``predictors.supernet.accuracy``."""
+    dev = next(model.parameters()).device
+    correct = 0
+    for x, y in split.loader(batch_size, train=False):
+        x = x.to(dev)
+        correct += int((model(x if dtype is None else x.to(dtype)).argmax(-1).cpu() == y).sum())
+    return correct / max(1, len(split))
+
+
+def _train_stream(spec: Any, split: StreamSplit, epochs: int, *, config: Any, num_classes: int,
+                  device: str, on_epoch: Callable[[int, nn.Module], bool | None],
+                  before_step: Callable[[int, float], bool]) -> nn.Module:
+    """``predictors.supernet.train_standalone`` on a streaming split: the same recipe (optimizer,
+    schedule, label smoothing, clipping, ``before_step``/``on_epoch``, ``train_state``), batches
+    from ``split.loader`` in an order drawn from (seed, epoch); no augmentation, as in memory.
+    Drop it when train_standalone takes a batch iterable."""
+    from predictors.supernet import TrainState, _lr_at, _optimizer, _set_lr
+    from search_spaces.hybrid_vit import build
+
+    cfg = config
+    src = split.source
+    model = build(spec, num_classes=num_classes, img_size=int(src.img_size), in_chans=int(src.in_chans),
+                  seed=cfg.seed).to(device)
+    opt = _optimizer(model, cfg)
+    bs = min(cfg.batch_size, len(split))
+    spe = len(split) // bs
+    total = spe * epochs
+    st = TrainState(step=0, total_steps=total, steps_per_epoch=spe)
+    model.train_state = st  # type: ignore[assignment]
+    model.train()
+    recent: list[float] = []
+    for epoch in range(epochs):
+        batches = split.loader(bs, train=False, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True)
+        for x, y in batches:
+            step = st.step
+            if before_step(step, max(recent, default=0.0)):
+                st.stopped = True
+                return model.eval()
+            t_step = time.perf_counter()  # the step only: loading overlaps it in the workers
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            _set_lr(opt, _lr_at(cfg, step, total, spe))
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            st.step = step + 1
+            recent = [*recent[-4:], time.perf_counter() - t_step]
+            st.seconds += recent[-1]
+        model.eval()
+        stop = on_epoch(epoch + 1, model)
+        model.train()
+        if stop:
+            break
+    return model.eval()
 
 
 def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, config: EvalConfig | None = None,
