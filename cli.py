@@ -464,6 +464,8 @@ def search(
     supernet: str | None = _opt(None, "--supernet", "A trained supernet to use instead of training one."),
     parzc: str | None = _opt(None, "--parzc", "A saved ParZC predictor to screen with."),
     threads: int = _opt(1, "--threads", "Torch threads per trial."), json_out: bool = _JSON,
+    supernet_workers: int = _opt(1, "--supernet-workers", "Workers that train the supernet together (Ray Train, "
+                                                         "DDP); 1: one process."),
     benchmark: str | None = _opt(None, "--benchmark", "nb201: a labels CSV (arch, accuracy) to look accuracies up "
                                                      "in instead of training."),
     benchmark_column: str | None = _opt(None, "--benchmark-column", "Its accuracy column (default: the one *_acc)."),

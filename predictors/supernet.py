@@ -16,6 +16,15 @@
 - :func:`train_standalone`: the same recipe for one plain model (the reference the supernet's
   ranking is judged against).
 
+Distributed data parallel (DDP semantics, Li et al., VLDB 2020, "PyTorch Distributed: Experiences
+on Accelerating Data Parallel Training"): when ``torch.distributed`` is initialised with world size
+W (``workers.ray_train`` runs it under Ray Train), :func:`train_supernet` trains every rank on its
+slice of each global batch (``cfg.batch_size`` is the global batch, so the run equals the
+single-process one up to float rounding) and sums the shards' gradients after all the sandwich
+passes of a step (:func:`_sync_gradients`). Every rank draws the same subnets from ``(seed, step)``
+and the step checks that they did; BatchNorm normalises with the global batch's statistics
+(:func:`_batch_norm_over_ranks`). Rank 0 alone writes checkpoints; every rank resumes from rank 0's.
+
 Both training loops take an allowance in seconds (``max_seconds``, ``before_step``) and check it
 before every optimisation step, so a budget is held to one step, not one epoch; the supernet
 checkpoints where it stops and continues from there.
@@ -26,11 +35,13 @@ checkpoints where it stops and continues from there.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -210,6 +221,7 @@ class TrainState:
     seconds: float = 0.0
     history: list[dict[str, float]] | None = None
     stopped: bool = False  # this run stopped at its allowance before ``total_steps``
+    losses: list[float] | None = None  # the first subnet's loss at each step this call ran (global batch)
 
 
 def sandwich(frame: SupernetFrame, cfg: TrainConfig, step: int) -> list[ArchSpec]:
@@ -289,23 +301,193 @@ def _kd(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     return F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
 
 
+# --------------------------------------------------------------------------------------------
+# data parallel: ranks, gradient sync, BatchNorm over the global batch
+# --------------------------------------------------------------------------------------------
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the initialised default ``torch.distributed`` group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``n`` items: sizes differ by at most one."""
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def _digest(specs: Sequence[ArchSpec]) -> int:
+    """A 60-bit fingerprint of a step's subnets (exact in an int64 collective)."""
+    return int(hashlib.sha256(" ".join(s.hash for s in specs).encode()).hexdigest()[:15], 16)
+
+
+def _check_same_subnets(specs: Sequence[ArchSpec], step: int, device: torch.device) -> None:
+    """SupernetError on every rank unless every rank drew the same subnets for ``step``: a 60-bit
+    digest and its negation, MAX-reduced, agree only if the digests do. Runs before the step's
+    forward passes, whose BatchNorm collectives would otherwise meet tensors of other shapes."""
+    import torch.distributed as dist
+
+    digest = _digest(specs)
+    t = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise SupernetError(f"the ranks drew different subnets at step {step}; every rank must run the same "
+                            "frame, recipe and seed (the same code version)")
+
+
+def _sync_gradients(net: nn.Module, loss: float) -> float:
+    """Sum every rank's gradients (each rank's losses were weighted by its share of the global
+    batch, so the sum is the global batch's gradient) and the weighted teacher losses; returns the
+    global loss. DDP's gradient all-reduce done once per step, after all the sandwich passes
+    (as ``DistributedDataParallel.no_sync`` then one synchronised backward would), but explicit.
+
+    Why not DDP itself: its reducer hooks parameters that one forward reaches, while here 3-5
+    subnets touch different parameter subsets through ``functional_call`` slices, and it would
+    broadcast BatchNorm buffers from rank 0 every forward. First a small int64 MAX all-reduce
+    finds which parameters have a gradient on any rank: a parameter no subnet of the step reached keeps
+    ``grad=None`` everywhere, as in the single-process run (AdamW skips it: no decay, no moment
+    update); one that has a gradient on some rank only (impossible while the subnets agree) gets
+    zeros on the others, so every rank takes the same update."""
+    import torch.distributed as dist
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    dev = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=dev)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    anywhere = has.cpu() > 0
+    grads: list[Tensor] = []
+    for p, used in zip(params, anywhere.tolist()):
+        if used:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    total = torch.tensor([loss], dtype=torch.float64, device=dev)
+    if not by_dtype:
+        dist.all_reduce(total)
+    for i, group in enumerate(by_dtype.values()):
+        parts = [g.reshape(-1) for g in group]
+        if i == 0:  # the loss travels with the first bucket: one collective for both
+            parts.append(total.to(group[0].dtype))
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)  # SUM
+        off = 0
+        for g in group:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+        if i == 0:
+            total = flat[off:off + 1].double()
+    return float(total)
+
+
+def _all_agree(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank (an int MAX all-reduce)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(int(t.item()))
+
+
+def _global_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                       bias: Tensor | None, momentum: float | None, eps: float) -> Tensor:
+    """Training-mode batch normalisation (Ioffe & Szegedy 2015) with the statistics of the global
+    batch: per-channel sums over every rank's shard, through a differentiable all-reduce whose
+    backward sums the ranks' gradients, as ``torch.nn.SyncBatchNorm`` does on GPUs. Two-pass
+    (mean, then the squared deviations) like the single-process kernel; running statistics take
+    the unbiased global variance, as ``F.batch_norm`` does."""
+    from torch.distributed.nn.functional import all_reduce
+
+    c = x.shape[1]
+    dims = [0, *range(2, x.ndim)]
+    count = torch.full((1,), float(x.numel() // c), dtype=x.dtype, device=x.device)
+    s = all_reduce(torch.cat([x.sum(dims), count]))
+    n = s[-1].detach()
+    mean = s[:-1] / n
+    shape = [1, c] + [1] * (x.ndim - 2)
+    xc = x - mean.view(shape)
+    var = all_reduce((xc * xc).sum(dims)) / n
+    out = xc * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    if running_mean is not None and running_var is not None:
+        m = 0.0 if momentum is None else float(momentum)
+        with torch.no_grad():
+            running_mean.mul_(1 - m).add_(mean.detach().to(running_mean.dtype), alpha=m)
+            unbiased = var.detach() * (n / (n - 1).clamp(min=1))
+            running_var.mul_(1 - m).add_(unbiased.to(running_var.dtype), alpha=m)
+    return out
+
+
+@contextmanager
+def _batch_norm_over_ranks(active: bool) -> Iterator[None]:
+    """While active, every training-mode ``F.batch_norm`` (any BatchNorm module, in the frame's stem,
+    a downsampling conv or a ``batchnorm`` stage) uses the global batch's statistics.
+
+    The choice: SyncBatchNorm semantics, so a W-rank step computes what the single-process step on
+    the whole batch computes (per-shard statistics would change the loss with W). Not
+    ``nn.SyncBatchNorm`` itself: it refuses CPU tensors, and the BatchNorms to convert sit inside
+    the supernet's cached meta-device templates (``search_spaces``). ``_BatchNorm.forward`` looks
+    ``F.batch_norm`` up at call time, so it is swapped here for the step (a process holds one
+    training loop; evaluation mode and other processes are untouched)."""
+    if not active:
+        yield
+        return
+    original = F.batch_norm
+
+    def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                   weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+                   momentum: float | None = 0.1, eps: float = 1e-5) -> Tensor:
+        if not training:
+            return original(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _global_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps)
+
+    F.batch_norm = batch_norm  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.batch_norm = original  # type: ignore[assignment]
+
+
 def supernet_step(net: Supernet, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, specs: list[ArchSpec],
-                  cfg: TrainConfig) -> float:
+                  cfg: TrainConfig, *, share: float = 1.0, step: int = 0) -> float:
     """One sandwich update: the first spec learns from the labels, the others from the labels or
-    (with ``cfg.distill``) from the first one's soft predictions. Returns the first spec's loss."""
+    (with ``cfg.distill``) from the first one's soft predictions. Returns the first spec's loss.
+
+    Under ``torch.distributed`` (world size > 1) ``x, y`` are this rank's shard, ``share`` its
+    fraction of the global batch: each loss is weighted by it, so the ranks' gradients sum to the
+    global batch's (exact with shards of unequal size too); they are summed once, after every
+    subnet's backward (:func:`_sync_gradients`), then clipped and applied identically everywhere.
+    The returned loss is then the global batch's."""
+    world = _dist()[1]
+    if world > 1:
+        _check_same_subnets(specs, step, x.device)
     opt.zero_grad(set_to_none=True)
     teacher_loss = 0.0
     teacher: Tensor | None = None
-    for k, spec in enumerate(specs):
-        logits = net(x, spec)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        if k > 0 and cfg.distill:
-            w = cfg.distill_weight
-            loss = w * _kd(logits, teacher, cfg.distill_temperature) + (1 - w) * loss  # type: ignore[arg-type]
-        if k == 0:
-            teacher = logits.detach()
-            teacher_loss = float(loss.detach())
-        loss.backward()
+    with _batch_norm_over_ranks(world > 1):
+        for k, spec in enumerate(specs):
+            logits = net(x, spec)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if k > 0 and cfg.distill:
+                w = cfg.distill_weight
+                loss = w * _kd(logits, teacher, cfg.distill_temperature) + (1 - w) * loss  # type: ignore[arg-type]
+            if k == 0:
+                teacher = logits.detach()
+                teacher_loss = float(loss.detach())
+            (loss * share if share != 1.0 else loss).backward()
+    if world > 1:
+        teacher_loss = _sync_gradients(net, teacher_loss * share)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], cfg.grad_clip)
     opt.step()
@@ -376,39 +558,48 @@ def train_supernet(
     ``total_steps`` caps the schedule below ``epochs`` whole epochs (the learning-rate schedule,
     warm-up included, fits in it). ``max_seconds`` is this call's allowance: before each step the
     loop stops if the step (timed as the slowest of the last ones) would end past it, checkpoints
-    there and sets ``train_state.stopped``; calling again with the same settings continues."""
+    there and sets ``train_state.stopped``; calling again with the same settings continues.
+
+    Under ``torch.distributed`` (world size W > 1; ``device`` is this rank's) each rank trains on
+    its slice of every global batch of ``cfg.batch_size`` images, the ranks' gradients are summed
+    after each step's sandwich passes, BatchNorm uses the global batch's statistics, rank 0 alone
+    writes ``out`` and every rank resumes from rank 0's checkpoint: the result equals the
+    single-process run's up to float rounding. ``progress`` runs on every rank; ``max_seconds``
+    stops all ranks at the same step."""
     cfg = config or TrainConfig()
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise SupernetError(f"epochs must be a positive integer, got {epochs!r}")
     _check_frame_data(frame, data)
+    rank, world = _dist()
     n = len(data.x)
     bs = min(cfg.batch_size, n)
+    if bs < world:
+        raise SupernetError(f"a global batch of {bs} images cannot be split over {world} ranks; "
+                            "use a larger --batch-size or fewer workers")
     spe = n // bs
     total = spe * epochs if total_steps is None else max(1, min(spe * epochs, int(total_steps)))
     warm = None if total == spe * epochs else min(int(cfg.warmup_epochs * spe), total // 4)
-    st = TrainState(step=0, total_steps=total, steps_per_epoch=spe, history=[])
+    st = TrainState(step=0, total_steps=total, steps_per_epoch=spe, history=[], losses=[])
     ckpt_path = Path(out) / CKPT_NAME if out is not None else None
     dev = torch.device(device)
-    if ckpt_path is None or not ckpt_path.exists():
-        net = Supernet(frame, seed=cfg.seed).to(dev)
-        opt = _optimizer(net, cfg)
-    else:
-        net, ckpt = load_checkpoint(ckpt_path)
-        net.to(dev)
-        if ckpt["frame"] != frame.to_dict():
-            raise SupernetError(f"{out} holds a supernet of another frame; pass the same frame or a new --out")
-        if _stored_config(ckpt["config"]) != asdict(cfg) or ckpt["epochs"] != epochs or \
-                ckpt["steps_per_epoch"] != spe or ckpt["total_steps"] != total:
-            raise SupernetError(f"{out} was trained with another recipe ({ckpt['epochs']} epochs, "
-                                f"{ckpt['steps_per_epoch']} steps an epoch); pass the same settings or a new --out")
-        opt = _optimizer(net, cfg)
+    loaded, ckpt = _resume_from(ckpt_path, frame, cfg, epochs, spe, total, rank, world)
+    net = (loaded if loaded is not None else Supernet(frame, seed=cfg.seed)).to(dev)  # ranks > 0: rank 0's next
+    if world > 1:  # DDP's start: every rank holds rank 0's tensors (the same init, or the same checkpoint)
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in net.state_dict().values():
+                dist.broadcast(t, 0)
+    opt = _optimizer(net, cfg)
+    if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         st = TrainState(step=ckpt["step"], total_steps=ckpt["total_steps"], steps_per_epoch=spe,
-                        seconds=ckpt["seconds"], history=list(ckpt["history"]))
+                        seconds=ckpt["seconds"], history=list(ckpt["history"]), losses=[])
+        del ckpt
     meta = dict(meta or {}, n_train=n)
 
     def save() -> None:
-        if ckpt_path is not None:
+        if ckpt_path is not None and rank == 0:  # one writer; the others hold the same state
             payload = _ckpt_payload(net, opt, cfg, st, epochs, meta)
             atomic_write(ckpt_path, lambda f: torch.save(payload, f))
             (ckpt_path.parent / "frame.json").write_text(frame.to_json(indent=2) + "\n")
@@ -419,16 +610,28 @@ def train_supernet(
     began = time.perf_counter()
     recent: list[float] = []  # the last steps' seconds, batch included
     while st.step < stop:
-        if max_seconds is not None and time.perf_counter() - began + max(recent, default=0.0) > max_seconds:
-            st.stopped = True
-            break
+        if max_seconds is not None:
+            late = time.perf_counter() - began + max(recent, default=0.0) > max_seconds
+            # ranks must stop at the same step (the next one's collectives would wait forever): any rank's
+            # clock running out stops all
+            if late if world == 1 else _all_agree(late):
+                st.stopped = True
+                break
         t_step = time.perf_counter()
-        x, y = _batch(data, cfg, st.step, spe, bs, dev)
+        if world == 1:
+            x, y = _batch(data, cfg, st.step, spe, bs, dev)
+            share = 1.0
+        else:  # the global batch (order and augmentation as in one process), then this rank's slice
+            x, y = _batch(data, cfg, st.step, spe, bs, "cpu")
+            part = _shard(len(x), rank, world)
+            share = (part.stop - part.start) / len(x)
+            x, y = x[part].to(dev, non_blocking=True), y[part].to(dev, non_blocking=True)
         _set_lr(opt, _lr_at(cfg, st.step, st.total_steps, spe, warm))
         t0 = time.perf_counter()
-        loss = supernet_step(net, opt, x, y, sandwich(frame, cfg, st.step), cfg)
+        loss = supernet_step(net, opt, x, y, sandwich(frame, cfg, st.step), cfg, share=share, step=st.step)
         st.seconds += time.perf_counter() - t0
         st.step += 1
+        st.losses.append(loss)  # type: ignore[union-attr]
         recent = [*recent[-4:], time.perf_counter() - t_step]
         epoch_loss, epoch_n = epoch_loss + loss, epoch_n + 1
         if progress is not None:
@@ -444,6 +647,43 @@ def train_supernet(
         save()
     net.train_state = st  # type: ignore[attr-defined]
     return net
+
+
+def _resume_from(ckpt_path: Path | None, frame: SupernetFrame, cfg: TrainConfig, epochs: int, spe: int, total: int,
+                 rank: int = 0, world: int = 1) -> tuple[Supernet | None, dict[str, Any] | None]:
+    """The checkpoint to continue from, checked against this run's settings: (its supernet, its dict)
+    on the rank that read it, (None, its dict without the model) on the others, (None, None) to
+    start afresh.
+
+    Under ``torch.distributed`` rank 0 alone reads it and broadcasts the rest of it (or its error)
+    to the others, so every rank resumes from the same step and optimizer state and fails with the
+    same message, shared disk or not; the weights follow in ``train_supernet``'s broadcast."""
+    net: Supernet | None = None
+    found: dict[str, Any] | None = None
+    error: str | None = None
+    if rank == 0 and ckpt_path is not None and ckpt_path.exists():
+        try:
+            net, found = load_checkpoint(ckpt_path)
+            out = ckpt_path.parent
+            if found["frame"] != frame.to_dict():
+                raise SupernetError(f"{out} holds a supernet of another frame; pass the same frame or a new --out")
+            if _stored_config(found["config"]) != asdict(cfg) or found["epochs"] != epochs or \
+                    found["steps_per_epoch"] != spe or found["total_steps"] != total:
+                raise SupernetError(f"{out} was trained with another recipe ({found['epochs']} epochs, "
+                                    f"{found['steps_per_epoch']} steps an epoch); pass the same settings or "
+                                    "a new --out")
+        except SupernetError as e:
+            net, found, error = None, None, str(e)
+    if world > 1:
+        import torch.distributed as dist
+
+        box: list[Any] = [None if found is None else {k: v for k, v in found.items() if k != "model"}, error]
+        dist.broadcast_object_list(box, src=0)
+        if rank:
+            found, error = box
+    if error is not None:
+        raise SupernetError(error)
+    return net, found
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,7 +865,8 @@ def study_recipe(n_train: int, in_chans: int, seed: int = 0) -> TrainConfig:
     return TrainConfig(batch_size=64 if small else 128, lr=3e-3 if small else 2e-3, augment=rgb, flip=rgb, seed=seed)
 
 
-def train_within(job: Any, data: Any, *, device: str = "cpu", allowance: float | None = None) -> dict[str, Any]:
+def train_within(job: Any, data: Any, *, device: str = "cpu", allowance: float | None = None,
+                 trainer: Callable[..., Supernet] | None = None) -> dict[str, Any]:
     """Train (or continue training) a study's supernet under a time allowance; an evaluation dict.
 
     ``job`` has ``frame`` (frame JSON), ``out`` (checkpoint folder), ``epochs`` (None: as many as
@@ -636,7 +877,11 @@ def train_within(job: Any, data: Any, *, device: str = "cpu", allowance: float |
     sandwich steps, and kept in ``plan.json``. ``allowance`` (device-seconds) is a hard limit:
     training stops at the step where it runs out and checkpoints there (``complete`` = 0), and the
     next call continues from that checkpoint. Seconds a crash lost since the last recorded part
-    are counted once (``counted``), and a continuation's are not counted twice."""
+    are counted once (``counted``), and a continuation's are not counted twice.
+
+    ``trainer`` replaces :func:`train_supernet` for the training itself (same arguments and result;
+    ``workers.ray_train`` passes its Ray Train one); the few timing steps of the schedule stay in
+    this process, so a distributed run plans on one worker's (slower) step: fewer epochs, not more."""
     import json
 
     from search_spaces.supernet import frame_from_json
@@ -673,8 +918,8 @@ def train_within(job: Any, data: Any, *, device: str = "cpu", allowance: float |
         ckpt_s = float(torch.load(out / "supernet.pt", map_location="cpu", weights_only=False).get("seconds", 0.0))
         prior = max(0.0, ckpt_s - float(job.counted or 0.0))
     budget_left = None if allowance is None else float(allowance) - (time.perf_counter() - t0) - prior - 0.05
-    net = train_supernet(frame, data.train, epochs, config=cfg, out=out, device=device, total_steps=steps,
-                         max_seconds=None if budget_left is None else max(0.0, budget_left))
+    net = (trainer or train_supernet)(frame, data.train, epochs, config=cfg, out=out, device=device, total_steps=steps,
+                                      max_seconds=None if budget_left is None else max(0.0, budget_left))
     st = net.train_state  # type: ignore[attr-defined]
     seconds = time.perf_counter() - t0 + prior
     metrics = {"epochs": float(epochs), "steps": float(st.step), "total_steps": float(st.total_steps),

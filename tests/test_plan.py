@@ -167,7 +167,8 @@ def test_a_new_stage_and_strategy_are_one_class_and_one_registration(tmp_path: P
         register_strategy(Strategy("test-recheck", "screen, then re-measure the best three", random_sampler,
                                    lambda cfg: [Screen(), _Recheck()], screens=True))
     assert get_strategy("test-recheck").stages(SearchConfig())[1].name == "latency"
-    store = _new(tmp_path, "n", "10s", strategy="test-recheck",
+    # a budget in trials, not seconds: on a loaded machine 3 s of latency share measured only 2
+    store = _new(tmp_path, "n", "40trials", strategy="test-recheck",
                  shares={"screen": 0.7, "latency": 0.3, "train": 0.0, "supernet": 0.0})
     run_study(store, "n", executor="local")
     _check(store, "n")

@@ -68,6 +68,7 @@ class SupernetJob:
     plan_seconds: float | None = None
     counted: float = 0.0
     seed: int = 0
+    workers: int = 1  # > 1: trained by that many Ray Train workers (workers.ray_train), else in this process
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,21 @@ def _fault(req: TrialRequest) -> None:
 Report = Callable[[dict[str, Any]], bool | None]
 
 
+def _ray_trainer(req: TrialRequest) -> Callable[..., Any]:
+    """``train_supernet``'s stand-in that trains on ``req.supernet.workers`` Ray Train workers (one
+    GPU each on a CUDA device, else one CPU each), ``req.eval.threads`` torch threads each."""
+    from predictors.latency import parse_device
+    from workers.ray_train import train_supernet_ray
+
+    assert req.supernet is not None
+    workers, gpu, threads = req.supernet.workers, parse_device(req.device).type == "cuda", req.eval.threads
+
+    def trainer(frame: Any, data: Any, epochs: int, *, device: Any = None, **kw: Any) -> Any:
+        return train_supernet_ray(frame, data, epochs, num_workers=workers, use_gpu=gpu, threads=threads, **kw)
+
+    return trainer
+
+
 def run_request(req: TrialRequest, data: EvalData, report: Report | None = None) -> TrialResult:
     """Execute ``req`` here. ``report(metrics)`` receives the per-epoch reports of a training
     stage (``asha_epoch`` when the request allows a scheduler to stop it); when it returns True
@@ -240,7 +256,8 @@ def run_request(req: TrialRequest, data: EvalData, report: Report | None = None)
         from predictors.latency import parse_device
         from predictors.supernet import train_within
 
-        ev = train_within(req.supernet, data, device=req.device, allowance=req.allowance)
+        ev = train_within(req.supernet, data, device=req.device, allowance=req.allowance,
+                          trainer=_ray_trainer(req) if req.supernet.workers > 1 else None)
         ev["device"] = fingerprint(str(parse_device(req.device)), req.eval.threads)
         return TrialResult(req, [CandidateResult(None, ev)])
     from predictors.latency import parse_device

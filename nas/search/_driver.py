@@ -605,7 +605,10 @@ def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict
 
         from workers.ray_pool import init_ray, run_trials
 
-        init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1), temp_dir=None)
+        # the supernet's Ray Train workers get CPUs of their own: the trial pool's actors hold theirs while
+        # the supernet trains alone (its stage launches one trial, when nothing else runs)
+        extra = cfg.supernet_workers if cfg.supernet_workers > 1 else 0
+        init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1) + extra, temp_dir=None)
         resources = {"cpu": 1, "gpu": 1} if cfg.target == "cuda" else {"cpu": 1}
         uses_asha = any(isinstance(s, Train) for s in planned)
         run_trials(plan, data_ref=ray.put(data), workers=cfg.workers, resources=resources,

@@ -93,6 +93,7 @@ class SearchConfig:
     shares: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SHARES))
     workers: int = 1
     threads: int = 1
+    supernet_workers: int = 1  # Ray Train (DDP) workers of the supernet training; 1: one process
     address: str | None = None
     seed: int = 0
     train_epochs: int = 4
@@ -155,6 +156,7 @@ class SearchConfig:
                 yield f"{flag} must be one of {', '.join(choices)}, got {_clip(value)}"
         bounds: list[tuple[str, Any, int, int]] = [
             ("--workers", self.workers, 1, MAX_WORKERS), ("--threads", self.threads, 1, max_threads()),
+            ("--supernet-workers", self.supernet_workers, 1, MAX_WORKERS),
             ("--train-epochs", self.train_epochs, 1, MAX_TRAIN_EPOCHS), ("--seed", self.seed, 0, MAX_SEED),
             ("--max-supernet-epochs", self.max_supernet_epochs, 1, MAX_TRAIN_EPOCHS),
             ("--max-failures", self.max_failures, 0, 1000)]

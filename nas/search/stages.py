@@ -236,7 +236,7 @@ class SupernetTrain(Stage):
         self.job = SupernetJob(frame=plan.frame.to_json(), out=str(d.workdir / "supernet"),
                                epochs=d.cfg.supernet_epochs, max_epochs=d.cfg.max_supernet_epochs,
                                plan_seconds=0.6 * share_left if d.budget.kind == "seconds" else None,
-                               counted=counted, seed=d.cfg.seed)
+                               counted=counted, seed=d.cfg.seed, workers=d.cfg.supernet_workers)
         self.key = "supernet_train" if not parts else f"supernet_train.{len(parts)}"
         self.cap = 0.8 * share_left
         self.gate = _OneShot(d, self.name, limit)
