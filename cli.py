@@ -573,17 +573,25 @@ def export_cmd(
     img_size: int | None = _IMG, in_chans: int | None = _opt(None, "--in-chans", "Input channels (default: 3)."),
     weights: str | None = _opt(None, "--weights", "Also write weights: trained, else supernet's, else initial."),
     onnx: str | None = _opt(None, "--onnx", "Also write ONNX, checked with ONNX Runtime."), json_out: bool = _JSON,
-    storage: str | None = _STORAGE,
+    storage: str | None = _STORAGE, preset: str | None = _PRESET,
+    onnx_compatible: bool = _opt(False, "--onnx-compatible", "Take the best front point (by --pick) that exports "
+                                 "to ONNX, and say which."),
+    weights_format: str | None = _opt(None, "--weights-format", "safetensors or torch (a torch.save state dict); "
+                                      "default: from the --weights suffix."),
 ) -> None:
-    """Write a standalone PyTorch file (imports only torch) for an architecture of a study or a spec."""
+    """Write a standalone PyTorch file (imports only torch) for an architecture of a study, a spec or a preset."""
     if jobs.space(space).name != "hybrid_vit":
         raise BadInput(f"export supports space hybrid_vit only, not {space!r}")
     res = jobs.export(out, storage=storage, name=name, spec=spec, pick=pick, trial=trial, arch=arch,
-                           weights=weights, onnx=onnx, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+                      weights=weights, onnx=onnx, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+                      preset=preset, onnx_compatible=onnx_compatible, weights_format=weights_format)
     if _emit(json_out, {"out": out, "hash": res.spec.hash, "short": res.spec.short(), "study": name,
+                          "picked": res.picked or None,
                           "weights": weights, "weights_source": res.weights_source,
                           "onnx": None if res.onnx is None else str(res.onnx), "onnx_error": res.onnx_error}):
         return
+    if res.picked:
+        console.print(f"exporting {res.picked}: {res.spec.hash[:12]}")
     if res.onnx is not None:
         console.print(f"wrote {res.onnx} (ONNX Runtime vs torch: max difference {res.onnx_error:.1e})")
     console.print(f"wrote {out} ({res.spec.short()}, hash {res.spec.hash[:12]})" + (f" from study {name}" * bool(name))

@@ -1,243 +1,47 @@
-"""Export an architecture as one standalone PyTorch file (imports only ``torch`` and ``math``).
+"""Export an architecture as one standalone PyTorch file (imports only ``torch``), with its weights
+(safetensors or a torch state dict) and a checked ONNX file when asked.
 
-The file is cut out of the project's own source, not re-written: the layer classes in
-``search_spaces/layers/*.py`` and the assembly in ``search_spaces/hybrid_vit.py`` are parsed with
-``ast``; the top-level classes, functions and constants the spec needs are collected (following
-name references transitively) and copied verbatim as source text, in dependency order, with three
-edits: registry decorators and ``ClassVar`` annotations are dropped, ``ArchSpec``-style
-annotations name the file's ``Config`` view of the embedded spec dict, and the model class gets a
-name derived from the spec hash. So its ``state_dict`` keys and shapes (and, for the same seed,
-its initial weights) equal ``search_spaces.hybrid_vit.build(spec)``'s, like nanoGPT's single model
-file. Only validated values are written into code: the spec is re-parsed with
-``ArchSpec.from_json`` and embedded as the ``repr`` of its canonical dict.
+The file is written by :mod:`nas._export.writer` from per-block templates (:mod:`nas._export.blocks`)
+for that one architecture: a typed ``Config``, the blocks it uses, the stages written out, the spec
+once in the header with the input normalization, metrics and latency device. Its ``state_dict``
+keys and shapes, initial weights and outputs equal ``search_spaces.hybrid_vit.build(spec)``'s. Only
+validated values are written into code: the spec is re-parsed with ``ArchSpec.from_json`` first.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import functools
-import inspect
+import io
 import json
 import keyword
 import math
 import os
-import pprint
-import sys
 import tempfile
-import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from search_spaces.spec import ArchSpec
 
-# modules the file is cut from, in emission order; (module, names allowed, or None for all)
-_LAYER_MODULES = (
-    "search_spaces.layers._scan",
-    "search_spaces.layers._selective_scan",
-    "search_spaces.layers.common",
-    "search_spaces.layers.norm",
-    "search_spaces.layers.attention",
-    "search_spaces.layers.linear_attention",
-    "search_spaces.layers.gated_linear",
-    "search_spaces.layers.ssm",
-    "search_spaces.layers.spectral",
-    "search_spaces.layers.conv_mixers",
-    "search_spaces.layers.channel_mixers",
-)
-_ASSEMBLY = ("search_spaces.hybrid_vit", frozenset({
-    "_conv_out", "stem_grid", "downsample_grid", "init_weights", "Stem", "Downsample", "LayerScale",
-    "DropPath", "Block", "Stage", "HybridViT",
-}))
-_PRECISION = ("predictors.precision", frozenset({
-    "INT8_MAX", "FP8_MAX", "_EPS", "_channels_last_apply", "_LowPrecisionLinear", "Int8Linear", "Fp8Linear",
-    "_replace_linears",
-}))
-_REGISTRY_DECORATORS = frozenset({"token_mixer", "channel_mixer", "register_space"})
-_SPEC_TYPES = frozenset({"ArchSpec", "StemSpec", "StageSpec", "HeadSpec", "BlockSpec"})
-_DROP_METHODS = {"HybridViT": frozenset({"pieces"})}  # latency-table plumbing, not part of a model file
-_IMPORTS = (  # (name the code uses, import line), in isort order
-    ("math", "import math"),
-    ("torch", "import torch"),
-    ("F", "import torch.nn.functional as F"),
-)
-
-
-@dataclass
-class _Def:
-    name: str
-    module: str
-    order: tuple[int, int]
-    node: ast.stmt
-    source: str  # the module's full source
-    deps: set[str] = field(default_factory=set)
-
-
-@functools.cache
-def _definitions() -> dict[str, _Def]:
-    """Every top-level definition of the source modules, by name (a name defined twice raises)."""
-    table: dict[str, _Def] = {}
-    groups = [(m, None) for m in _LAYER_MODULES] + [_ASSEMBLY, _PRECISION]
-    for mi, (modname, allowed) in enumerate(groups):
-        __import__(modname)
-        source = inspect.getsource(sys.modules[modname])
-        tree = ast.parse(source)
-        for si, node in enumerate(tree.body):
-            names: list[str] = []
-            if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
-                names = [node.name]
-            elif isinstance(node, ast.Assign):
-                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
-            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                names = [node.target.id]
-            for name in names:
-                if name == "__all__" or (allowed is not None and name not in allowed):
-                    continue
-                if name in table:
-                    raise RuntimeError(f"export: {name!r} is defined in both {table[name].module} and {modname}")
-                table[name] = _Def(name, modname, (mi, si), node, source)
-    for d in table.values():
-        used = {n.id for n in ast.walk(d.node) if isinstance(n, ast.Name)}
-        d.deps = {n for n in used if n in table and n != d.name}
-    return table
-
-
-def _ordered(roots: list[str]) -> list[_Def]:
-    """The roots and everything they reference, dependencies first (DFS post-order, source order)."""
-    table = _definitions()
-    seen: set[str] = set()
-    out: list[_Def] = []
-
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        d = table[name]
-        for dep in sorted(d.deps, key=lambda n: table[n].order):
-            visit(dep)
-        out.append(d)
-
-    for r in sorted(roots, key=lambda n: table[n].order):
-        visit(r)
-    return out
-
-
-def _offsets(source: str) -> list[int]:
-    starts = [0]
-    for line in source.splitlines(keepends=True):
-        starts.append(starts[-1] + len(line))
-    return starts
-
-
-def _render(d: _Def, renames: dict[str, str]) -> str:
-    """The definition's source text with decorators, ClassVar annotations, spec-type names and
-    dropped methods edited out (by position, so comments and formatting stay as written)."""
-    src, node = d.source, d.node
-    starts = _offsets(src)
-
-    def pos(line: int, col: int) -> int:
-        return starts[line - 1] + len(src[starts[line - 1]:].encode()[:col].decode())
-
-    first = min([node.lineno] + [dec.lineno for dec in getattr(node, "decorator_list", [])])
-    begin, end = starts[first - 1], starts[node.end_lineno]  # type: ignore[index]  (keeps a trailing noqa)
-    edits: list[tuple[int, int, str]] = []
-    for dec in getattr(node, "decorator_list", []):
-        target = dec.func if isinstance(dec, ast.Call) else dec
-        if isinstance(target, ast.Name) and target.id in _REGISTRY_DECORATORS:
-            edits.append((starts[dec.lineno - 1], starts[dec.end_lineno], ""))  # type: ignore[index]
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.ClassDef):
-            for stmt in sub.body:
-                ann = getattr(stmt, "annotation", None)
-                if (isinstance(stmt, ast.AnnAssign) and stmt.value is not None and isinstance(ann, ast.Subscript)
-                        and isinstance(ann.value, ast.Name) and ann.value.id == "ClassVar"):
-                    edits.append((pos(stmt.target.end_lineno, stmt.target.end_col_offset),
-                                  pos(ann.end_lineno, ann.end_col_offset), ""))
-            for stmt in sub.body:
-                if isinstance(stmt, ast.FunctionDef) and stmt.name in _DROP_METHODS.get(sub.name, ()):
-                    lo = min([stmt.lineno] + [x.lineno for x in stmt.decorator_list])
-                    edits.append((starts[lo - 2] if src[starts[lo - 2]:starts[lo - 1]].strip() == "" else
-                                  starts[lo - 1], starts[stmt.end_lineno], ""))  # type: ignore[index]
-        elif isinstance(sub, ast.Name) and sub.id in renames:
-            edits.append((pos(sub.lineno, sub.col_offset), pos(sub.end_lineno, sub.end_col_offset),
-                          renames[sub.id]))
-        elif (isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "numbers"
-              and sub.attr == "Real"):  # the one stdlib module the layers use besides math
-            edits.append((pos(sub.lineno, sub.col_offset), pos(sub.end_lineno, sub.end_col_offset),
-                          "(int, float)"))
-    if isinstance(node, ast.ClassDef) and node.name in renames:
-        at = pos(node.lineno, node.col_offset) + len("class ")
-        edits.append((at, at + len(node.name), renames[node.name]))
-    text = src[begin:end]
-    for a, b, new in sorted(edits, key=lambda e: e[0], reverse=True):
-        text = text[:a - begin] + new + text[b - begin:]
-    return text.rstrip() + "\n"
-
-
-def _used_names(code: str) -> set[str]:
-    tree = ast.parse(code)
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+WEIGHT_FORMATS = {"safetensors": (".safetensors",), "torch": (".pt", ".pth")}
 
 
 def _class_name(spec: ArchSpec, class_name: str | None) -> str:
+    from nas._export.writer import _templates
+
     name = class_name or f"HybridViT{spec.hash[:8]}"
-    if not name.isidentifier() or not name[0].isupper() or name in _definitions():
+    if not name.isidentifier() or not name[0].isupper() or name in _templates() or name == "Config":
         raise ValueError(f"class name {name!r} must be a CapWords Python identifier not used by a block")
     return name
 
 
-def _literal(name: str, value: Any) -> str:
-    """``NAME = <repr>`` wrapped to 110 columns, continuation lines aligned under the value."""
-    text = pprint.pformat(value, width=110 - len(name) - 3, sort_dicts=False)
-    pad = " " * (len(name) + 3)
-    return f"{name} = " + text.replace("\n", "\n" + pad) + "\n"
-
-
-def _docstring(spec: ArchSpec, cls: str, params: int, num_classes: int, img_size: int, in_chans: int,
-               metadata: dict[str, Any] | None) -> str:
-    lines = [
-        f"{cls}: a hybrid_vit architecture exported by hybrid-NAS (`nas export`) as a standalone file.",
-        "",
-        "Imports only torch (and math). build_model() returns the network; its state_dict keys and shapes",
-        "equal search_spaces.hybrid_vit.build(spec)'s, so weights saved from the search load directly:",
-        "",
-        "    model = build_model()",
-        "    model.load_state_dict(safetensors.torch.load_file('model.safetensors'))  # nas export --weights",
-        "    # or model.load_state_dict(torch.load('state_dict.pt')) for a state dict saved by torch.save",
-        "",
-        *textwrap.wrap(f"architecture: {spec.short()}", 110, subsequent_indent="    ", break_on_hyphens=False),
-        f"hash: {spec.hash}",
-        f"parameters: {params:,} (num_classes={num_classes}, img_size={img_size}, in_chans={in_chans})",
-        f"precision: {spec.precision}",
-    ]
-    if spec.precision in ("bf16", "fp16"):
-        lines.append(f"  build_model() casts the model to {spec.precision}; build_model(precision='fp32') keeps fp32.")
-    elif spec.precision in ("int8", "fp8"):
-        lines.append("  build_model() returns fp32 (state-dict compatible); to_precision(model) after loading the")
-        lines.append(f"  weights swaps every nn.Linear for an {spec.precision} one.")
-        if spec.precision == "fp8":
-            lines.append("  fp8 runs through torch._scaled_mm, which is fast on CUDA GPUs of capability >= 8.9.")
-    if metadata:
-        lines.append("")
-        lines.append("metadata:")
-        lines += ["    " + ln for ln in json.dumps(metadata, indent=2, sort_keys=True, default=str).splitlines()]
-    lines.append("")
-    lines.append("spec (canonical JSON):")
-    lines += ["    " + ln for ln in spec.to_json(indent=2).splitlines()]
-    text = "\n".join(ln.rstrip() for ln in lines)
-    # the header is data, not code: keep it a plain string whatever the metadata holds
-    text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
-    return f'"""{text}\n"""\n'
-
-
 def generate(spec: ArchSpec, *, num_classes: int, img_size: int, in_chans: int, class_name: str | None = None,
              metadata: dict[str, Any] | None = None) -> str:
-    """The source of a standalone model file for ``spec`` (see the module docstring).
-
-    Raises ``ValueError`` for an invalid spec, a bad class name or sizes the spec cannot take."""
+    """The source of a standalone model file for ``spec`` (see the module docstring). ``metadata``:
+    what the header records (study, pick, data, metrics, device, normalization, weights; other keys
+    are listed as JSON). Raises ``ValueError`` for an invalid spec, a bad class name or sizes."""
+    from nas._export.writer import generate as write
     from search_spaces.hybrid_vit import build
-    from search_spaces.registry import get_channel_mixer, get_token_mixer
 
     if not isinstance(spec, ArchSpec):
         raise TypeError(f"generate() needs an ArchSpec, got {type(spec).__name__}")
@@ -248,143 +52,10 @@ def generate(spec: ArchSpec, *, num_classes: int, img_size: int, in_chans: int, 
     if metadata is not None:
         json.dumps(metadata, default=str)  # must be JSON-able
     cls = _class_name(spec, class_name)
-    params = sum(p.numel() for p in build(spec, num_classes, img_size, in_chans).parameters())
-
-    pairs = [p for st in spec.stages for p in st.mixers()]
-    tms = sorted({t for t, _ in pairs})
-    cms = sorted({c for _, c in pairs})
-    tm_cls = {t: get_token_mixer(t).__name__ for t in tms}
-    cm_cls = {c: get_channel_mixer(c).__name__ for c in cms}
-    renames = {n: "Config" for n in _SPEC_TYPES} | {"HybridViT": cls}
-    quant = spec.precision in ("int8", "fp8")
-
-    layer_roots = list(tm_cls.values()) + list(cm_cls.values()) + ["to_layout", "make_norm"]
-    assembly_roots = sorted(_ASSEMBLY[1])
-    precision_roots = ["_replace_linears", "Int8Linear" if spec.precision == "int8" else "Fp8Linear"] if quant else []
-    defs = _ordered(layer_roots + assembly_roots + precision_roots)
-    table = _definitions()
-    layers = [d for d in defs if d.module in _LAYER_MODULES]
-    assembly = [d for d in defs if d.module == _ASSEMBLY[0]]
-    precision_defs = [d for d in defs if d.module == _PRECISION[0]]
-
-    def section(title: str) -> str:
-        bar = "# " + "-" * 98
-        return f"\n\n{bar}\n# {title}\n{bar}\n"
-
-    def join(ds: list[_Def]) -> str:
-        out: list[str] = []
-        for d in ds:
-            funcs = (ast.ClassDef, ast.FunctionDef)
-            blank = "\n\n" if isinstance(d.node, funcs) or (out and isinstance(table[out[-1][0]].node, funcs)) else ""
-            out.append((d.name, ("\n" + blank if out else "\n") + _render(d, renames)))
-        return "".join(t for _, t in out)
-
-    tm_table = "{\n" + "".join(f"    {json.dumps(k)}: {v},\n" for k, v in tm_cls.items()) + "}"
-    cm_table = "{\n" + "".join(f"    {json.dumps(k)}: {v},\n" for k, v in cm_cls.items()) + "}"
     fn_name = f"hybrid_vit_{spec.hash[:8]}" if class_name is None else _snake(cls)
-
-    body = section("blocks (from search_spaces/layers)") + join(layers)
-    body += section("the mixers this architecture uses, by spec name") + f"""
-TOKEN_MIXERS: dict[str, type[nn.Module]] = {tm_table}
-CHANNEL_MIXERS: dict[str, type[nn.Module]] = {cm_table}
-
-
-def get_token_mixer(name: str) -> type[nn.Module]:
-    return TOKEN_MIXERS[name]
-
-
-def get_channel_mixer(name: str) -> type[nn.Module]:
-    return CHANNEL_MIXERS[name]
-
-
-class Config:
-    \"\"\"Read-only attribute view of the spec dict: nested dicts become Configs, lists tuples.\"\"\"
-
-    def __init__(self, data: dict) -> None:
-        for key, value in data.items():
-            if isinstance(value, dict):
-                value = Config(value)
-            elif isinstance(value, list):
-                value = tuple(Config(v) if isinstance(v, dict) else v for v in value)
-            setattr(self, key, value)
-
-    def mixers(self) -> list[tuple[str, str]]:
-        \"\"\"(token mixer, channel mixer) of every block of a stage.\"\"\"
-        if self.blocks:
-            return [(b.token_mixer, b.channel_mixer) for b in self.blocks]
-        return [(self.token_mixer, self.channel_mixer)] * self.depth
-"""
-    body += section("assembly (from search_spaces/hybrid_vit.py)") + join(assembly)
-    if precision_defs:
-        body += section(f"{spec.precision} linear layers (from predictors/precision.py)") + join(precision_defs)
-    body += section("this architecture") + "\n" + _literal("SPEC", spec.to_dict())
-    body += f"""SPEC_HASH = {json.dumps(spec.hash)}
-MODEL_NAME = {json.dumps(fn_name)}
-PRECISION = {json.dumps(spec.precision)}
-NUM_CLASSES, IMG_SIZE, IN_CHANS = {num_classes!r}, {img_size!r}, {in_chans!r}
-_DTYPES = {{"bf16": torch.bfloat16, "fp16": torch.float16}}
-
-
-def build_model(num_classes: int = NUM_CLASSES, img_size: int = IMG_SIZE, in_chans: int = IN_CHANS,
-                precision: str = PRECISION, drop_path: float = 0.0, seed: int = 0) -> {cls}:
-    \"\"\"The network, freshly initialised from ``seed`` (the same weights as the search's build(spec)).
-
-    ``precision``: "bf16" / "fp16" cast the model (load_state_dict casts fp32 weights on load);
-    "fp32", "int8" and "fp8" give fp32 parameters: for int8/fp8 load the weights, then call
-    ``to_precision(model)`` where this file defines it (exports of int8/fp8 specs).\"\"\"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = {cls}(Config(SPEC), num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-                      drop_path=drop_path)
-    if precision in _DTYPES:
-        model.to(_DTYPES[precision])
-    return model
-"""
-    if quant:
-        if spec.precision == "int8":
-            make = "Int8Linear.from_float"
-            extra = ""
-        else:
-            make = "lambda m: Fp8Linear.from_float(m) if Fp8Linear.fits(m) else None"
-            extra = "    model.to(torch.bfloat16)\n"
-        body += f"""
-
-def to_precision(model: nn.Module) -> nn.Module:
-    \"\"\"The model in eval mode at {spec.precision}: every nn.Linear (except those a block reads directly)
-    swapped for a {spec.precision} layer. Call after load_state_dict; the state dict changes.\"\"\"
-    model.eval()
-{extra}    _replace_linears(model, {make})
-    return model.eval()
-"""
-    body += f"""
-
-def {fn_name}(pretrained: bool = False, **kwargs) -> {cls}:
-    \"\"\"timm entry point: ``timm.create_model("{fn_name}", num_classes=..., img_size=...)``.\"\"\"
-    if pretrained:
-        raise ValueError("{fn_name}: no pretrained weights ship with this file; load a state dict instead")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return build_model(**kwargs)
-
-
-try:  # importing this file registers the model with timm when timm is installed
-    from timm.models import register_model
-except Exception:  # timm missing (or not importable): the file works without it
-    register_model = None
-if register_model is not None:
-    register_model({fn_name})
-"""
-    header = _docstring(spec, cls, params, num_classes, img_size, in_chans, metadata)
-    used = _used_names(body)
-    imports = [line for name, line in _IMPORTS if name in used]
-    if used & {"Tensor", "nn"}:
-        imports.append("from torch import " + ", ".join(n for n in ("Tensor", "nn") if n in used))
-    std = [line for line in imports if line == "import math"]
-    third = [line for line in imports if line != "import math"]
-    blocks = ["from __future__ import annotations", *(["\n".join(std)] if std else []), "\n".join(third)]
-    code = header + "\n" + "\n\n".join(blocks) + body
-    ast.parse(code)  # a generator bug must never write a broken file
-    return code
+    params = sum(p.numel() for p in build(spec, num_classes, img_size, in_chans).parameters())
+    return write(spec, num_classes=num_classes, img_size=img_size, in_chans=in_chans, cls=cls, fn_name=fn_name,
+                 params=params, metadata=metadata)
 
 
 def _snake(name: str) -> str:
@@ -406,12 +77,13 @@ class ExportError(ValueError):
     """An export request that cannot be served (one line: what was wrong and what to do)."""
 
 
-def _knee(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The front point farthest from the line through its two extremes, both objectives scaled to
-    [0, 1] (the usual knee of a 2-D Pareto front); the most accurate when the front has < 3 points."""
+def _knee_distances(rows: list[dict[str, Any]]) -> list[float]:
+    """Each front point's distance to the line through the front's two extremes, both objectives
+    scaled to [0, 1] (the knee is the farthest: the usual knee of a 2-D Pareto front); with fewer
+    than 3 points, the most accurate point counts as the knee."""
     pts = [(r["metrics"]["accuracy"], r["metrics"]["latency_ms"]) for r in rows]
     if len(pts) < 3:
-        return rows[0]
+        return [p[0] for p in pts]
     a_lo, a_hi = min(p[0] for p in pts), max(p[0] for p in pts)
     t_lo, t_hi = min(p[1] for p in pts), max(p[1] for p in pts)
     norm = [((a_hi - a) / max(a_hi - a_lo, 1e-12), (t - t_lo) / max(t_hi - t_lo, 1e-12)) for a, t in pts]
@@ -420,26 +92,76 @@ def _knee(rows: list[dict[str, Any]]) -> dict[str, Any]:
     i_fast = min(range(len(norm)), key=lambda i: norm[i][1])
     (x1, y1), (x2, y2) = norm[i_acc], norm[i_fast]
     length = math.hypot(x2 - x1, y2 - y1) or 1.0
-    dist = [abs((y2 - y1) * x - (x2 - x1) * y + x2 * y1 - y2 * x1) / length for x, y in norm]
-    return rows[max(range(len(rows)), key=lambda i: dist[i])]
+    return [abs((y2 - y1) * x - (x2 - x1) * y + x2 * y1 - y2 * x1) / length for x, y in norm]
+
+
+def _ranked(front: list[dict[str, Any]], how: str) -> list[dict[str, Any]]:
+    """The front's points, best first by ``how``: accuracy (highest), latency (lowest) or knee
+    (farthest from the extremes' line), ties broken by accuracy."""
+    rows = sorted(front, key=lambda r: -r["metrics"]["accuracy"])
+    if how == "accuracy":
+        return rows
+    if how == "latency":
+        return sorted(rows, key=lambda r: r["metrics"]["latency_ms"])
+    dist = _knee_distances(rows)
+    return [rows[i] for i in sorted(range(len(rows)), key=lambda i: -dist[i])]
+
+
+def _knee(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The knee of a front (see :func:`_knee_distances`)."""
+    return _ranked(rows, "knee")[0]
+
+
+def _spec_of(store: Any, h: str) -> ArchSpec:
+    rec = store.architecture(h)
+    if rec is None:
+        raise ExportError(f"architecture {h[:12]} is not in the store")
+    spec = ArchSpec.from_dict(rec["spec"] if isinstance(rec["spec"], dict) else json.loads(rec["spec"]))
+    if spec.hash != h:
+        raise ExportError(f"stored spec of {h[:12]} does not match its hash; the store is damaged")
+    return spec
+
+
+def data_normalization(source: str | None, in_chans: int) -> dict[str, Any] | None:
+    """The per-channel mean and std the study's data were normalized with (nas.data computes them
+    per source, on a fixed sample of its training images), or None when the data cannot be read."""
+    if not source:
+        return None
+    try:
+        from nas.data import open_dataset
+
+        ds = open_dataset(source, "train", limit=20)
+        mean, std = [float(v) for v in ds.mean], [float(v) for v in ds.std]
+    except (ValueError, OSError, ImportError):
+        return None
+    if len(mean) != in_chans:
+        return None
+    return {"mean": [round(v, 6) for v in mean], "std": [round(v, 6) for v in std],
+            "source": f"the study's training images ({source})"}
 
 
 def pick_from_study(store: Any, name: str, *, pick: str | None = None, trial: int | None = None,
-                    arch: str | None = None) -> tuple[ArchSpec, dict[str, Any], dict[str, int]]:
+                    arch: str | None = None,
+                    onnx_compatible: bool = False) -> tuple[ArchSpec, dict[str, Any], dict[str, int]]:
     """The spec of one architecture of study ``name`` (``pick`` from its front, an Optuna ``trial``
-    number, or an ``arch`` hash or unique prefix), its metadata (metrics, device fingerprint, study)
-    and its build sizes (num_classes, img_size, in_chans) from the study's frame."""
+    number, or an ``arch`` hash or unique prefix), its metadata (study, pick, metrics, the latency
+    device's fingerprint, the input normalization of the study's data) and its build sizes
+    (num_classes, img_size, in_chans) from the study's frame. ``onnx_compatible``: the best front
+    point by ``pick`` whose mixers all export to ONNX (``meta["pick"]`` says which it took)."""
     info = store.get_study(name)
     if info is None:
         raise ExportError(f"no study {name!r} in {store.url}; `nas studies` lists them")
     if sum(x is not None for x in (pick, trial, arch)) > 1:
         raise ExportError("give one of --pick, --trial or --arch")
+    if onnx_compatible and (trial is not None or arch is not None):
+        raise ExportError("--onnx-compatible picks from the front; leave out --trial and --arch")
     evals = store.evaluations(name, errors=False)
+    how = pick or "accuracy"
     if trial is not None:
         hashes = {e.arch_hash for e in evals if e.trial == trial and e.arch_hash}
         if not hashes:
             raise ExportError(f"study {name!r} has no finished trial {trial}; `nas show {name}` lists them")
-        h = hashes.pop()
+        h, picked = hashes.pop(), f"trial {trial}"
     elif arch is not None:
         if not all(c in "0123456789abcdef" for c in arch.lower()) or not 4 <= len(arch) <= 64:
             raise ExportError(f"--arch must be 4 to 64 hex digits of an architecture hash, got {arch!r}")
@@ -448,39 +170,48 @@ def pick_from_study(store: Any, name: str, *, pick: str | None = None, trial: in
             what = "no architecture" if not hashes else f"{len(hashes)} architectures"
             raise ExportError(f"{what} of study {name!r} match hash {arch!r}; give more digits")
         h = hashes.pop()
+        picked = f"architecture {h[:12]}"
     else:
+        if how not in PICKS:
+            raise ExportError(f"--pick must be one of {', '.join(PICKS)}, got {how!r}")
         front = [r for r in store.front(name) if "accuracy" in r["metrics"] and "latency_ms" in r["metrics"]]
         if not front:
             raise ExportError(f"study {name!r} has no Pareto front yet; run or resume it first")
-        how = pick or "accuracy"
-        if how not in PICKS:
-            raise ExportError(f"--pick must be one of {', '.join(PICKS)}, got {how!r}")
-        if how == "accuracy":
-            row = max(front, key=lambda r: r["metrics"]["accuracy"])
-        elif how == "latency":
-            row = min(front, key=lambda r: r["metrics"]["latency_ms"])
-        else:
-            row = _knee(sorted(front, key=lambda r: -r["metrics"]["accuracy"]))
-        h = row["arch_hash"]
-    rec = store.architecture(h)
-    if rec is None:
-        raise ExportError(f"architecture {h[:12]} is not in the store")
-    spec = ArchSpec.from_dict(rec["spec"] if isinstance(rec["spec"], dict) else json.loads(rec["spec"]))
-    if spec.hash != h:
-        raise ExportError(f"stored spec of {h[:12]} does not match its hash; the store is damaged")
+        ranked = _ranked(front, how)
+        h = ranked[0]["arch_hash"]
+        picked = f"the front's {'most accurate' if how == 'accuracy' else 'fastest' if how == 'latency' else 'knee'}" \
+                 " point"
+        if onnx_compatible:
+            ok = [r for r in ranked if not onnx_blockers(_spec_of(store, r["arch_hash"]))]
+            if not ok:
+                raise ExportError(f"no point of study {name!r}'s front ({len(front)}) exports to ONNX (each uses "
+                                  "a mixer without an ONNX operator); export without --onnx")
+            if ok[0]["arch_hash"] != h:
+                rank = ranked.index(ok[0]) + 1
+                picked = (f"the best front point by {how} that exports to ONNX ({_ordinal(rank)} of {len(ranked)}; "
+                          f"{h[:12]}, the first, uses {', '.join(onnx_blockers(_spec_of(store, h)))})")
+                h = ok[0]["arch_hash"]
+    spec = _spec_of(store, h)
     metrics: dict[str, Any] = {}
     device: dict[str, Any] | None = None
+    latency_devices = [e.device_key for e in evals if e.stage == "latency" and e.device_key]
     for e in evals:  # later stages refine earlier ones: screen < supernet < latency < train
         if e.arch_hash == h:
             metrics.update({f"{e.stage}.{k}": v for k, v in e.metrics.items()})
-            if e.device_key and e.stage in ("latency", "train"):
-                device = next((d["fingerprint"] for d in store.devices() if d["key"] == e.device_key), device)
+            if e.device_key and e.stage == "latency":
+                latency_devices.insert(0, e.device_key)  # its own measurement first
+    if latency_devices:
+        fingerprints = {d["key"]: d["fingerprint"] for d in store.devices()}
+        device = next((fingerprints[k] for k in latency_devices if k in fingerprints), None)
     frame = info.config.get("frame_json") or {}
     sizes = {"num_classes": int(frame.get("num_classes", 10)), "img_size": int(frame.get("img_size", 32)),
              "in_chans": int(frame.get("in_chans", 3))}
-    meta = {"study": name, "data": info.config.get("data"), "metrics": metrics,
-            "device": device}
+    meta = {"study": name, "pick": picked, "data": info.config.get("data"), "metrics": metrics, "device": device}
     return spec, meta, sizes
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +237,6 @@ def export_onnx(model: Any, spec: ArchSpec, in_chans: int, img_size: int,
     Runtime's and torch's outputs on a random batch of 2, divided by the output scale when above 1.
     Every exportable mixer agrees to < 1e-6. Raises ExportError when a mixer of ``spec`` cannot be
     exported or ONNX Runtime is missing."""
-    import io
 
     import torch
 
@@ -548,6 +278,7 @@ class ExportResult:
     weights_source: str = "initial"
     onnx: Path | None = None
     onnx_error: float = 0.0
+    picked: str = ""  # which point of a study's front, and why (e.g. with --onnx-compatible)
 
 
 def _shown(path: Path, n: int = 80) -> str:
@@ -577,19 +308,38 @@ def _check_writable(flag: str, path: Path) -> None:
         raise ExportError(f"{flag} {_shown(path)} cannot be written: {e.strerror or type(e).__name__}") from None
 
 
-def check_paths(out: Path, weights: Path | None = None, onnx: Path | None = None) -> None:
+def weights_format(weights: Path, fmt: str | None = None) -> str:
+    """The format of a weights file: ``fmt`` (safetensors or torch), else from its suffix
+    (.safetensors; .pt or .pth); ExportError when they disagree or neither says."""
+    by_suffix = next((f for f, sfx in WEIGHT_FORMATS.items() if weights.suffix in sfx), None)
+    if fmt is not None and fmt not in WEIGHT_FORMATS:
+        raise ExportError(f"--weights-format must be safetensors or torch, got {fmt!r}")
+    if fmt is None and by_suffix is None:
+        raise ExportError(f"--weights {_shown(weights)} must end in .safetensors, .pt or .pth "
+                          "(or pass --weights-format)")
+    if fmt is not None and by_suffix is not None and fmt != by_suffix:
+        raise ExportError(f"--weights {_shown(weights)} looks like {by_suffix}, not --weights-format {fmt}; "
+                          f"name it *{WEIGHT_FORMATS[fmt][0]}")
+    return fmt or by_suffix  # type: ignore[return-value]
+
+
+def check_paths(out: Path, weights: Path | None = None, onnx: Path | None = None, *,
+                weights_fmt: str | None = None) -> None:
     """Refuse output paths an export cannot write (ExportError, before anything is written)."""
     _check_writable("--out", out)
     if out.suffix != ".py" or not out.stem.isidentifier() or keyword.iskeyword(out.stem):
         raise ExportError(f"--out {_shown(out)} must be an importable file name ending in .py (e.g. model.py)")
+    if weights is None and weights_fmt is not None:
+        raise ExportError("--weights-format needs --weights FILE")
     if weights is not None:
-        if weights.suffix != ".safetensors":
-            raise ExportError(f"--weights {_shown(weights)} must be a file name ending in .safetensors")
+        fmt = weights_format(weights, weights_fmt)
         _check_writable("--weights", weights)
-        try:
-            import safetensors.torch  # noqa: F401
-        except ImportError:
-            raise ExportError("--weights needs the safetensors package (pip install safetensors)") from None
+        if fmt == "safetensors":
+            try:
+                import safetensors.torch  # noqa: F401
+            except ImportError:
+                raise ExportError("--weights F.safetensors needs the safetensors package (pip install "
+                                  "safetensors), or write F.pt (--weights-format torch)") from None
     if onnx is not None:
         if onnx.suffix != ".onnx":
             raise ExportError(f"--onnx {_shown(onnx)} must be a file name ending in .onnx")
@@ -599,14 +349,19 @@ def check_paths(out: Path, weights: Path | None = None, onnx: Path | None = None
 def check_forward(code: str, img_size: int, in_chans: int) -> None:
     """Run the generated file's ``build_model()`` (fp32) on a batch of two images, in eval and in
     train mode: ExportError (one line) when the architecture cannot take these sizes."""
+    import sys
+    import types
+
     import torch
 
-    namespace: dict[str, Any] = {"__name__": "nas_export_check"}
-    # the exact file that is about to be written, but not registered with timm (this is only a check)
+    # the exact file that is about to be written, as a module (its dataclass looks itself up there),
+    # but not registered with timm: this is only a check
+    module = types.ModuleType("nas_export_check")
     code = code.replace("from timm.models import register_model", "raise ImportError")
+    sys.modules[module.__name__] = module
     try:
-        exec(compile(code, "<export>", "exec"), namespace)
-        model = namespace["build_model"](precision="fp32")
+        exec(compile(code, "<export>", "exec"), module.__dict__)
+        model = module.build_model(precision="fp32")
         x = torch.randn(2, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             for train in (False, True):
@@ -616,6 +371,8 @@ def check_forward(code: str, img_size: int, in_chans: int) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ExportError(f"the model cannot run on {in_chans}x{img_size}x{img_size} images ({first}); "
                           "pick another --img-size or --in-chans") from None
+    finally:
+        sys.modules.pop(module.__name__, None)
 
 
 def _write_all(files: list[tuple[Path, bytes]]) -> None:
@@ -702,20 +459,19 @@ def study_weights(store: Any, name: str, spec: ArchSpec, model: Any) -> tuple[An
 
 def write_export(spec: ArchSpec, out: Path, *, num_classes: int, img_size: int, in_chans: int,
                  metadata: dict[str, Any] | None = None, weights: Path | None = None, onnx: Path | None = None,
-                 store: Any = None, study: str | None = None) -> ExportResult:
-    """Generate and write the model file for ``spec`` (plus safetensors ``weights`` and checked
-    ``onnx`` when asked). Everything is computed and checked first and then written atomically,
-    so a refused export writes nothing. With a ``store`` and ``study`` the weights are the study's
-    (see :func:`study_weights`) and the export is recorded in the store."""
-    check_paths(out, weights, onnx)
+                 store: Any = None, study: str | None = None, weights_fmt: str | None = None) -> ExportResult:
+    """Generate and write the model file for ``spec`` (plus its weights, safetensors or a torch
+    state dict by ``weights_fmt`` or the file's suffix, and a checked ``onnx`` when asked).
+    Everything is computed and checked first and then written atomically, so a refused export
+    writes nothing. With a ``store`` and ``study`` the weights are the study's (see
+    :func:`study_weights`) and the export is recorded in the store."""
+    check_paths(out, weights, onnx, weights_fmt=weights_fmt)
+    fmt = None if weights is None else weights_format(weights, weights_fmt)
     sizes = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
-    try:
-        code = generate(spec, metadata=metadata, **sizes)
-    except ValueError as e:
-        raise ExportError(str(e).splitlines()[0]) from None
-    check_forward(code, img_size, in_chans)
     if onnx is not None and onnx_blockers(spec):
-        raise ExportError(f"--onnx: this architecture cannot be exported to ONNX: {'; '.join(onnx_blockers(spec))}")
+        hint = "; --onnx-compatible picks the best front point that exports" if study is not None else ""
+        raise ExportError(f"--onnx: this architecture cannot be exported to ONNX: {'; '.join(onnx_blockers(spec))}"
+                          + hint)
     model, source = None, "initial"
     if weights is not None or onnx is not None:
         from search_spaces.hybrid_vit import build
@@ -723,6 +479,14 @@ def write_export(spec: ArchSpec, out: Path, *, num_classes: int, img_size: int, 
         model = build(spec, num_classes, img_size, in_chans)
         if store is not None and study is not None:
             model, source = study_weights(store, study, spec, model)
+    meta = dict(metadata or {})
+    if weights is not None:
+        meta["weights"] = {"format": fmt, "file": weights.name, "source": f"{source} weights"}
+    try:
+        code = generate(spec, metadata=meta, **sizes)
+    except ValueError as e:
+        raise ExportError(str(e).splitlines()[0]) from None
+    check_forward(code, img_size, in_chans)
     onnx_bytes, onnx_err = b"", 0.0
     if onnx is not None:
         onnx_bytes, onnx_err = export_onnx(model, spec, in_chans, img_size)
@@ -730,26 +494,41 @@ def write_export(spec: ArchSpec, out: Path, *, num_classes: int, img_size: int, 
             raise ExportError(f"--onnx: ONNX Runtime differs from torch by {onnx_err:.2e} (> 1e-3); nothing written")
     files = [(out, code.encode())]
     if weights is not None:
-        from safetensors.torch import save
+        import torch
 
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # type: ignore[union-attr]
-        files.append((weights, save(state, metadata={"spec_hash": spec.hash, "weights": source})))
+        if fmt == "safetensors":
+            from safetensors.torch import save
+
+            files.append((weights, save(state, metadata={"spec_hash": spec.hash, "weights": source})))
+        else:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            files.append((weights, buf.getvalue()))
     if onnx is not None:
         files.append((onnx, onnx_bytes))
     _write_all(files)
     if store is not None and study is not None:
         store.add_export(study, spec.hash, str(out.resolve()), "py")
-    return ExportResult(spec, out, weights, source, onnx, onnx_err)
+    return ExportResult(spec, out, weights, source, onnx, onnx_err, str(meta.get("pick") or ""))
 
 
 def export_study(store: Any, name: str, out: Path, *, pick: str | None = None, trial: int | None = None,
                  arch: str | None = None, weights: Path | None = None, onnx: Path | None = None,
-                 num_classes: int | None = None, img_size: int | None = None,
-                 in_chans: int | None = None) -> ExportResult:
+                 num_classes: int | None = None, img_size: int | None = None, in_chans: int | None = None,
+                 onnx_compatible: bool = False, weights_fmt: str | None = None) -> ExportResult:
     """Export one architecture of study ``name`` (see :func:`pick_from_study`) to ``out``; the
-    build sizes default to the study's. Used by ``nas export NAME`` and the dashboard."""
-    spec, meta, sizes = pick_from_study(store, name, pick=pick, trial=trial, arch=arch)
+    build sizes default to the study's, the input normalization is its data's. Used by
+    ``nas export NAME`` and the dashboard."""
+    spec, meta, sizes = pick_from_study(store, name, pick=pick, trial=trial, arch=arch,
+                                        onnx_compatible=onnx_compatible)
     for k, v in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
         if v is not None:
             sizes[k] = v
-    return write_export(spec, out, metadata=meta, weights=weights, onnx=onnx, store=store, study=name, **sizes)
+    norm = data_normalization(meta.get("data"), sizes["in_chans"])
+    meta["normalization"] = norm or {
+        "mean": [0.5] * sizes["in_chans"], "std": [0.5] * sizes["in_chans"],
+        "source": f"NOT the study's: its data {meta.get('data')!r} could not be read here, so 0.5 / 0.5 stand in; "
+                  "replace them with the training data's per-channel statistics"}
+    return write_export(spec, out, metadata=meta, weights=weights, onnx=onnx, store=store, study=name,
+                        weights_fmt=weights_fmt, **sizes)

@@ -372,35 +372,41 @@ def evaluate_subnets(ckpt: str, specs: list[Any] | None = None, *, n: int | None
 def export(out: str | os.PathLike[str], *, storage: str | Store | None = None, name: str | None = None,
            spec: Any = None, pick: str | None = None, trial: int | None = None, arch: str | None = None,
            weights: str | os.PathLike[str] | None = None, onnx: str | os.PathLike[str] | None = None,
-           num_classes: int | None = None, img_size: int | None = None, in_chans: int | None = None) -> Any:
+           num_classes: int | None = None, img_size: int | None = None, in_chans: int | None = None,
+           preset: str | None = None, onnx_compatible: bool = False, weights_format: str | None = None) -> Any:
     """Write a standalone model file for an architecture of study ``name`` (its front's ``pick``:
-    accuracy, latency or knee; or ``trial``; or ``arch``, a hash prefix) or for ``spec`` (an ArchSpec,
-    or a spec file, ``-`` for stdin); with ``weights`` (safetensors) and a checked ``onnx`` file when
-    asked. The ExportResult; nothing is written when anything is refused."""
+    accuracy, latency or knee, the best that exports to ONNX with ``onnx_compatible``; or
+    ``trial``; or ``arch``, a hash prefix), for ``spec`` (an ArchSpec, or a spec file, ``-`` for
+    stdin) or for a hybrid_vit ``preset``; with ``weights`` (safetensors, or a torch state dict
+    by ``weights_format`` or the suffix) and a checked ``onnx`` file when asked. The ExportResult;
+    nothing is written when anything is refused."""
     from pathlib import Path
 
     from nas.export import ExportError, check_paths, export_study, write_export
 
-    if (name is None) == (spec is None):
-        raise SearchError("give a study NAME or --spec FILE (not both)")
-    if spec is not None and (pick or trial is not None or arch):
-        raise SearchError("--pick, --trial and --arch choose from a study; with --spec leave them out")
+    if sum(x is not None for x in (name, spec, preset)) != 1:
+        raise SearchError("give one of a study NAME, --spec FILE or --preset NAME (not both)")
+    if name is None and (pick or trial is not None or arch or onnx_compatible):
+        raise SearchError("--pick, --trial, --arch and --onnx-compatible choose from a study; with --spec or "
+                          "--preset leave them out")
     # the studies' image range: the export runs the model once to check it
     check_limits({"img_size": 1024}, num_classes=num_classes, img_size=img_size, in_chans=in_chans, trial=trial)
-    if isinstance(spec, str):
+    if isinstance(spec, str) or preset is not None:
         from search_spaces import get_space
 
-        spec = read_specs(get_space("hybrid_vit"), spec)[0]
+        spec = read_specs(get_space("hybrid_vit"), spec if isinstance(spec, str) else None, preset)[0]
     paths = [None if p is None else Path(p) for p in (out, weights, onnx)]
     given = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
     try:
-        check_paths(*paths)  # type: ignore[arg-type]
+        check_paths(*paths, weights_fmt=weights_format)  # type: ignore[arg-type]
         if name is not None:
             store = open_store(storage)
             find_study(store, name)
             return export_study(store, name, paths[0], pick=pick, trial=trial,  # type: ignore[arg-type]
-                                arch=arch, weights=paths[1], onnx=paths[2], **given)
+                                arch=arch, weights=paths[1], onnx=paths[2], onnx_compatible=onnx_compatible,
+                                weights_fmt=weights_format, **given)
         sizes = {"num_classes": 10, "img_size": 32, "in_chans": 3, **{k: v for k, v in given.items() if v is not None}}
-        return write_export(spec, paths[0], weights=paths[1], onnx=paths[2], **sizes)  # type: ignore[arg-type]
+        return write_export(spec, paths[0], weights=paths[1], onnx=paths[2],  # type: ignore[arg-type]
+                            weights_fmt=weights_format, **sizes)
     except ExportError as e:
         raise SearchError(str(e)) from None

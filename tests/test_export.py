@@ -1,4 +1,5 @@
-"""nas/export.py and `nas export --spec`: standalone model files equal build(spec).
+"""nas/export.py and `nas export --spec`: standalone model files equal build(spec) (same state_dict
+keys, shapes and initial weights; outputs to 1e-6).
 
 Non-fp32 specs are compared in fp32: the file is generated for the spec as it is (precision
 recorded), and the check calls ``build_model(precision="fp32")`` so the comparison sees the same
@@ -43,8 +44,12 @@ cases = json.load(open(tmp + "/cases.json"))
 for c in cases:
     mod = importlib.import_module(c["module"])
     assert not any(m.startswith(("search_spaces", "predictors", "nas")) for m in sys.modules), c["module"]
-    model = mod.build_model(num_classes=c["num_classes"], img_size=c["img_size"], precision="fp32", seed=1)
     ref = torch.load(tmp + "/" + c["module"] + ".pt")
+    if ref.get("initial"):  # the state is build(spec)'s initial one (seed 0): the file's must equal it
+        init = mod.build_model(num_classes=c["num_classes"], img_size=c["img_size"], precision="fp32").state_dict()
+        assert list(init) == list(ref["state"]), c["module"]  # same keys, same order
+        assert all(torch.equal(init[k], ref["state"][k]) for k in init), c["module"]
+    model = mod.build_model(num_classes=c["num_classes"], img_size=c["img_size"], precision="fp32", seed=1)
     model.load_state_dict(ref["state"], strict=True)
     model.eval()
     with torch.no_grad():
@@ -112,7 +117,7 @@ def test_exported_files_match_build(tmp_path: Path) -> None:
         x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             y = model(x)
-        saved = {"state": model.state_dict(), "x": x, "y": y}
+        saved = {"state": model.state_dict(), "x": x, "y": y, "initial": True}
         if spec.precision in ("int8", "fp8"):
             with torch.no_grad():
                 saved["y_quant"] = _quantized(build(spec, 10, img), spec.precision)(x.to(_QUANT_IN[spec.precision]))
@@ -218,8 +223,10 @@ def test_cli_export_from_a_study(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         code = out.read_text()
         assert f'SPEC_HASH = "{specs[tag].hash}"' in code
-        assert "IMG_SIZE" in code and "= 10, 16, 1" in code  # the study's frame sizes
-        assert '"train.accuracy"' in code and "test cpu" in code  # metrics and device in the header
+        # the study's frame sizes, its data's normalization, metrics and latency device in the header
+        assert "num_classes: int = 10" in code and "img_size: int = 16" in code and "in_chans: int = 1" in code
+        assert "the study's training images (digits)" in code and "MEAN = (0.5," not in code
+        assert "train.accuracy" in code and "Device (latency): test cpu" in code
     out = tmp_path / "m_trial.py"
     assert _cli("export", "s", "--trial", "2", "--out", str(out), "--storage", url).returncode == 0
     assert specs["fast"].hash in out.read_text()
