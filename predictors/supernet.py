@@ -29,8 +29,22 @@ Both training loops take an allowance in seconds (``max_seconds``, ``before_step
 before every optimisation step, so a budget is held to one step, not one epoch; the supernet
 checkpoints where it stops and continues from there.
 
-``data`` is anything with ``x`` (N, C, H, W float tensor) and ``y`` (N int64) attributes, such as
-``nas.data.ImageDataset``. Imports torch and the project only.
+Data. Every function takes either kind (duck-typed, plain torch; this module never imports ``nas``):
+
+- in memory: ``x`` (N, C, H, W float tensor) and ``y`` (N int64) attributes, such as
+  ``nas.data.ImageDataset`` or ``workers.evaluate.Split``;
+- streaming: ``len()``, ``labels`` (or ``y``: every label, int64), ``take(indices) -> (x, y)`` (those
+  images, evaluation transform), ``in_chans`` and ``img_size``, such as ``nas.stream.StreamDataset``
+  or ``workers.evaluate.StreamSplit``.
+
+A streaming step fetches exactly the images the in-memory step indexes (order from ``(seed, epoch)``)
+with ``take``, and augments them with the same :func:`augment` draws from ``(seed, step)``, so the
+two runs agree to float tolerance (``take`` equals the in-memory tensors to 1e-5) and resume the
+same way. Under ``torch.distributed`` a rank fetches only its shard of the global batch. The next
+batch is fetched in one background thread while the current step runs (:class:`_Prefetch`): its
+content depends only on its step, so the result is the same with or without it.
+
+Imports torch and the project only.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -80,9 +95,26 @@ class SupernetError(ValueError):
     """A checkpoint or configuration problem the user can fix (one line)."""
 
 
-class Data(Protocol):
+class MemoryData(Protocol):
+    """Images in memory: ``x`` (N, C, H, W) and ``y`` (N,)."""
+
     x: Tensor
     y: Tensor
+
+
+class StreamData(Protocol):
+    """Images decoded on demand (``nas.stream.StreamDataset``, ``workers.evaluate.StreamSplit``)."""
+
+    in_chans: int
+    img_size: int
+
+    def __len__(self) -> int: ...
+
+    def take(self, indices: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+Data = MemoryData | StreamData
+PREFETCH = True  # streaming data: fetch the next batch in a background thread while a step runs
 
 
 @dataclass(frozen=True)
@@ -137,16 +169,30 @@ def _generator(*key: int) -> torch.Generator:
 def augment(x: Tensor, gen: torch.Generator, flip: bool = True) -> Tensor:
     """Random crop after zero padding by ``max(1, H // 8)`` pixels, and a random horizontal flip,
     per image (the standard CIFAR recipe of He et al. 2016)."""
-    b, _, h, w = x.shape
+    b, _, h, _ = x.shape
+    return _apply_augment(x, *_augment_draws(b, h, gen, flip))
+
+
+def _augment_draws(b: int, h: int, gen: torch.Generator,
+                   flip: bool) -> tuple[int, Tensor, Tensor, Tensor | None]:
+    """The random part of :func:`augment` for a batch of ``b`` images of height ``h``: (padding,
+    row offsets, column offsets, flip mask or None), drawn in that order from ``gen``. Split out so
+    that a rank can apply the global batch's draws to its shard alone."""
     pad = max(1, h // 8)
-    xp = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    mask = torch.rand(b, generator=gen) < 0.5 if flip else None
+    return pad, dy, dx, mask
+
+
+def _apply_augment(x: Tensor, pad: int, dy: Tensor, dx: Tensor, mask: Tensor | None) -> Tensor:
+    """Crop (and flip) each image of ``x`` as drawn: pure indexing, so per-row exact."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
     rows = (dy[:, None] + torch.arange(h))[:, :, None]
     cols = (dx[:, None] + torch.arange(w))[:, None, :]
     out = xp[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
-    if flip:
-        mask = torch.rand(b, generator=gen) < 0.5
+    if mask is not None:
         out = torch.where(mask[:, None, None, None], out.flip(3), out)
     return out.contiguous()
 
@@ -189,19 +235,163 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+# --------------------------------------------------------------------------------------------
+# either kind of data: in memory (x, y) or streaming (len, labels, take)
+# --------------------------------------------------------------------------------------------
+
+
+def _in_memory(data: Any) -> bool:
+    return isinstance(getattr(data, "x", None), Tensor)
+
+
+def _size(data: Data) -> int:
+    return len(data.x) if _in_memory(data) else len(data)  # type: ignore[union-attr,arg-type]
+
+
+def _labels(data: Data) -> Tensor:
+    """Every label, without decoding an image."""
+    if _in_memory(data):
+        return data.y  # type: ignore[union-attr]
+    labels = getattr(data, "labels", None)
+    return labels if isinstance(labels, Tensor) else data.y  # type: ignore[union-attr]
+
+
+def _shape(data: Data) -> tuple[int, int, int]:
+    """(C, H, W) of the images."""
+    if _in_memory(data):
+        _, c, h, w = data.x.shape  # type: ignore[union-attr]
+        return int(c), int(h), int(w)
+    size = data.img_size
+    h, w = (size, size) if isinstance(size, int) else size
+    return int(data.in_chans), int(h), int(w)
+
+
+def _take(data: Data, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Images ``idx`` and their labels as one batch (evaluation transform for streaming data)."""
+    if _in_memory(data):
+        return data.x[idx], data.y[idx]  # type: ignore[union-attr]
+    return data.take(idx)  # type: ignore[union-attr]
+
+
+class _Prefetch:
+    """``get(key, next_key)``: ``fetch(key)``, while ``fetch(next_key)`` starts in one background
+    thread, so that decoding the next batch overlaps this one's work. ``fetch`` depends on its key
+    alone, so results are the same with or without the thread (``enabled=False``); an error of a
+    fetch surfaces when its key is asked for, and a fetch never asked for is dropped."""
+
+    def __init__(self, fetch: Callable[[int], Any], enabled: bool = True) -> None:
+        self._fetch = fetch
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="supernet-prefetch") if enabled else None
+        self._ahead: tuple[int, Future[Any]] | None = None
+
+    def get(self, key: int, next_key: int | None = None) -> Any:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == key:
+            value = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].cancel()
+            value = self._fetch(key)
+        if self._pool is not None and next_key is not None:
+            self._ahead = (next_key, self._pool.submit(self._fetch, next_key))
+        return value
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._ahead = None
+
+    def __enter__(self) -> _Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _chunks(data: Data, chunks: Sequence[Tensor | slice]) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x, y)`` of each chunk (an index tensor or a slice) of ``data``, in order; streaming data
+    is fetched a chunk ahead in a background thread."""
+    if _in_memory(data):
+        for c in chunks:
+            yield data.x[c], data.y[c]  # type: ignore[union-attr]
+        return
+
+    def fetch(i: int) -> tuple[Tensor, Tensor]:
+        c = chunks[i]
+        return data.take(torch.arange(c.start, c.stop) if isinstance(c, slice) else c)  # type: ignore[union-attr]
+
+    with _Prefetch(fetch, PREFETCH) as pf:
+        for i in range(len(chunks)):
+            yield pf.get(i, i + 1 if i + 1 < len(chunks) else None)
+
+
+class _StepBatches:
+    """The batch of each training step, either kind of data: :func:`_batch` in memory; for streaming
+    data the same images fetched with ``take`` (under ``torch.distributed`` only this rank's shard
+    of the global batch, ``share`` its fraction), a step ahead in a background thread, and augmented
+    with the global batch's draws of ``(seed, step)``. ``last``: the last step asked for (no
+    prefetch past it)."""
+
+    def __init__(self, data: Data, cfg: TrainConfig, spe: int, bs: int, device: torch.device | str, last: int,
+                 rank: int = 0, world: int = 1) -> None:
+        self.data, self.cfg, self.spe, self.bs, self.device, self.last = data, cfg, spe, bs, device, last
+        self.n = _size(data)
+        self.part = _shard(bs, rank, world) if world > 1 else None
+        self.share = 1.0 if self.part is None else (self.part.stop - self.part.start) / bs
+        self.stream = not _in_memory(data)
+        self._pf = _Prefetch(self._fetch, PREFETCH) if self.stream else None
+
+    def _indices(self, step: int) -> Tensor:
+        epoch, k = divmod(step, self.spe)
+        idx = _order(self.n, self.cfg.seed, epoch)[k * self.bs:(k + 1) * self.bs]
+        return idx if self.part is None else idx[self.part]
+
+    def _fetch(self, step: int) -> tuple[Tensor, Tensor]:
+        return self.data.take(self._indices(step))  # type: ignore[union-attr]
+
+    def __call__(self, step: int) -> tuple[Tensor, Tensor]:
+        if self._pf is None:
+            return _batch(self.data, self.cfg, step, self.spe, self.bs, self.device)  # type: ignore[arg-type]
+        x, y = self._pf.get(step, step + 1 if step + 1 <= self.last else None)
+        if self.cfg.augment:  # the global batch's draws (as _batch makes them), then this rank's rows
+            pad, dy, dx, mask = _augment_draws(self.bs, _shape(self.data)[1], _generator(self.cfg.seed, step, 0xA06),
+                                               self.cfg.flip)
+            if self.part is not None:
+                dy, dx, mask = dy[self.part], dx[self.part], None if mask is None else mask[self.part]
+            x = _apply_augment(x, pad, dy, dx, mask)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        if self._pf is not None:
+            self._pf.close()
+
+
+_DATA_HELP = ("have x (N, C, H, W) and y (N,) tensors, or stream (len, labels, take(indices), in_chans, img_size), "
+              "with N >= 1")
+
+
 def _check_data(data: Data, what: str) -> None:
-    x, y = getattr(data, "x", None), getattr(data, "y", None)
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.ndim != 4 or len(x) != len(y) or len(x) == 0:
-        raise SupernetError(f"{what} data must have x (N, C, H, W) and y (N,) tensors with N >= 1")
+    if _in_memory(data) or not callable(getattr(data, "take", None)):
+        x, y = getattr(data, "x", None), getattr(data, "y", None)
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.ndim != 4 or len(x) != len(y) or len(x) == 0:
+            raise SupernetError(f"{what} data must have x (N, C, H, W) and y (N,) tensors with N >= 1")
+        return
+    try:
+        n, labels, shape = len(data), _labels(data), _shape(data)  # type: ignore[arg-type]
+    except (TypeError, ValueError, AttributeError):
+        raise SupernetError(f"{what} data must {_DATA_HELP}") from None
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or len(labels) != n or n == 0 or min(shape) < 1:
+        raise SupernetError(f"{what} data must {_DATA_HELP}")
 
 
 def _check_frame_data(frame: SupernetFrame, data: Data) -> None:
     _check_data(data, "training")
-    _, c, h, w = data.x.shape
+    c, h, w = _shape(data)
     if c != frame.in_chans or h != frame.img_size or w != frame.img_size:
         raise SupernetError(f"the frame takes {frame.in_chans}x{frame.img_size}x{frame.img_size} images but the data "
                             f"has {c}x{h}x{w}; resize the data (--img-size) or use a frame that matches")
-    top = int(data.y.max())
+    top = int(_labels(data).max())
     if top >= frame.num_classes:
         raise SupernetError(f"the data has class index {top} but the frame has {frame.num_classes} classes")
 
@@ -571,7 +761,7 @@ def train_supernet(
         raise SupernetError(f"epochs must be a positive integer, got {epochs!r}")
     _check_frame_data(frame, data)
     rank, world = _dist()
-    n = len(data.x)
+    n = _size(data)
     bs = min(cfg.batch_size, n)
     if bs < world:
         raise SupernetError(f"a global batch of {bs} images cannot be split over {world} ranks; "
@@ -609,40 +799,49 @@ def train_supernet(
     epoch_loss, epoch_n = 0.0, 0
     began = time.perf_counter()
     recent: list[float] = []  # the last steps' seconds, batch included
-    while st.step < stop:
-        if max_seconds is not None:
-            late = time.perf_counter() - began + max(recent, default=0.0) > max_seconds
-            # ranks must stop at the same step (the next one's collectives would wait forever): any rank's
-            # clock running out stops all
-            if late if world == 1 else _all_agree(late):
-                st.stopped = True
-                break
-        t_step = time.perf_counter()
-        if world == 1:
-            x, y = _batch(data, cfg, st.step, spe, bs, dev)
-            share = 1.0
-        else:  # the global batch (order and augmentation as in one process), then this rank's slice
-            x, y = _batch(data, cfg, st.step, spe, bs, "cpu")
-            part = _shard(len(x), rank, world)
-            share = (part.stop - part.start) / len(x)
-            x, y = x[part].to(dev, non_blocking=True), y[part].to(dev, non_blocking=True)
-        _set_lr(opt, _lr_at(cfg, st.step, st.total_steps, spe, warm))
-        t0 = time.perf_counter()
-        loss = supernet_step(net, opt, x, y, sandwich(frame, cfg, st.step), cfg, share=share, step=st.step)
-        st.seconds += time.perf_counter() - t0
-        st.step += 1
-        st.losses.append(loss)  # type: ignore[union-attr]
-        recent = [*recent[-4:], time.perf_counter() - t_step]
-        epoch_loss, epoch_n = epoch_loss + loss, epoch_n + 1
-        if progress is not None:
-            progress(st, loss)
-        if st.step % spe == 0:
-            st.history = [*(st.history or []), {"epoch": st.step // spe, "loss": epoch_loss / max(1, epoch_n),
-                                                 "seconds": st.seconds}]
-            epoch_loss, epoch_n = 0.0, 0
-            save()
-        elif ckpt_every and st.step % ckpt_every == 0:
-            save()
+    # streaming data: each rank fetches its shard of each global batch (a step ahead, in a thread)
+    batches = None if _in_memory(data) else _StepBatches(data, cfg, spe, bs, dev, stop - 1, rank, world)
+    try:
+        while st.step < stop:
+            if max_seconds is not None:
+                late = time.perf_counter() - began + max(recent, default=0.0) > max_seconds
+                # ranks must stop at the same step (the next one's collectives would wait forever): any rank's
+                # clock running out stops all
+                if late if world == 1 else _all_agree(late):
+                    st.stopped = True
+                    break
+            t_step = time.perf_counter()
+            if batches is not None:  # streaming: this rank's images only
+                x, y = batches(st.step)
+                share = batches.share
+            elif world == 1:
+                x, y = _batch(data, cfg, st.step, spe, bs, dev)
+                share = 1.0
+            else:  # the global batch (order and augmentation as in one process), then this rank's slice
+                x, y = _batch(data, cfg, st.step, spe, bs, "cpu")
+                part = _shard(len(x), rank, world)
+                share = (part.stop - part.start) / len(x)
+                x, y = x[part].to(dev, non_blocking=True), y[part].to(dev, non_blocking=True)
+            _set_lr(opt, _lr_at(cfg, st.step, st.total_steps, spe, warm))
+            t0 = time.perf_counter()
+            loss = supernet_step(net, opt, x, y, sandwich(frame, cfg, st.step), cfg, share=share, step=st.step)
+            st.seconds += time.perf_counter() - t0
+            st.step += 1
+            st.losses.append(loss)  # type: ignore[union-attr]
+            recent = [*recent[-4:], time.perf_counter() - t_step]
+            epoch_loss, epoch_n = epoch_loss + loss, epoch_n + 1
+            if progress is not None:
+                progress(st, loss)
+            if st.step % spe == 0:
+                st.history = [*(st.history or []), {"epoch": st.step // spe, "loss": epoch_loss / max(1, epoch_n),
+                                                     "seconds": st.seconds}]
+                epoch_loss, epoch_n = 0.0, 0
+                save()
+            elif ckpt_every and st.step % ckpt_every == 0:
+                save()
+    finally:
+        if batches is not None:
+            batches.close()
     if st.step % spe or st.stopped:
         save()
     net.train_state = st  # type: ignore[attr-defined]
@@ -709,15 +908,13 @@ def recalibrate_bn(model: nn.Module, data: Data, batches: int = 16, batch_size: 
         m.momentum = None  # cumulative moving average: every batch counts the same
     was_training = model.training
     model.train()
-    order = _order(len(data.x), seed, 0xBA7C)
+    order = _order(_size(data), seed, 0xBA7C)
     used = 0
     dev = next(model.parameters()).device
-    for b in range(batches):
-        idx = order[b * batch_size:(b + 1) * batch_size]
-        if len(idx) == 0:
-            break
-        model(data.x[idx].to(dev))
-        used += len(idx)
+    chunks = [c for c in (order[b * batch_size:(b + 1) * batch_size] for b in range(batches)) if len(c)]
+    for x, _ in _chunks(data, chunks):
+        model(x.to(dev))
+        used += len(x)
     for m, mom in saved:
         m.momentum = mom
     model.train(was_training)
@@ -730,12 +927,13 @@ def accuracy(model: nn.Module, data: Data, batch_size: int = 512, dtype: torch.d
     _check_data(data, "evaluation")
     dev = next(model.parameters()).device
     correct = 0
-    for s in range(0, len(data.x), batch_size):
-        x = data.x[s:s + batch_size].to(dev)
+    n = _size(data)
+    for x, y in _chunks(data, [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]):
+        x = x.to(dev)
         if dtype is not None:
             x = x.to(dtype)
-        correct += int((model(x).argmax(-1).cpu() == data.y[s:s + batch_size]).sum())
-    return correct / len(data.x)
+        correct += int((model(x).argmax(-1).cpu() == y).sum())
+    return correct / n
 
 
 def finetune(model: nn.Module, data: Data, steps: int, *, lr: float = 1e-4, batch_size: int = 128,
@@ -749,21 +947,25 @@ def finetune(model: nn.Module, data: Data, steps: int, *, lr: float = 1e-4, batc
         raise SupernetError(f"finetune_steps must be a non-negative integer, got {steps!r}")
     _check_data(data, "fine-tuning")
     cfg = TrainConfig(batch_size=batch_size, lr=lr, seed=seed, augment=False)
-    n = len(data.x)
+    n = _size(data)
     bs = min(cfg.batch_size, n)
     spe = n // bs
     dev = next(model.parameters()).device
     opt = _optimizer(model, cfg)
     was_training = model.training
     model.train()
-    with torch.enable_grad():
-        for step in range(steps):
-            x, y = _batch(data, cfg, step, spe, bs, dev)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+    batches = _StepBatches(data, cfg, spe, bs, dev, steps - 1)
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                x, y = batches(step)
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+    finally:
+        batches.close()
     return model.train(was_training)
 
 
@@ -821,11 +1023,11 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
     steps ran and whether ``before_step`` stopped it."""
     cfg = config or TrainConfig()
     _check_data(data, "training")
-    _, c, h, _ = data.x.shape
-    model = build(spec, num_classes=num_classes or int(data.y.max()) + 1, img_size=h, in_chans=c,
+    c, h, _ = _shape(data)
+    model = build(spec, num_classes=num_classes or int(_labels(data).max()) + 1, img_size=h, in_chans=c,
                   seed=cfg.seed if seed is None else seed).to(device)
     opt = _optimizer(model, cfg)
-    n = len(data.x)
+    n = _size(data)
     bs = min(cfg.batch_size, n)
     spe = n // bs
     total = spe * epochs
@@ -833,27 +1035,31 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
     model.train_state = st  # type: ignore[assignment]
     model.train()
     recent: list[float] = []
-    for step in range(total):
-        if before_step is not None and before_step(step, max(recent, default=0.0)):
-            st.stopped = True
-            break
-        t_step = time.perf_counter()
-        x, y = _batch(data, cfg, step, spe, bs, device)
-        _set_lr(opt, _lr_at(cfg, step, total, spe))
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        st.step = step + 1
-        recent = [*recent[-4:], time.perf_counter() - t_step]
-        st.seconds += recent[-1]
-        if on_epoch is not None and (step + 1) % spe == 0:
-            model.eval()
-            stop = on_epoch((step + 1) // spe, model)
-            model.train()
-            if stop:
+    batches = _StepBatches(data, cfg, spe, bs, device, total - 1)
+    try:
+        for step in range(total):
+            if before_step is not None and before_step(step, max(recent, default=0.0)):
+                st.stopped = True
                 break
+            t_step = time.perf_counter()
+            x, y = batches(step)
+            _set_lr(opt, _lr_at(cfg, step, total, spe))
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            st.step = step + 1
+            recent = [*recent[-4:], time.perf_counter() - t_step]
+            st.seconds += recent[-1]
+            if on_epoch is not None and (step + 1) % spe == 0:
+                model.eval()
+                stop = on_epoch((step + 1) // spe, model)
+                model.train()
+                if stop:
+                    break
+    finally:
+        batches.close()
     return model.eval()
 
 
@@ -890,7 +1096,7 @@ def train_within(job: Any, data: Any, *, device: str = "cpu", allowance: float |
     frame = frame_from_json(job.frame)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    n = len(data.train.x)
+    n = _size(data.train)
     cfg = study_recipe(n, data.in_chans, int(job.seed))
     plan = out / "plan.json"
     steps: int | None = None

@@ -25,8 +25,10 @@ test split stays untouched by the search.
 Data. A split is either in memory (:class:`Split`: tensors ``x``, ``y``) or streaming
 (:class:`StreamSplit`: a dataset with ``labels``, ``take`` and ``loader``, such as
 ``nas.stream.StreamDataset``, and the indices of the split's images); :func:`split_dataset` makes
-either from what ``nas.data.open_dataset`` returns. The screen, latency and train stages take both;
-the supernet stage needs in-memory data until ``predictors.supernet`` takes batches.
+either from what ``nas.data.open_dataset`` returns. Both kinds have ``len()``, ``y`` and
+``take(positions) -> (x, y)``, and every stage takes both: ``predictors.supernet`` trains and
+evaluates on either (a streaming split is decoded batch by batch, a batch ahead), with the same
+batches, augmentation and results as in memory.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ __all__ = [
     "EvaluationError",
     "StreamSplit",
     "evaluate",
+    "head",
     "split_dataset",
     "split_train_val",
 ]
@@ -67,6 +70,13 @@ class Split:
     x: Tensor
     y: Tensor
 
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def take(self, sel: Tensor) -> tuple[Tensor, Tensor]:
+        """Images ``sel`` (positions in this split) and their labels, as one batch."""
+        return self.x[sel], self.y[sel]
+
 
 @dataclass(frozen=True, eq=False)
 class StreamSplit:
@@ -80,6 +90,19 @@ class StreamSplit:
     def y(self) -> Tensor:
         return self.source.labels[self.indices]
 
+    @property
+    def labels(self) -> Tensor:
+        """Every label of the split, without decoding (the streaming interface's name for ``y``)."""
+        return self.y
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.source.in_chans)
+
+    @property
+    def img_size(self) -> int:
+        return int(self.source.img_size)
+
     def __len__(self) -> int:
         return int(self.indices.shape[0])
 
@@ -91,8 +114,9 @@ class StreamSplit:
         return self.source.loader(self.indices, batch_size, **kw)
 
 
-def _n(split: Split | StreamSplit) -> int:
-    return len(split) if isinstance(split, StreamSplit) else int(split.x.shape[0])
+def head(split: Split | StreamSplit, n: int) -> tuple[Tensor, Tensor]:
+    """The first ``n`` images of ``split`` (all when fewer) and their labels, as one batch."""
+    return split.take(torch.arange(min(int(n), len(split))))
 
 
 @dataclass(frozen=True, eq=False)
@@ -356,9 +380,6 @@ def _supernet_accuracy(spec: Any, data: EvalData, device: str, cfg: EvalConfig) 
 
     if not cfg.supernet:
         raise EvaluationError("stage 'supernet' needs a trained supernet: set EvalConfig.supernet")
-    if data.streaming:
-        raise EvaluationError("stage 'supernet' needs in-memory data (predictors.supernet takes tensors); "
-                              "load the data with stream=off (HYBRID_NAS_STREAM=off) or a smaller --data-limit")
     net = _supernet(cfg.supernet, device)
     frame = net.frame
     try:
@@ -387,16 +408,13 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
            report: Callable[[int, dict[str, float]], bool | None] | None, t0: float,
            allowance: float | None = None) -> dict[str, float]:
     from predictors.precision import activation_dtype, to_precision
-    from predictors.supernet import TrainConfig, train_standalone
-    from predictors.supernet import accuracy as accuracy_
+    from predictors.supernet import TrainConfig, accuracy, train_standalone
 
     tcfg = TrainConfig(batch_size=cfg.train_batch, lr=cfg.train_lr, warmup_epochs=min(1.0, cfg.train_epochs / 3),
                        augment=False, seed=cfg.seed)
     last: dict[str, float] = {}
     passes: list[float] = []  # seconds of each validation pass so far
-    n_val, bs = _n(data.val), min(cfg.train_batch, _n(data.train))
-    # streaming data: the same recipe fed by DataLoader batches
-    fit, accuracy = (_train_stream, _stream_accuracy) if data.streaming else (train_standalone, accuracy_)
+    n_val, bs = len(data.val), min(cfg.train_batch, len(data.train))
 
     def val_cost(step_s: float) -> float:
         """A validation pass: as measured, or before the first one, half a training step per batch
@@ -420,7 +438,7 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
             return True
         return None
 
-    model = fit(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
+    model = train_standalone(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
                              device=device, on_epoch=on_epoch, before_step=before_step)
     st = model.train_state  # type: ignore[attr-defined]
     if st.stopped:  # the allowance ran out mid-training: report what was done
@@ -440,66 +458,6 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
         last["accuracy_fp32"] = last["accuracy"]
         last["accuracy"] = accuracy(q, data.val, batch_size=256, dtype=activation_dtype(spec.precision))
     return last
-
-
-@torch.no_grad()
-def _stream_accuracy(model: nn.Module, split: StreamSplit, batch_size: int = 512,
-                     dtype: torch.dtype | None = None) -> float:
-    """Top-1 accuracy on a streaming split (evaluation transform), as ``predictors.supernet.accuracy``."""
-    dev = next(model.parameters()).device
-    correct = 0
-    for x, y in split.loader(batch_size, train=False):
-        x = x.to(dev)
-        correct += int((model(x if dtype is None else x.to(dtype)).argmax(-1).cpu() == y).sum())
-    return correct / max(1, len(split))
-
-
-def _train_stream(spec: Any, split: StreamSplit, epochs: int, *, config: Any, num_classes: int,
-                  device: str, on_epoch: Callable[[int, nn.Module], bool | None],
-                  before_step: Callable[[int, float], bool]) -> nn.Module:
-    """``predictors.supernet.train_standalone`` on a streaming split: the same recipe (optimizer,
-    schedule, label smoothing, clipping, ``before_step``/``on_epoch``, ``train_state``), batches
-    from ``split.loader`` in an order drawn from (seed, epoch); no augmentation, as in memory.
-    Drop it when train_standalone takes a batch iterable."""
-    from predictors.supernet import TrainState, _lr_at, _optimizer, _set_lr
-    from search_spaces.hybrid_vit import build
-
-    cfg = config
-    src = split.source
-    model = build(spec, num_classes=num_classes, img_size=int(src.img_size), in_chans=int(src.in_chans),
-                  seed=cfg.seed).to(device)
-    opt = _optimizer(model, cfg)
-    bs = min(cfg.batch_size, len(split))
-    spe = len(split) // bs
-    total = spe * epochs
-    st = TrainState(step=0, total_steps=total, steps_per_epoch=spe)
-    model.train_state = st  # type: ignore[assignment]
-    model.train()
-    recent: list[float] = []
-    for epoch in range(epochs):
-        batches = split.loader(bs, train=False, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True)
-        for x, y in batches:
-            step = st.step
-            if before_step(step, max(recent, default=0.0)):
-                st.stopped = True
-                return model.eval()
-            t_step = time.perf_counter()  # the step only: loading overlaps it in the workers
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _set_lr(opt, _lr_at(cfg, step, total, spe))
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            st.step = step + 1
-            recent = [*recent[-4:], time.perf_counter() - t_step]
-            st.seconds += recent[-1]
-        model.eval()
-        stop = on_epoch(epoch + 1, model)
-        model.train()
-        if stop:
-            break
-    return model.eval()
 
 
 def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, config: EvalConfig | None = None,

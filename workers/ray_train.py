@@ -162,7 +162,10 @@ def train_supernet_ray(
     cfg = config or TrainConfig()
     kwargs = {"config": cfg, "out": None if out is None else str(Path(out).resolve()), "ckpt_every": ckpt_every,
               "max_steps": max_steps, "meta": meta, "total_steps": total_steps, "max_seconds": max_seconds}
-    conf = {"frame": frame, "data": _Data(data.x, data.y), "epochs": epochs, "kwargs": kwargs,
+    # in-memory data: only its tensors; streaming data (no tensor x) travels as itself, a path and
+    # index arrays, and each rank decodes only its shard of each global batch
+    shipped = _Data(data.x, data.y) if isinstance(getattr(data, "x", None), Tensor) else data
+    conf = {"frame": frame, "data": shipped, "epochs": epochs, "kwargs": kwargs,
             "threads": threads, "use_gpu": use_gpu}
     own = storage_path is None
     storage = Path(storage_path or tempfile.mkdtemp(prefix="nas-raytrain-")).resolve()

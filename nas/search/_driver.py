@@ -140,13 +140,14 @@ def _probe_seconds(frame: Any, data: Any, threads: int) -> float:
     import torch.nn.functional as F
 
     from search_spaces.hybrid_vit import build
+    from workers.evaluate import head
 
     spec = frame.largest(random.Random(0))
     prev = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
         model = build(spec, num_classes=frame.num_classes, img_size=frame.img_size, in_chans=frame.in_chans).train()
-        x, y = data.train.x[:TRAIN_BATCH], data.train.y[:TRAIN_BATCH]
+        x, y = head(data.train, TRAIN_BATCH)  # in memory or streaming: the first images either way
         seconds = math.inf
         for _ in range(2):
             t = time.perf_counter()
@@ -277,7 +278,7 @@ class Driver:
     def calibrate(self, frame: Any, data: Any) -> None:
         """Size the cost model to this study's data and frame (one probe step in the driver)."""
         cost = self.cost = _CostModel()
-        cost.n_train, cost.n_val = len(data.train.x), len(data.val.x)
+        cost.n_train, cost.n_val = len(data.train), len(data.val)
         if not self.cfg.benchmark:  # a benchmark's trainings cost what workers.benchmark simulates
             cost.probe_s = _probe_seconds(frame, data, self.cfg.threads)
         for ev in self.store.evaluations(self.name, errors=False):  # a resumed study: what it measured

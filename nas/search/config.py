@@ -364,22 +364,35 @@ def default_workdir(url: str, study: str) -> str:
 
 
 def load_data(cfg: SearchConfig) -> Any:
-    """The training split of ``cfg.data``, resized, split into train/validation for the workers."""
-    from nas.data import load
-    from workers.evaluate import split_train_val
+    """The training split of ``cfg.data`` at the study's image size (``cfg.img_size``, else the
+    native side but at least 16), split into train/validation for the workers: in memory, or
+    streaming for a large image folder (``nas.data.open_dataset`` decides by size;
+    ``$HYBRID_NAS_STREAM`` overrides). The images are read once: the native side is known up front
+    for digits and CIFAR-10, and otherwise the data opens at its native size and is read again,
+    resized, only when that side is below 16 pixels (small images: a cheap second read)."""
+    from nas.data import open_dataset, parse_data
+    from workers.evaluate import split_dataset
 
     # a benchmark's proxies take one fixed batch whatever the study's seed (workers/benchmark.py)
     seed = 0 if cfg.benchmark else cfg.seed
     try:
-        ds = load(cfg.data, "train", limit=cfg.data_limit, img_size=None, seed=seed)
-        native = int(ds.x.shape[2])
-        img = cfg.img_size or max(16, native)
-        if img != native:
-            ds = load(cfg.data, "train", limit=cfg.data_limit, img_size=img, seed=seed)
+        img = cfg.img_size
+        native = _NATIVE.get(parse_data(cfg.data).kind)
+        if img is None and native is not None:
+            img = max(16, native)
+        ds = open_dataset(cfg.data, "train", limit=cfg.data_limit, img_size=img, seed=seed)
+        if img is None:
+            size = ds.img_size  # (H, W) for images that are not square: the rule reads their height
+            if (int(size[0]) if isinstance(size, tuple) else int(size)) < 16:
+                del ds
+                ds = open_dataset(cfg.data, "train", limit=cfg.data_limit, img_size=16, seed=seed)
     except (ValueError, OSError) as e:
         raise SearchError(f"data {_clip(cfg.data)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
-    return split_train_val(ds.x, ds.y, val_fraction=0.2, seed=seed, num_classes=ds.num_classes)
+    return split_dataset(ds, 0.2, seed)
+
+
+_NATIVE = {"digits": 8, "cifar10": 32}  # native sides known without reading the data
 
 
 def check_target(target: str) -> None:
