@@ -516,3 +516,27 @@ def test_candidates_rank_supernet_accuracy_against_screening_latency(tmp_path: P
     assert got == [specs[t].hash for t in "ABCD"]
     limited = types.SimpleNamespace(name="c", cfg=SearchConfig(max_latency_ms=4.5))
     assert [h for h, _ in _candidates(limited, store, "latency", frame)] == [specs[t].hash for t in "BC"]  # type: ignore[arg-type]
+
+
+def test_the_train_stage_keeps_the_weights_that_scored_it(tmp_path: Path) -> None:
+    """A training ASHA stops after its first epoch keeps that epoch's weights, noted as 1 of 3: the
+    export of that front point then carries the weights its accuracy was measured with."""
+    import torch
+
+    from nas.search import SearchConfig as Cfg
+    from nas.search import load_data, make_frame
+    from predictors.supernet import accuracy
+    from search_spaces.hybrid_vit import build
+    from workers.evaluate import EvalConfig, evaluate, trained_epochs, trained_weights_file
+
+    data = load_data(Cfg())
+    spec = make_frame(Cfg(), data.in_chans, data.num_classes, data.img_size).random(1)
+    cfg = EvalConfig(train_epochs=3, weights_dir=str(tmp_path))
+    ev = evaluate(spec, "train", data, config=cfg, report=lambda epoch, m: True)  # ASHA: stop after epoch 1
+    assert ev.metrics["early_stop"] == 1.0 and ev.metrics["epochs"] == 1.0
+    assert trained_epochs(tmp_path, spec.hash) == (1.0, 3)
+    model = build(spec, num_classes=data.num_classes, img_size=data.img_size, in_chans=data.in_chans)
+    model.load_state_dict(torch.load(trained_weights_file(tmp_path, spec.hash), weights_only=True))
+    assert accuracy(model.eval(), data.val, batch_size=256) == ev.metrics["accuracy"]
+    full = evaluate(spec, "train", data, config=cfg)  # trained to the end: replaced, 3 of 3
+    assert trained_epochs(tmp_path, spec.hash) == (3.0, 3) and full.metrics["epochs"] == 3.0

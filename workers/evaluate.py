@@ -33,6 +33,7 @@ batches, augmentation and results as in memory.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -392,16 +393,32 @@ def _supernet_accuracy(spec: Any, data: EvalData, device: str, cfg: EvalConfig) 
 
 
 def trained_weights_file(weights_dir: str | Path, spec_hash: str) -> Path:
-    """Where the train stage keeps the fp32 state dict of a fully trained ``spec_hash``."""
+    """Where the train stage keeps the fp32 state dict of a trained ``spec_hash`` (its last training)."""
     return Path(weights_dir) / f"{spec_hash}.pt"
 
 
-def save_trained(model: nn.Module, spec_hash: str, weights_dir: str | Path) -> Path:
-    """Write ``model``'s state dict (fp32, CPU) atomically to :func:`trained_weights_file`."""
+def save_trained(model: nn.Module, spec_hash: str, weights_dir: str | Path, epochs: float | None = None,
+                 of: int | None = None) -> Path:
+    """Write ``model``'s state dict (fp32, CPU) atomically to :func:`trained_weights_file`, and how far
+    it was trained (``epochs`` of ``of``) beside it: a model ASHA or the allowance stopped early is
+    kept too, since its accuracy may put it on the front (and an export should carry these weights)."""
     from predictors._io import atomic_write
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return atomic_write(trained_weights_file(weights_dir, spec_hash), lambda f: torch.save(state, f))
+    path = atomic_write(trained_weights_file(weights_dir, spec_hash), lambda f: torch.save(state, f))
+    if epochs is not None:
+        note = json.dumps({"epochs": epochs, "of": of}).encode()
+        atomic_write(path.with_suffix(".json"), lambda f: f.write(note))
+    return path
+
+
+def trained_epochs(weights_dir: str | Path, spec_hash: str) -> tuple[float, int] | None:
+    """(epochs trained, epochs planned) of the kept weights of ``spec_hash``; None when not recorded."""
+    try:
+        note = json.loads(trained_weights_file(weights_dir, spec_hash).with_suffix(".json").read_text())
+        return float(note["epochs"]), int(note["of"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
@@ -449,10 +466,12 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
             left = float(allowance or 0.0) - (time.perf_counter() - t0)
             if st.step and left >= val_cost(st.seconds / st.step):
                 last["accuracy"] = accuracy(model.eval(), data.val, batch_size=256)
+        if cfg.weights_dir and "accuracy" in last:  # the weights that scored it
+            save_trained(model, spec.hash, cfg.weights_dir, last["epochs"], cfg.train_epochs)
         return last
     last["steps"] = float(st.step)
-    if cfg.weights_dir and last.get("epochs") == cfg.train_epochs:
-        save_trained(model, spec.hash, cfg.weights_dir)
+    if cfg.weights_dir and "accuracy" in last:  # fully trained, or stopped by ASHA at an epoch's end
+        save_trained(model, spec.hash, cfg.weights_dir, last["epochs"], cfg.train_epochs)
     if spec.precision != "fp32" and last.get("epochs") == cfg.train_epochs:
         q = to_precision(model, spec.precision, device, inplace=True)
         last["accuracy_fp32"] = last["accuracy"]
