@@ -179,6 +179,9 @@ SEARCH_BAD: list[Any] = [
     pytest.param(["--stages", "screen=-1"], "share", id="stages-negative"),
     pytest.param(["--workers", "0"], "workers", id="workers-0"),
     pytest.param(["--threads", "0"], "threads", id="threads-0"),
+    pytest.param(["--gpus-per-trial", "0"], "gpus-per-trial", id="gpus-per-trial-0"),
+    pytest.param(["--gpus-per-trial", "2"], "gpus-per-trial.*supernet-workers", id="gpus-per-trial-2"),
+    pytest.param(["--gpus-per-trial", "0.5", "--target", "cpu"], "gpus-per-trial.*cpu", id="gpus-per-trial-on-cpu"),
     pytest.param(["--train-epochs", "0"], "epochs", id="train-epochs-0"),
     pytest.param(["--max-params", "0"], "max-params", id="max-params-0"),
     pytest.param(["--max-params", "lots"], "lots", id="max-params-lots"),
@@ -482,3 +485,10 @@ def test_resume_of_the_completed_study_without_budget_still_refused(searched: Se
     assert_one_line_error(code, out, err, "complete")
     assert dump(searched.db) == rows
 
+
+def test_trials_ask_ray_for_the_gpu_share_they_were_given() -> None:
+    from nas.search.config import SearchConfig, trial_resources
+
+    assert trial_resources(SearchConfig(target="cuda", gpus_per_trial=0.25)) == {"cpu": 1, "gpu": 0.25}
+    assert trial_resources(SearchConfig(target="cuda")) == {"cpu": 1, "gpu": 1.0}
+    assert trial_resources(SearchConfig(target="cpu")) == {"cpu": 1}

@@ -120,6 +120,7 @@ def test_stop_and_resume_continues_exactly(data: _Data, ddp: torch.nn.Module, tm
     assert wdiff == 0.0, where
 
 
+@pytest.mark.slow  # two more Ray Train launches; the match test above fails too if ranks disagree
 def test_every_rank_draws_the_same_subnets(ray_session: object, tmp_path: Path) -> None:
     """Each rank's sandwich (uniform and FairNAS) for 40 steps, in separate processes; and the step's
     own check: ranks made to draw different subnets fail together with one clear error."""
@@ -161,6 +162,7 @@ def test_every_rank_draws_the_same_subnets(ray_session: object, tmp_path: Path) 
     assert r0["error"] == r1["error"] and "drew different subnets at step 9" in r0["error"]
 
 
+@pytest.mark.slow  # a Ray Train launch, to keep the default suite under 15 minutes on 2 cores
 def test_errors_come_back_as_one_line(data: _Data, ray_session: object, tmp_path: Path) -> None:
     from predictors.supernet import SupernetError
 

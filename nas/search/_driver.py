@@ -30,6 +30,7 @@ from nas.search.config import (
     StudyLost,
     check_target,
     load_data,
+    trial_resources,
 )
 from nas.store import HEARTBEAT_S, Store, StoreError, StoreLost
 from workers.request import FINISH, LAUNCH, WAIT, TrialError, TrialRequest, TrialResult
@@ -610,7 +611,7 @@ def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict
         # the supernet trains alone (its stage launches one trial, when nothing else runs)
         extra = cfg.supernet_workers if cfg.supernet_workers > 1 else 0
         init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1) + extra, temp_dir=None)
-        resources = {"cpu": 1, "gpu": 1} if cfg.target == "cuda" else {"cpu": 1}
+        resources = trial_resources(cfg)
         uses_asha = any(isinstance(s, Train) for s in planned)
         run_trials(plan, data_ref=ray.put(data), workers=cfg.workers, resources=resources,
                    asha_max_t=cfg.train_epochs if uses_asha else None, max_failures=cfg.max_failures)

@@ -94,6 +94,7 @@ class SearchConfig:
     workers: int = 1
     threads: int = 1
     supernet_workers: int = 1  # Ray Train (DDP) workers of the supernet training; 1: one process
+    gpus_per_trial: float = 1.0  # GPUs a trial holds on --target cuda; below 1, small trials share a GPU
     address: str | None = None
     seed: int = 0
     train_epochs: int = 4
@@ -170,6 +171,11 @@ class SearchConfig:
             problem = _int_problem(flag, value, low, high)
             if problem:
                 yield problem
+        g = self.gpus_per_trial
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (math.isfinite(g) and 0 < g <= 1):
+            yield (f"--gpus-per-trial must be a fraction in (0, 1] (0.25: four trials share a GPU), got {_clip(g)}; "
+                   "trials of several GPUs need data-parallel training stages, which only the supernet has "
+                   "(--supernet-workers)")
         lat = self.max_latency_ms
         if lat is not None and not (isinstance(lat, (int, float)) and math.isfinite(lat) and 0 < lat < 1e9):
             yield f"--max-latency-ms must be a positive number of milliseconds, got {_clip(lat)}"
@@ -439,6 +445,9 @@ def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dic
     target = resolve_target(cfg.target, budget)
     _check_budget_device(budget, cfg, target)
     check_target(target)
+    if cfg.gpus_per_trial != 1.0 and target != "cuda":
+        raise SearchError(f"--gpus-per-trial applies to trials on a GPU, and this study runs on {target}; "
+                          "leave it out or use --target cuda")
     cfg = replace(cfg, target=target)
     for p in _precisions(cfg):
         try:
@@ -556,3 +565,9 @@ def parse_budget_arg(text: str, increment: bool = False) -> Budget:
         return parse_budget(text, increment=increment)
     except BudgetError as e:
         raise SearchError(str(e)) from None
+
+
+def trial_resources(cfg: SearchConfig) -> dict[str, float]:
+    """What one trial asks Ray for: a CPU, and on a GPU target ``--gpus-per-trial`` of a GPU (Ray
+    packs trials of fractional GPUs onto one device, e.g. four screening trials at 0.25)."""
+    return {"cpu": 1, "gpu": cfg.gpus_per_trial} if cfg.target == "cuda" else {"cpu": 1}
