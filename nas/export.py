@@ -429,7 +429,7 @@ def study_has_weights(info: Any) -> bool:
 
 def study_weights(store: Any, name: str, spec: ArchSpec, model: Any) -> tuple[Any, str]:
     """The best weights study ``name`` has for ``spec``: the train stage's model ("trained"; "trained
-    (epoch k of n: stopped early)" for one that ASHA or the allowance stopped: the weights its front
+    (k of n epochs: stopped early)" for one that ASHA or the allowance stopped: the weights its front
     accuracy was measured with), else the supernet's weights for the subnet with BatchNorm
     recalibrated on the study's training data ("supernet-inherited"), else ``model`` unchanged
     ("initial")."""
@@ -444,7 +444,7 @@ def study_weights(store: Any, name: str, spec: ArchSpec, model: Any) -> tuple[An
         model.load_state_dict(torch.load(trained, map_location="cpu", weights_only=True), strict=True)
         done = trained_epochs(trained_dir, spec.hash)
         if done is not None and done[0] < done[1]:
-            return model.eval(), f"trained (epoch {done[0]:g} of {done[1]}: stopped early)"
+            return model.eval(), f"trained ({round(done[0], 2):g} of {done[1]} epochs: stopped early)"
         return model.eval(), "trained"
     if not ckpt.is_file():
         return model, "initial"
