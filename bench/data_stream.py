@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _proc import rss_pss_kb, tree
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = f"imagefolder:{ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'}"
 
@@ -104,48 +106,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 # the parent: run children, sample the process tree
 
 
-def _children_of() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])  # the name may contain spaces
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
-def _tree(pid: int) -> list[int]:
-    kids = _children_of()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, []))
-    return out
-
-
-def _kb(path: str, field: str) -> int:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _sample(pid: int) -> tuple[int, int, int]:
     """(sum of VmRSS, sum of Pss, processes) over the tree of ``pid``, in kB."""
-    pids = _tree(pid)
-    rss = sum(_kb(f"/proc/{p}/status", "VmRSS:") for p in pids)
-    pss = sum(_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids)
-    return rss, pss, len(pids)
+    pids = tree(pid)
+    mem = [rss_pss_kb(p) for p in pids]
+    return sum(m[0] for m in mem), sum(m[1] for m in mem), len(pids)
 
 
 def run_child(args: argparse.Namespace, mode: str, size: int, warmup: bool = False) -> dict[str, Any]:

@@ -35,49 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _proc import processes, rss_pss_kb, tree
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = f"imagefolder:{ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'}"
 NAS = str(Path(sys.executable).parent / "nas")
-
-
-def _procs() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, command line) of every process."""
-    out: dict[int, tuple[int, str]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-        except OSError:
-            continue
-        out[int(entry.name)] = (int(stat[stat.rfind(")") + 2:].split()[1]), cmd)  # the name may hold spaces
-    return out
-
-
-def _tree(root: int, procs: dict[int, tuple[int, str]]) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _) in procs.items():
-        kids.setdefault(ppid, []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, []))
-    return out
-
-
-def _kb(path: str, field: str) -> int:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 _AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # Ray's own per-node agents, not workers
@@ -108,11 +70,10 @@ def run_mode(args: argparse.Namespace, mode: str, work: Path) -> dict[str, Any]:
     peak_workers_rss = peak_workers_pss = 0
     try:
         while proc.poll() is None:
-            procs = _procs()
+            procs = processes()
             sum_rss = sum_pss = 0
-            for pid in _tree(proc.pid, procs):
-                rss = _kb(f"/proc/{pid}/status", "VmRSS:")
-                pss = _kb(f"/proc/{pid}/smaps_rollup", "Pss:")
+            for pid in tree(proc.pid, procs):
+                rss, pss = rss_pss_kb(pid)
                 cmdline = procs.get(pid, (0, ""))[1]
                 rec = per.setdefault(pid, {"kind": _kind(pid, proc.pid, cmdline), "cmd": cmdline[:80],
                                            "rss_kb": 0, "pss_kb": 0})

@@ -307,8 +307,11 @@ def test_sigkill_of_the_driver_in_supernet_training_is_counted_and_reaped(tmp: P
         store = _store_when_ready(db, "k")
         row = _until(lambda: [r for r in store.inflight("k") if r["stage"] == "supernet_train" and r["seconds"] > 0],
                      "supernet training in flight past a heartbeat")[0]
-        ray_procs = {p for p in _descendants(proc.pid) if tmp.as_posix() in
-                     Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")}
+        # the driver's Ray processes name its temp folder; so does the reaper itself (its argument),
+        # which removes the folder as its last act and may still be exiting when the test looks
+        cmdlines = {p: Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+                    for p in _descendants(proc.pid)}
+        ray_procs = {p for p, cmd in cmdlines.items() if tmp.as_posix() in cmd and "_reaper.py" not in cmd}
         assert ray_procs and list(tmp.glob("nas-ray-*"))
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as an OOM killer would
         proc.wait(timeout=WAIT)
