@@ -75,10 +75,20 @@ def finite_last(values: list[float]) -> np.ndarray:
     return s
 
 
-def noise_ceiling(rows: list[dict[str, Any]]) -> tuple[float, float, int]:
+def bootstrap_se(x: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> float:
+    """Standard error of Kendall's tau between ``x`` and ``y``: its spread over ``resamples``
+    resamplings of the pairs with replacement (nan for 0 resamples)."""
+    if not resamples:
+        return math.nan
+    pick = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    return float(np.std([kendall_tau(x[i], y[i]) for i in pick]))
+
+
+def noise_ceiling(rows: list[dict[str, Any]], resamples: int = 0) -> tuple[float, float, int, float]:
+    """Tau, rho, count and tau's bootstrap standard error between the two seeds' accuracies."""
     both = [r for r in rows if "test_acc_s0" in r and "test_acc_s1" in r]
-    a, b = [r["test_acc_s0"] for r in both], [r["test_acc_s1"] for r in both]
-    return kendall_tau(a, b), spearman(a, b), len(both)
+    a, b = np.array([r["test_acc_s0"] for r in both]), np.array([r["test_acc_s1"] for r in both])
+    return kendall_tau(a, b), spearman(a, b), len(both), bootstrap_se(a, b, resamples, seed=1)
 
 
 def partial_tau(t_xy: float, t_xz: float, t_yz: float) -> float:
@@ -164,13 +174,9 @@ def main() -> None:
 
     rows = [r for r in read_table(Path(args.table)) if "test_acc_mean" in r]
     acc = np.array([r["test_acc_mean"] for r in rows])
-    ceil_tau, ceil_rho, n_both = noise_ceiling(rows)
+    ceil_tau, ceil_rho, n_both, ceil_se = noise_ceiling(rows, args.bootstrap)
     print(f"HybridBench: {len(rows)} architectures, test accuracy {acc.min():.4f}-{acc.max():.4f} "
           f"(std {acc.std():.4f})")
-    both = [r for r in rows if "test_acc_s0" in r and "test_acc_s1" in r]
-    a, b = np.array([r["test_acc_s0"] for r in both]), np.array([r["test_acc_s1"] for r in both])
-    pick = np.random.default_rng(1).integers(0, len(both), size=(args.bootstrap, len(both)))
-    ceil_se = float(np.std([kendall_tau(a[i], b[i]) for i in pick])) if args.bootstrap else math.nan
     print(f"noise ceiling: tau {ceil_tau:.3f} (se {ceil_se:.3f}), rho {ceil_rho:.3f} between two training seeds "
           f"on {n_both} architectures\n")
 
@@ -199,12 +205,11 @@ def main() -> None:
             scores[name] = np.array(rank_aggregate({c: scores[c] for c in cols}))
 
     results: dict[str, dict[str, float]] = {}
-    boot = np.random.default_rng(0).integers(0, len(rows), size=(args.bootstrap, len(rows)))
     t_flops = kendall_tau(scores["flops"], acc) if "flops" in scores else math.nan
     for name, s in scores.items():
         tau, rho = kendall_tau(s, acc), spearman(s, acc)
         results[name] = {"tau": tau, "rho": rho, "of_ceiling": tau / ceil_tau if ceil_tau > 0 else math.nan,
-                         "tau_se": float(np.std([kendall_tau(s[i], acc[i]) for i in boot])) if len(boot) else math.nan,
+                         "tau_se": bootstrap_se(s, acc, args.bootstrap, seed=0),
                          "partial_tau_given_flops": partial_tau(tau, kendall_tau(s, scores["flops"]), t_flops)
                          if "flops" in scores else math.nan}
 

@@ -78,6 +78,14 @@ class Split:
         """Images ``sel`` (positions in this split) and their labels, as one batch."""
         return self.x[sel], self.y[sel]
 
+    @property
+    def in_chans(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.x.shape[2])
+
 
 @dataclass(frozen=True, eq=False)
 class StreamSplit:
@@ -134,15 +142,11 @@ class EvalData:
 
     @property
     def in_chans(self) -> int:
-        if isinstance(self.train, StreamSplit):
-            return int(self.train.source.in_chans)
-        return int(self.train.x.shape[1])
+        return self.train.in_chans
 
     @property
     def img_size(self) -> int:
-        if isinstance(self.train, StreamSplit):
-            return int(self.train.source.img_size)
-        return int(self.train.x.shape[2])
+        return self.train.img_size
 
 
 def _stratified(y: Tensor, val_fraction: float, seed: int, num_classes: int | None) -> tuple[int, Tensor, Tensor]:
@@ -320,9 +324,7 @@ def _balanced_batch(split: Split | StreamSplit, n: int, num_classes: int, seed: 
         idx.append(cls[torch.randperm(len(cls), generator=gen)[:per]])
     sel = torch.cat(idx)
     sel = sel[torch.randperm(len(sel), generator=gen)]
-    if isinstance(split, StreamSplit):
-        return split.take(sel)
-    return split.x[sel], split.y[sel]
+    return split.take(sel)
 
 
 def _latency(model: nn.Module, data: EvalData, device: str, precision: str, cfg: EvalConfig,

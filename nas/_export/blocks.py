@@ -478,21 +478,10 @@ class ConvFFN(nn.Module):
         return channel_linear(self.fc2, self.act(self.dwconv(channel_linear(self.fc1, x))))
 
 
-class NestedMlp(nn.Module):
+class NestedMlp(Mlp):
     """MatFormer's nested FFN (Devvrit et al. 2023, MatFormer: Nested Transformer for Elastic
-    Inference), at full width: fc1, GELU, fc2. Trained so that the first m hidden units (fc1 rows
-    [:m], fc2 columns [:m]) also form a working, smaller FFN."""
-
-    layout = "any"  # [layouts] takes either layout
-
-    def __init__(self, dim: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
-
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        return channel_linear(self.fc2, self.act(channel_linear(self.fc1, x)))
+    Inference), at full width: the same fc1, GELU, fc2 as Mlp, trained so that the first m hidden
+    units (fc1 rows [:m], fc2 columns [:m]) also form a working, smaller FFN."""
 
 
 # --- assembly ------------------------------------------------------------------------------------
