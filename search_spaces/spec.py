@@ -155,6 +155,11 @@ class StageSpec:
                     f"{where}: width {self.width} is not divisible by heads {self.heads} "
                     f"(token mixer {tm!r} splits channels into heads)"
                 )
+            multiple = getattr(tm_cls, "width_multiple", 1)  # e.g. SSD heads of a fixed channel count
+            if self.width % multiple:
+                near = max(multiple, self.width // multiple * multiple)
+                raise ValueError(f"{where}: width {self.width} is not a multiple of {multiple}, which token mixer "
+                                 f"{tm!r} needs; choose a width such as {near}")
 
     def mixers(self) -> list[tuple[str, str]]:
         """(token mixer, channel mixer) of every block."""

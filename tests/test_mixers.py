@@ -24,8 +24,8 @@ from search_spaces.registry import (
 from search_spaces.supernet import _segment_sizes
 
 DIM, HEADS, GRID = 32, 4, (4, 4)
-EXPECTED_TOKEN = {"attention", "single_head", "cascaded_group", "linear", "gated_linear", "ssm", "spectral",
-                  "pool", "sepconv", "identity"}
+EXPECTED_TOKEN = {"attention", "single_head", "cascaded_group", "linear", "gated_linear", "ssm", "ssd", "hydra",
+                  "spectral", "pool", "sepconv", "identity"}
 EXPECTED_CHANNEL = {"mlp", "glu", "conv_ffn", "nested"}
 
 

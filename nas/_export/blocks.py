@@ -358,6 +358,190 @@ class BidirectionalMamba(nn.Module):
         return self.out_proj(y)
 
 
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, shift: bool = False,
+             reverse: bool = False, chunk: int = 32) -> Tensor:
+    """Mamba-2's scan with one scalar decay per head (Dao & Gu 2024, Transformers are SSMs: state
+    space duality), h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t . h_t, as chunks of matmuls.
+    x (b, n, heads, p), dt (b, n, heads), A (heads,), B, C (b, n, s) -> (b, n, heads, p). reverse:
+    from the last token to the first; shift: y_t is the step before's output (Hydra)."""
+    b, n, h, p = x.shape
+    chunks = math.ceil(n / chunk)
+    q = math.ceil(n / chunks)
+    pad = chunks * q - n  # padded tokens (no input, decay 1) go last and change nothing
+    if shift:  # the step before's C at each step
+        C = F.pad(C[:, 1:], (0, 0, 0, 1)) if reverse else F.pad(C[:, :-1], (0, 0, 1, 0))
+    x = F.pad(x, (0, 0, 0, 0, 0, pad)).view(b, chunks, q, h, p)
+    dt, la, B, C = (F.pad(t, (0, 0, 0, pad)).view(b, chunks, q, -1) for t in (dt, dt * A, B, C))
+
+    def running(t: Tensor, rev: bool, exclusive: bool = False) -> Tensor:  # sums along the chunk
+        if exclusive:  # up to the step before
+            t = F.pad(t[:, :, 1:], (0, 0, 0, 1)) if rev else F.pad(t[:, :, :-1], (0, 0, 1, 0))
+        return t.flip(2).cumsum(2).flip(2) if rev else t.cumsum(2)
+
+    def per_column(t: Tensor) -> Tensor:  # (..., heads) -> (..., heads * p)
+        return t[..., None].expand(*t.shape, p).flatten(-2)
+
+    def entering(local: Tensor, total: Tensor) -> Tensor:  # the state carried into each chunk
+        carry, state, out = per_column(total.exp()), torch.zeros_like(local[:, 0]), []
+        for i in (range(chunks - 1, -1, -1) if reverse else range(chunks)):
+            out.append(state)
+            state = carry[:, i] * state + local[:, i]
+        return torch.stack(out[::-1] if reverse else out, 1)
+
+    cs = running(la, reverse)  # (b, chunks, q, heads): log decay from the chunk's start
+    cs_out = running(la, reverse, exclusive=True) if shift else cs
+    total = cs[:, :, :1] if reverse else cs[:, :, -1:]  # each chunk's whole decay
+    ones = torch.ones(q, q, dtype=torch.bool, device=x.device)
+    mask = ones.triu(int(shift)) if reverse else ones.tril(-int(shift))  # which input j reaches output t
+    scores = (C @ B.transpose(-1, -2)).masked_fill(~mask, 0.0)  # C_t . B_j, shared by the heads
+    span = math.inf if torch.jit.is_tracing() else float((cs[:, :, 0] - cs[:, :, -1]).abs().amax())
+    if span <= (400.0 if x.dtype == torch.float64 else 40.0):
+        # exp(cs_t - cs_j) = exp(cs_t - r) exp(r - cs_j), r the middle step: all heads in one matmul
+        r = cs[:, :, q // 2:q // 2 + 1]
+        v = (x * (dt * (r - cs).exp())[..., None]).flatten(-2)
+        y = scores @ v
+        if chunks > 1:
+            state = entering((B.transpose(-1, -2) @ v) * per_column((total - r).exp()), total)
+            y = torch.baddbmm(y.flatten(0, 1), C.flatten(0, 1), (state * per_column(r.exp())).flatten(0, 1))
+        y = y.view(b, chunks, q, h, p) * (cs_out - r).exp()[..., None]
+    else:  # strong decays: a (q, q) decay matrix per head, its sums taken step by step (<= 1)
+        xd = x * dt[..., None]
+        la_h = (la.flip(2) if reverse else la).transpose(2, 3)  # (b, chunks, heads, q)
+        if shift:
+            la_h = F.pad(la_h[..., :-1], (1, 0))
+        seg = la_h[..., :, None].expand(*la_h.shape, q).masked_fill(~ones.tril(-1 - int(shift)), 0.0).cumsum(-2)
+        decay = seg.masked_fill(~ones.tril(-int(shift)), -math.inf).exp()
+        decay = decay.flip(-1, -2) if reverse else decay
+        y = ((decay * scores[:, :, None]) @ xd.transpose(2, 3)).transpose(2, 3)
+        if chunks > 1:
+            to_end = running(la, not reverse, exclusive=True)  # log decay from each step to the chunk's end
+            state = entering(B.transpose(-1, -2) @ (xd * to_end.exp()[..., None]).flatten(-2), total)
+            y = y + (C @ state).unflatten(-1, (h, p)) * cs_out.exp()[..., None]
+    return y.reshape(b, chunks * q, h, p)[:, :n]
+
+
+def conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
+    """Depthwise ``conv`` along the tokens of x (B, N, C): "causal" (sees t-k+1 .. t), "anticausal"
+    (the causal conv of the reversed sequence) or "same" (centred). A (1, k) conv2d on a
+    channels-last view: no transposes."""
+    k, n = conv.kernel_size[0], x.shape[1]
+    w = conv.weight.flip(-1) if mode == "anticausal" else conv.weight
+    y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], conv.bias,
+                 padding=(0, k // 2 if mode == "same" else k - 1), groups=conv.groups).permute(0, 2, 3, 1)[:, 0]
+    return y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]
+
+
+def dt_bias_init(n: int) -> Tensor:
+    """Mamba's delta bias: softplus^-1(dt), dt log-uniform in [1e-3, 0.1]."""
+    dt = torch.exp(torch.rand(n) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm with a SiLU gate z (Mamba-2: norm(y * silu(z)); Hydra: norm(y) * silu(z)), in float32."""
+
+    def __init__(self, dim: int, norm_before_gate: bool) -> None:
+        super().__init__()
+        self.norm_before_gate = norm_before_gate
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        with torch.autocast(y.device.type, enabled=False):
+            dtype = torch.promote_types(y.dtype, torch.float32)
+            y, gate = y.to(dtype), F.silu(z.to(dtype))
+            y = y if self.norm_before_gate else y * gate
+            y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + 1e-5) * self.weight.to(dtype)
+            return (y * gate if self.norm_before_gate else y).to(z.dtype)
+
+
+class Mamba2Branch(nn.Module):
+    """One direction of a Mamba-2 block (Dao & Gu 2024): B, C and delta from the block input, a causal
+    depthwise conv and SiLU over x, B, C, the scan with a scalar A per head (A ~ -U[1, 16]), skip D."""
+
+    def __init__(self, dim: int, d_inner: int, reverse: bool, d_state: int = 16, headdim: int = 16) -> None:
+        super().__init__()
+        self.heads, self.headdim, self.reverse = d_inner // headdim, headdim, reverse
+        self.bc_proj = nn.Linear(dim, 2 * d_state, bias=False)
+        self.delta_proj = nn.Linear(dim, self.heads, bias=False)
+        self.conv_x = nn.Conv1d(d_inner, d_inner, 4, groups=d_inner, padding=3)
+        self.conv_bc = nn.Conv1d(2 * d_state, 2 * d_state, 4, groups=2 * d_state, padding=3)
+        self.dt_bias = nn.Parameter(dt_bias_init(self.heads))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.heads).uniform_(1.0, 16.0)))
+        self.D = nn.Parameter(torch.ones(self.heads))
+
+    def forward(self, u: Tensor, x: Tensor) -> Tensor:
+        mode = "anticausal" if self.reverse else "causal"  # the backward branch reads from the end
+        x = F.silu(conv_tokens(x, self.conv_x, mode))
+        b, c = F.silu(conv_tokens(self.bc_proj(u), self.conv_bc, mode)).chunk(2, dim=-1)
+        dt = self.delta_proj(u)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # the scan runs in float32 at least
+            xh = x.to(dtype).unflatten(-1, (self.heads, self.headdim))
+            dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
+            y = ssd_scan(xh, dt, -torch.exp(self.A_log.to(dtype)), b.to(dtype), c.to(dtype), reverse=self.reverse)
+            return torch.addcmul(y, xh, self.D.to(dtype)[:, None]).flatten(-2)  # skip D
+
+
+class BidirectionalMamba2(nn.Module):
+    """Mamba-2's block (Dao & Gu 2024) run both ways as in Vision Mamba (Zhu et al. 2024):
+    y = fwd(x) + bwd(x) (bwd reads the sequence from its end), gated RMSNorm with z, out_proj."""
+
+    layout = "nlc"  # [layouts] works on (B, N, C) tokens
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.x_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.z_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.fwd = Mamba2Branch(dim, 2 * dim, reverse=False)
+        self.bwd = Mamba2Branch(dim, 2 * dim, reverse=True)
+        self.norm = GatedRMSNorm(2 * dim, norm_before_gate=False)
+        self.out_proj = nn.Linear(2 * dim, dim, bias=False)
+
+    def forward(self, u: Tensor, hw: tuple[int, int]) -> Tensor:
+        x = self.x_proj(u)
+        return self.out_proj(self.norm(self.fwd(u, x) + self.bwd(u, x), self.z_proj(u)))
+
+
+class Hydra(nn.Module):
+    """Hydra's quasiseparable mixer (Hwang et al. 2024, Hydra: Bidirectional State Space Models
+    Through Generalized Matrix Mixers): y = shift(forward scan) + shift(backward scan) + x D(x), with
+    a centred conv, one A per head for both directions (A = -1 at init), gated RMSNorm, out_proj."""
+
+    layout = "nlc"  # [layouts] works on (B, N, C) tokens
+
+    def __init__(self, dim: int, d_state: int = 16, headdim: int = 16) -> None:
+        super().__init__()
+        d_inner = 2 * dim
+        self.heads, self.headdim = d_inner // headdim, headdim
+        self.x_proj = nn.Linear(dim, d_inner, bias=False)
+        self.z_proj = nn.Linear(dim, d_inner, bias=False)
+        self.bc_proj = nn.Linear(dim, 4 * d_state, bias=False)  # B, C forward; B, C backward
+        self.delta_proj = nn.Linear(dim, 2 * self.heads, bias=False)  # delta forward; delta backward
+        self.conv_x = nn.Conv1d(d_inner, d_inner, 7, groups=d_inner, padding=3)
+        self.conv_bc = nn.Conv1d(4 * d_state, 4 * d_state, 7, groups=4 * d_state, padding=3)
+        self.dt_bias = nn.Parameter(dt_bias_init(self.heads))
+        self.A_log = nn.Parameter(torch.zeros(self.heads))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.fc_D = nn.Linear(d_inner, self.heads, bias=False)  # the diagonal's input-dependent part
+        self.norm = GatedRMSNorm(d_inner, norm_before_gate=True)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, u: Tensor, hw: tuple[int, int]) -> Tensor:
+        x = F.silu(conv_tokens(self.x_proj(u), self.conv_x, "same"))
+        bf, cf, bb, cb = F.silu(conv_tokens(self.bc_proj(u), self.conv_bc, "same")).chunk(4, dim=-1)
+        dt, diag = self.delta_proj(u), self.fc_D(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(u.device.type, enabled=False):  # the scans run in float32 at least
+            xh = x.to(dtype).unflatten(-1, (self.heads, self.headdim))
+            dt = F.softplus(dt.to(dtype).unflatten(-1, (2, self.heads)) + self.dt_bias.to(dtype))
+            A = -torch.exp(self.A_log.to(dtype))
+            bf, cf, bb, cb = (t.to(dtype) for t in (bf, cf, bb, cb))
+            y = ssd_scan(xh, dt[:, :, 0], A, bf, cf, shift=True)  # tokens strictly before t
+            y = y + ssd_scan(xh, dt[:, :, 1], A, bb, cb, shift=True, reverse=True)  # strictly after t
+            y = torch.addcmul(y, xh, (diag.to(dtype) + self.D.to(dtype))[..., None])  # the diagonal
+        return self.out_proj(self.norm(y.flatten(-2), self.z_proj(u)))
+
+
 class GlobalFilter(nn.Module):
     """GFNet's global filter (Rao et al. 2021, Global Filter Networks for Image Classification):
     irfft2(rfft2(x) * K), a learned complex filter K per channel over the token grid."""

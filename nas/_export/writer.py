@@ -30,6 +30,8 @@ TOKEN_MIXERS: dict[str, tuple[str, str]] = {
     "linear": ("LinearAttention", "LinearAttention(dim, heads)"),
     "gated_linear": ("BidirectionalGLA", "BidirectionalGLA(dim, heads)"),
     "ssm": ("BidirectionalMamba", "BidirectionalMamba(dim)"),
+    "ssd": ("BidirectionalMamba2", "BidirectionalMamba2(dim)"),
+    "hydra": ("Hydra", "Hydra(dim)"),
     "spectral": ("GlobalFilter", "GlobalFilter(dim, (g, g))"),
     "pool": ("Pooling", "Pooling()"),
     "sepconv": ("SepConv", "SepConv(dim)"),

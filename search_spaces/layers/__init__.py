@@ -12,8 +12,10 @@ from search_spaces.layers import (  # noqa: F401  (imported for registration)
     channel_mixers,
     conv_mixers,
     gated_linear,
+    hydra,
     linear_attention,
     spectral,
+    ssd,
     ssm,
 )
 from search_spaces.layers.norm import NORMS, make_norm

@@ -1,0 +1,283 @@
+"""State space duality (SSD): Mamba-2's selective scan as chunked, batched matrix products.
+
+Dao & Gu 2024, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through
+Structured State Space Duality" (ICML 2024). With the state matrix restricted to a scalar per
+head, ``A_t = exp(dt_t a)``, the scan
+
+    h_t = exp(dt_t a) h_{t-1} + dt_t B_t x_t^T,      y_t = h_t^T C_t        (h_t: d_state x headdim)
+
+is multiplication by a semiseparable matrix, ``y = (L o C B^T) (dt x)`` with
+``L[t, j] = exp(a (dt_{j+1} + ... + dt_t))`` for ``j <= t``. The chunked algorithm (paper, Sec. 6)
+splits the sequence into chunks of ``q`` tokens:
+
+1. inside each chunk, the quadratic ("attention") form: a (q, q) matrix per head, applied by a
+   batched matmul;
+2. each chunk's contribution to the state it hands on: one (d_state, q) x (q, headdim) matmul;
+3. the states carried from chunk to chunk (a recurrence over n / q steps, a short loop);
+4. what the carried state adds to each chunk's outputs: one (q, d_state) x (d_state, headdim) matmul.
+
+Work is O(n q) for the chunk-local part and O(n d_state headdim) for the rest, memory O(n q) per
+head; no (n, d_state, headdim) state is ever materialised for all tokens. Everything is plain
+differentiable PyTorch (autograd gives the backward pass; ``torch.onnx`` traces it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: tokens per chunk; the chunk-local work grows with it, the number of carried states shrinks
+CHUNK = 32
+# Largest decay inside one chunk (sum of -dt a over it) for which the factorised in-chunk form is used:
+# its factors reach exp(span / 2), which must stay far from the dtype's largest value.
+_FACTOR_SPAN = {torch.float32: 40.0, torch.float64: 400.0}
+
+
+def ssd_recurrence(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, shift: bool = False,
+                   reverse: bool = False) -> Tensor:
+    """The definition, step by step (for tests): x (b, n, h, p), dt (b, n, h), A broadcastable to
+    (b, h) or (h,), B and C (b, n, s) -> y (b, n, h, p), zero initial state. ``reverse``: the steps
+    run from the last token to the first. ``shift``: each step's output is the one of the step
+    before it (zero for the first), Hydra's ``shift(SS(x))``."""
+    b, n, h, p = x.shape
+    state = x.new_zeros(b, h, B.shape[-1], p)
+    out: list[Tensor] = [x.new_zeros(0)] * n
+    prev = torch.zeros_like(x[:, 0])
+    for t in (range(n - 1, -1, -1) if reverse else range(n)):
+        decay = torch.exp(dt[:, t] * A)  # (b, h)
+        inp = B[:, t, None, :, None] * (dt[:, t, :, None] * x[:, t])[:, :, None, :]  # (b, h, s, p)
+        state = decay[..., None, None] * state + inp
+        y = (C[:, t, None, :, None] * state).sum(2)
+        out[t], prev = (prev, y) if shift else (y, y)
+    return torch.stack(out, dim=1) if n else x.clone()
+
+
+def _span_ok(cs: Tensor) -> Tensor | None:
+    """Per head, whether the factorised form is safe for every chunk (``cs``: (b, c, q, h) in-chunk
+    running log decays); None while a graph is traced (ONNX) or a CUDA graph captured, where a
+    data-dependent branch cannot be taken: the per-head form is used there."""
+    if torch.jit.is_tracing() or (cs.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    span = (cs[:, :, 0] - cs[:, :, -1]).abs().amax((0, 1))  # (h,): largest decay inside one chunk
+    return span <= _FACTOR_SPAN.get(cs.dtype, 0.0)
+
+
+def _mask(q: int, shift: bool, reverse: bool, device: torch.device) -> Tensor:
+    """(q, q) bool, [t, j]: whether input j reaches output t: j <= t (j < t with the shift); transposed
+    for a reverse scan."""
+    ones = torch.ones(q, q, dtype=torch.bool, device=device)
+    return ones.triu(int(shift)) if reverse else ones.tril(-int(shift))
+
+
+def _running(log_a: Tensor, reverse: bool, exclusive: bool = False) -> Tensor:
+    """Running sums of (b, c, q, h) log decays along q in the scan's direction, up to and including
+    each step (or up to the step before it). Summed directly, never as a difference of running sums,
+    which loses digits when the decay inside a chunk is strong."""
+    if exclusive:  # step t carries the log decay of the step before it (zero for the first)
+        log_a = F.pad(log_a[:, :, 1:], (0, 0, 0, 1)) if reverse else F.pad(log_a[:, :, :-1], (0, 0, 1, 0))
+    return log_a.flip(2).cumsum(2).flip(2) if reverse else log_a.cumsum(2)
+
+
+def _intra_factored(cs_in: Tensor, cs_out: Tensor, xd: Tensor, scores: Tensor) -> Tensor:
+    """Inside the chunks, all heads in one matmul: ``exp(cs_t - cs_j) = exp(cs_t - r) exp(r - cs_j)``
+    with r the chunk's middle step, so the decays scale the rows and columns of x and the head-shared
+    ``C B^T`` is applied once to all heads (the split GLA also uses: Yang et al. 2024, Sec. 4.2). Each
+    factor is at most exp(span / 2): safe while ``_span_ok``. cs_in, cs_out (b, c, q, h): the running
+    log decays on the input and the output side; xd (b, c, q, h, p); scores (b, c, q, q), masked."""
+    q = cs_in.shape[2]
+    ref = cs_in[:, :, q // 2:q // 2 + 1]
+    y = scores @ (xd * (ref - cs_in).exp()[..., None]).flatten(-2)  # (b, c, q, h * p)
+    return y.unflatten(-1, xd.shape[-2:]) * (cs_out - ref).exp()[..., None]
+
+
+def _intra_per_head(log_a: Tensor, xd: Tensor, scores: Tensor, shift: bool, reverse: bool) -> Tensor:
+    """Inside the chunks, head by head (any decay): ``L[t, j] = exp(log_a_{j+1} + ... + log_a_t) <= 1``
+    for the pairs of ``_mask`` (up to ``log_a_{t-1}`` with the shift; mirrored for a reverse scan) as
+    a (q, q) matrix per head, times ``C B^T``, times x. The sums are cumulated along t over the
+    masked steps (Mamba-2's stable "segsum"). log_a (b, c, q, h); xd (b, c, q, h, p); scores
+    (b, c, q, q), masked."""
+    q = log_a.shape[2]
+    if reverse:  # the forward construction on the mirrored steps, mirrored back
+        log_a = log_a.flip(2)
+    if shift:  # step m carries log_a_{m-1}: the sums stop one step earlier
+        log_a = F.pad(log_a[:, :, :-1], (0, 0, 1, 0))
+    la = log_a.transpose(2, 3)[..., :, None].expand(*log_a.shape[:2], log_a.shape[3], q, q)  # [.., k, j] = la_k
+    keep = torch.ones(q, q, dtype=torch.bool, device=la.device).tril(-1 - int(shift))  # [k, j]: k > j (+1)
+    seg = la.masked_fill(~keep, 0.0).cumsum(-2)  # [.., t, j]: the sum over the steps between j and t
+    decay = seg.masked_fill(~_mask(q, shift, False, la.device), -math.inf).exp()  # (b, c, h, q, q)
+    if reverse:
+        decay = decay.flip(-1, -2)
+    return ((decay * scores[:, :, None]) @ xd.transpose(2, 3)).transpose(2, 3)
+
+
+def _per_column(t: Tensor, p: int) -> Tensor:
+    """(..., h) per-head values repeated for each of the head's p columns: (..., h * p). (An expand,
+    not ``repeat_interleave``, which the ONNX exporter turns into a wrongly shaped graph.)"""
+    return t[..., None].expand(*t.shape, p).flatten(-2)
+
+
+def _carry(local: Tensor, total: Tensor, p: int, reverse: bool) -> Tensor:
+    """The state entering each chunk, (b, c, s, h * p), from the states the chunks leave by their own
+    inputs ``local`` (b, c, s, h * p) and their whole-chunk log decays ``total`` (b, c, 1, h): a short
+    recurrence over the chunks in the scan's direction (step 3)."""
+    carry = _per_column(total.exp(), p)  # (b, c, 1, h * p): per column of the state
+    order = range(local.shape[1] - 1, -1, -1) if reverse else range(local.shape[1])
+    state = torch.zeros_like(local[:, 0])
+    entering = []
+    for i in order:
+        entering.append(state)
+        state = carry[:, i] * state + local[:, i]
+    return torch.stack(entering[::-1] if reverse else entering, 1)
+
+
+def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, shift: bool = False,
+                reverse: bool = False, chunk: int = CHUNK) -> Tensor:
+    """The same ``y`` as :func:`ssd_recurrence` by the chunked algorithm (see the module docstring).
+
+    x (b, n, h, p); dt (b, n, h), >= 0; A (h,) or (b, 1, h), <= 0 (a scalar per head); B, C
+    (b, n, s) shared by the heads (one group). ``reverse``: the scan runs from the last token to the
+    first, computed in place (no (b, n, h, p) tensor is flipped). ``shift``: y_t is the output of the
+    step before, ``C_{t-1} . h_{t-1}``: a strictly causal scan read through ``C`` shifted by one token.
+    Computes in the promoted dtype of the inputs.
+    """
+    b, n, h, p = x.shape
+    if n == 0:
+        return x.clone()
+    chunks = math.ceil(n / chunk)
+    size = math.ceil(n / chunks)  # <= chunk; pads fewer than `chunks` tokens in total
+    pad = chunks * size - n
+    log_a = dt * A  # (b, n, h): log of each step's decay
+    if shift:  # the step before's C at every step
+        C = F.pad(C[:, 1:], (0, 0, 0, 1)) if reverse else F.pad(C[:, :-1], (0, 0, 1, 0))
+    if pad:  # padded tokens go last (first in a reverse scan): log decay 0 and zero inputs change nothing
+        x, dt, log_a = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad)), F.pad(log_a, (0, 0, 0, pad))
+        B, C = F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))
+    xc, dtc = x.view(b, chunks, size, h, p), dt.view(b, chunks, size, h)
+    log_a = log_a.view(b, chunks, size, h)
+    cs = _running(log_a, reverse)  # (b, c, q, h): the input side's running log decay in the chunk
+    cs_out = _running(log_a, reverse, exclusive=True) if shift else cs  # the output side's
+    Bc, Cc = B.view(b, chunks, size, -1), C.view(b, chunks, size, -1)  # (b, c, q, s)
+    # 1. inside the chunks: C_t . B_j, shared by the heads, for the pairs (t, j) the scan connects
+    scores = (Cc @ Bc.transpose(-1, -2)).masked_fill(~_mask(size, shift, reverse, x.device), 0.0)
+    ok = _span_ok(cs)
+    if ok is not None and bool(ok.all()):
+        y = _fast(xc, dtc, cs, cs_out, Bc, Cc, scores, reverse)
+    else:
+        y = _general(xc, dtc, log_a, cs, cs_out, Bc, Cc, scores, ok, shift, reverse)
+    y = y.reshape(b, chunks * size, h, p)
+    return y[:, :n] if pad else y
+
+
+def _fast(xc: Tensor, dtc: Tensor, cs: Tensor, cs_out: Tensor, Bc: Tensor, Cc: Tensor, scores: Tensor,
+          reverse: bool) -> Tensor:
+    """Steps 1-4 when every head's decay inside a chunk is within ``_FACTOR_SPAN``: all heads in each
+    matmul and one pass over x on either side. With r the chunk's middle step, v = dt x exp(r - cs)
+    is what the head-shared C B^T multiplies and what B^T collects into the chunk's state (times
+    exp(cs_end - r)); exp(cs_out - r) scales the sum of both outputs (see :func:`_intra_factored`).
+    Shapes as in :func:`ssd_chunked`, chunked: (b, c, q, ...)."""
+    c, q, h, p = xc.shape[1:]
+    ref = cs[:, :, q // 2:q // 2 + 1]  # (b, c, 1, h)
+    v = (xc * (dtc * (ref - cs).exp())[..., None]).flatten(-2)  # (b, c, q, h * p)
+    y = scores @ v
+    if c > 1:
+        total = cs[:, :, :1] if reverse else cs[:, :, -1:]  # the chunk's last step in the scan's order
+        local = (Bc.transpose(-1, -2) @ v) * _per_column((total - ref).exp(), p)  # (b, c, s, h * p)
+        # the entering state's factor exp(cs_out_t) = exp(cs_out_t - r) exp(r): exp(r) is applied here
+        state = _carry(local, total, p, reverse) * _per_column(ref.exp(), p)
+        y = torch.baddbmm(y.flatten(0, 1), Cc.flatten(0, 1), state.flatten(0, 1)).view_as(y)
+    return y.unflatten(-1, (h, p)) * (cs_out - ref).exp()[..., None]
+
+
+def _general(xc: Tensor, dtc: Tensor, log_a: Tensor, cs: Tensor, cs_out: Tensor, Bc: Tensor, Cc: Tensor,
+             scores: Tensor, ok: Tensor | None, shift: bool, reverse: bool) -> Tensor:
+    """Steps 1-4 for any decay: heads whose decay inside some chunk exceeds ``_FACTOR_SPAN`` (all
+    heads while tracing) take the per-head in-chunk form; the weights that carry inputs to the end
+    of a chunk are running sums taken from that end."""
+    c, h, p = xc.shape[1], xc.shape[3], xc.shape[4]
+    xd = xc * dtc[..., None]
+    if ok is None or not bool(ok.any()):
+        y = _intra_per_head(log_a, xd, scores, shift, reverse)
+    else:  # the heads with strong decay take the per-head form, the others the factorised one
+        fast, slow = ok.nonzero()[:, 0], (~ok).nonzero()[:, 0]
+        y = torch.cat([_intra_factored(cs[..., fast], cs_out[..., fast], xd[..., fast, :], scores),
+                       _intra_per_head(log_a[..., slow], xd[..., slow, :], scores, shift, reverse)], dim=3)
+        y = y[..., torch.cat([fast, slow]).argsort(), :]  # back to the heads' order
+    if c > 1:
+        to_end = _running(log_a, not reverse, exclusive=True)  # log decay from each step to the chunk's end
+        local = Bc.transpose(-1, -2) @ (xd * to_end.exp()[..., None]).flatten(-2)  # (b, c, s, h * p)
+        total = cs[:, :, :1] if reverse else cs[:, :, -1:]
+        y = y + (Cc @ _carry(local, total, p, reverse)).unflatten(-1, (h, p)) * cs_out.exp()[..., None]
+    return y
+
+
+def depthwise_conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
+    """The depthwise ``conv`` along the tokens of x (B, N, C) -> (B, N, C). ``mode``: "causal" (Mamba:
+    token t sees t-k+1 .. t), "anticausal" (the causal conv of the time-reversed sequence: t sees
+    t .. t+k-1, kernel mirrored) or "same" (centred, odd k: Hydra). Run as a (1, k) conv2d on a
+    channels-last view: no transposes, and oneDNN's NHWC depthwise kernel (about 2x faster than
+    conv1d fwd+bwd on CPU here)."""
+    k, n = conv.kernel_size[0], x.shape[1]
+    w = conv.weight.flip(-1) if mode == "anticausal" else conv.weight
+    pad = k // 2 if mode == "same" else k - 1
+    y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], conv.bias, padding=(0, pad), groups=conv.groups)
+    y = y.permute(0, 2, 3, 1)[:, 0]  # (B, N + padding, C), in channels-last memory
+    return y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019) with a SiLU gate ``z``, as Mamba-2 ends its mixer (Dao & Gu
+    2024): ``norm(y * silu(z)) * w``, or ``norm(y) * w * silu(z)`` when ``norm_before_gate`` (Hydra,
+    Hwang et al. 2024). Computed in float32 at least, returned in ``z``'s dtype."""
+
+    def __init__(self, dim: int, norm_before_gate: bool, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm_before_gate, self.eps = norm_before_gate, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        dtype = torch.promote_types(y.dtype, torch.float32)
+        with torch.autocast(y.device.type, enabled=False):
+            y, gate = y.to(dtype), F.silu(z.to(dtype))
+            if not self.norm_before_gate:
+                y = y * gate
+            y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps) * self.weight.to(dtype)
+            if self.norm_before_gate:
+                y = y * gate
+            return y.to(z.dtype)
+
+
+def inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4) -> Tensor:
+    """Mamba's Δ bias initialisation (Gu & Dao 2023): ``softplus^-1(dt)`` with dt log-uniform in
+    [dt_min, dt_max], so that ``softplus(bias)`` starts in that range."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class SSDMixer(nn.Module):
+    """What the SSD token mixers (``ssd``: Mamba-2, ``hydra``: Hydra) share: sequence-only mixers on
+    (B, N, C) tokens, class tokens included (``hw`` is not used), linear in N, with an inner width
+    of ``expand * dim`` split into heads of ``headdim`` channels, each with its own scalar A and Δ,
+    and B, C of ``d_state`` shared by the heads (one group)."""
+
+    layout: ClassVar[str] = "nlc"
+    uses_heads: ClassVar[bool] = False  # heads = d_inner / headdim follow the width
+    supports_prefix: ClassVar[bool] = True
+    complexity: ClassVar[str] = "linear"
+    onnx_blocker: ClassVar[str | None] = None
+    expand: ClassVar[int] = 2  # d_inner = expand * dim
+    d_state: ClassVar[int] = 16
+    headdim: ClassVar[int] = 16  # every width of the spaces is a multiple of 8: d_inner of 16
+    width_multiple: ClassVar[int] = 8  # headdim / expand: the spec refuses other widths
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.d_inner = self.expand * dim
+        if self.d_inner % self.headdim:
+            raise ValueError(f"token mixer {getattr(self, 'registry_name', type(self).__name__)!r} needs a width "
+                             f"that is a multiple of {self.width_multiple} (heads of {self.headdim} channels); "
+                             f"got width {dim}")
+        self.nheads = self.d_inner // self.headdim

@@ -1,0 +1,242 @@
+"""SSD (Mamba-2) and Hydra token mixers: the chunked scan against the step-by-step recurrence in
+float64, both mixers against their papers' formulations written plainly (flips, one conv over
+(x, B, C), Hydra's roll-and-zero shift), the initialisations and the width check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from search_spaces.layers import _ssd
+from search_spaces.layers._ssd import depthwise_conv_tokens, ssd_chunked, ssd_recurrence
+from search_spaces.layers.hydra import Hydra
+from search_spaces.layers.ssd import BidirectionalMamba2
+
+LENGTHS = [1, 2, 7, 31, 32, 33, 64, 100, 196, 197]  # 32 is the chunk: below, at and across it
+
+
+def _inputs(n: int, scale: float, seed: int, b: int = 2, h: int = 4, p: int = 8, s: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, h, p, generator=g, dtype=torch.float64)
+    dt = scale * torch.rand(b, n, h, generator=g, dtype=torch.float64)
+    A = -1.0 - 15.0 * torch.rand(h, generator=g, dtype=torch.float64)  # Mamba-2's A range [-16, -1]
+    B = torch.randn(b, n, s, generator=g, dtype=torch.float64)
+    C = torch.randn(b, n, s, generator=g, dtype=torch.float64)
+    return x, dt, A, B, C
+
+
+# dt scales for the three ways through the chunk: every head factorised, some heads, none
+REGIMES = {"factorised": 0.02, "mixed": 0.3, "per_head": 5.0}
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_the_regimes_take_the_paths_they_name(regime: str) -> None:
+    dt, A = _inputs(196, REGIMES[regime], 0)[1:3]
+    chunks = dt.float().view(2, 7, 28, 4) * A.float()
+    ok = _ssd._span_ok(chunks.cumsum(2))
+    assert ok is not None
+    assert {"factorised": bool(ok.all()), "mixed": bool(ok.any()) and not bool(ok.all()),
+            "per_head": not bool(ok.any())}[regime]
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunked_scan_equals_the_float64_recurrence(regime: str, shift: bool, reverse: bool) -> None:
+    for n in LENGTHS:
+        x, dt, A, B, C = _inputs(n, REGIMES[regime], n)
+        want = ssd_recurrence(x, dt, A, B, C, shift=shift, reverse=reverse)
+        got = ssd_chunked(*(t.float() for t in (x, dt, A, B, C)), shift=shift, reverse=reverse)
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"n={n}")
+
+
+def test_reverse_is_the_forward_scan_of_the_flipped_sequence() -> None:
+    x, dt, A, B, C = _inputs(37, 0.3, 1)
+    for shift in (False, True):
+        flipped = ssd_recurrence(x.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), shift=shift).flip(1)
+        torch.testing.assert_close(ssd_recurrence(x, dt, A, B, C, shift=shift, reverse=True), flipped)
+
+
+def test_chunked_scan_gradients_equal_the_recurrence() -> None:
+    x, dt, A, B, C = _inputs(45, 0.3, 2)
+    ins = [t.clone().requires_grad_(True) for t in (x, dt, A, B, C)]
+    grads_want = torch.autograd.grad(ssd_recurrence(*ins, shift=True, reverse=True).square().sum(), ins)
+    grads_got = torch.autograd.grad(ssd_chunked(*ins, shift=True, reverse=True).square().sum(), ins)
+    for want, got in zip(grads_want, grads_got):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+
+
+def test_traced_scan_takes_the_per_head_form_and_agrees() -> None:
+    x, dt, A, B, C = (t.float() for t in _inputs(50, 0.02, 3))
+    traced = torch.jit.trace(lambda *a: ssd_chunked(*a, shift=True), (x, dt, A, B, C))
+    torch.testing.assert_close(traced(x, dt, A, B, C), ssd_chunked(x, dt, A, B, C, shift=True),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_scan_memory_is_linear_in_tokens() -> None:
+    """No (n, n) or (n, d_state, headdim)-per-token tensor: the largest tensor the scan makes grows
+    linearly with the tokens (chunk-local (q, q) blocks and per-chunk states only)."""
+    biggest = {}
+    for n in (256, 1024):
+        x, dt, A, B, C = (t.float() for t in _inputs(n, 0.3, 4, b=1))
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, sizes=sizes: sizes.append(t.numel()) or t,
+                                                      lambda t: t):
+            ssd_chunked(x.requires_grad_(True), dt, A, B, C)
+        biggest[n] = max(sizes)
+    assert biggest[1024] <= 4 * biggest[256]
+    assert biggest[256] <= 256 * 4 * 32 * 2  # tokens x heads x chunk (x2: per-head decay and scores)
+
+
+@pytest.mark.parametrize("mode", ["causal", "anticausal", "same"])
+def test_depthwise_conv_tokens_equals_conv1d(mode: str) -> None:
+    torch.manual_seed(0)
+    k = 7 if mode == "same" else 4
+    conv = torch.nn.Conv1d(6, 6, k, groups=6, padding=k // 2 if mode == "same" else k - 1)
+    x = torch.randn(2, 9, 6)
+    if mode == "same":
+        want = conv(x.transpose(1, 2)).transpose(1, 2)
+    else:
+        seq = x.flip(1) if mode == "anticausal" else x
+        want = conv(seq.transpose(1, 2))[..., :9].transpose(1, 2)
+        want = want.flip(1) if mode == "anticausal" else want
+    torch.testing.assert_close(depthwise_conv_tokens(x, conv, mode), want)
+
+
+# ------------------------------------------------------------------------------------------------
+# the mixers against their papers' formulations, written plainly, in float64
+# ------------------------------------------------------------------------------------------------
+
+
+def _perturb(m: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _rms(y: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps) * w
+
+
+def _conv_xbc(xbc: torch.Tensor, convs: list[torch.nn.Conv1d], padding: int, n: int) -> torch.Tensor:
+    """Mamba-2's / Hydra's one depthwise conv over the concatenated (x, B, C) channels."""
+    w = torch.cat([c.weight for c in convs])
+    b = torch.cat([c.bias for c in convs])
+    return F.conv1d(xbc.transpose(1, 2), w, b, padding=padding, groups=w.shape[0])[..., :n].transpose(1, 2)
+
+
+def plain_mamba2(m: BidirectionalMamba2, u: torch.Tensor) -> torch.Tensor:
+    """Vision-Mamba-style bidirectional Mamba-2: the backward branch on the flipped sequence."""
+    x, z = m.x_proj(u), m.z_proj(u)
+
+    def branch(br: torch.nn.Module, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        n, s = x.shape[1], m.d_state
+        xbc = F.silu(_conv_xbc(torch.cat([x, br.bc_proj(u)], -1), [br.conv_x, br.conv_bc], m.d_conv - 1, n))
+        x, b, c = xbc.split([m.d_inner, s, s], dim=-1)
+        dt = F.softplus(br.delta_proj(u) + br.dt_bias)
+        xh = x.unflatten(-1, (br.nheads, m.headdim))
+        return (ssd_recurrence(xh, dt, -torch.exp(br.A_log), b, c) + br.D[:, None] * xh).flatten(-2)
+
+    y = branch(m.fwd, u, x) + branch(m.bwd, u.flip(1), x.flip(1)).flip(1)
+    return m.out_proj(_rms(y * F.silu(z), m.norm.weight, m.norm.eps))
+
+
+def plain_hydra(m: Hydra, u: torch.Tensor) -> torch.Tensor:
+    """Hydra as its paper's code writes it: both directions stacked on the batch (the backward one
+    flipped), one forward scan, roll by one token and zero the first, flip back, add the diagonal."""
+    bsz, n = u.shape[:2]
+    s, h = m.d_state, m.nheads
+    x, z = m.x_proj(u), m.z_proj(u)
+    xbc = F.silu(_conv_xbc(torch.cat([x, m.bc_proj(u)], -1), [m.conv_x, m.conv_bc], m.d_conv // 2, n))
+    x, bc = xbc.split([m.d_inner, 4 * s], dim=-1)
+    dt = m.delta_proj(u)
+    dt = F.softplus(torch.cat([dt[..., :h], dt[..., h:].flip(1)]) + m.dt_bias)
+    xs = torch.cat([x, x.flip(1)]).unflatten(-1, (h, m.headdim))
+    bc = torch.cat([bc[..., :2 * s], bc[..., 2 * s:].flip(1)])
+    b, c = bc.split([s, s], dim=-1)
+    y = ssd_recurrence(xs, dt, -torch.exp(m.A_log), b, c).flatten(-2)
+    y = torch.roll(y, shifts=1, dims=1)
+    y[:, 0] = 0.0
+    diag = F.linear(x, m.fc_D.weight, m.D).repeat_interleave(m.headdim, dim=-1)
+    y = y[:bsz] + y[bsz:].flip(1) + x * diag
+    return m.out_proj(_rms(y, m.norm.weight, m.norm.eps) * F.silu(z))
+
+
+MIXERS = {"ssd": (BidirectionalMamba2, plain_mamba2), "hydra": (Hydra, plain_hydra)}
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+@pytest.mark.parametrize("n", [1, 17, 50, 197])
+def test_mixer_equals_its_plain_formulation_in_float64(name: str, n: int) -> None:
+    cls, plain = MIXERS[name]
+    torch.manual_seed(0)
+    m = cls(24)  # d_inner 48: 3 heads of 16
+    _perturb(m, 1)
+    u = torch.randn(2, n, 24)
+    with torch.no_grad():
+        want = plain(copy.deepcopy(m).double(), u.double())
+        got = m(u, (1, n))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_mixer_gradients_equal_the_plain_formulation(name: str) -> None:
+    cls, plain = MIXERS[name]
+    torch.manual_seed(0)
+    m = cls(16).double()
+    _perturb(m, 2)
+    u = torch.randn(2, 40, 16, dtype=torch.float64, requires_grad=True)
+    ref = copy.deepcopy(m)
+    g_got = torch.autograd.grad(m(u, (1, 40)).square().sum(), [u, *m.parameters()])
+    g_want = torch.autograd.grad(plain(ref, u).square().sum(), [u, *ref.parameters()])
+    for got, want in zip(g_got, g_want):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+
+
+def test_ssd_branches_run_both_ways() -> None:
+    """Swapping the two branches' weights and flipping the sequence flips the output."""
+    torch.manual_seed(0)
+    m, swapped = BidirectionalMamba2(16), BidirectionalMamba2(16)
+    _perturb(m, 3)
+    swap = {"fwd.": "bwd.", "bwd.": "fwd."}
+    swapped.load_state_dict({(swap[k[:4]] + k[4:] if k[:4] in swap else k): v for k, v in m.state_dict().items()})
+    u = torch.randn(2, 21, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(u.flip(1), (1, 21)), m(u, (1, 21)).flip(1), rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_follows_the_papers() -> None:
+    torch.manual_seed(0)
+    m = BidirectionalMamba2(64)  # d_inner 128: 8 heads
+    for br in (m.fwd, m.bwd):
+        a = torch.exp(br.A_log)
+        assert br.nheads == 8 and a.min() >= 1.0 and a.max() <= 16.0  # Mamba-2: A ~ -U[1, 16]
+        dt = F.softplus(br.dt_bias)
+        assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6  # Δ starts in [1e-3, 0.1]
+        assert torch.equal(br.D, torch.ones(8))
+    hy = Hydra(64)
+    assert torch.equal(hy.A_log, torch.zeros(8)) and torch.equal(hy.D, torch.ones(8))  # Hydra: A = -1
+    assert F.softplus(hy.dt_bias).max() <= 0.1 + 1e-6
+    assert hy.conv_x.kernel_size == (7,) and m.fwd.conv_x.kernel_size == (4,)
+
+
+@pytest.mark.parametrize("cls", [BidirectionalMamba2, Hydra])
+def test_a_width_the_heads_do_not_divide_is_refused(cls: type) -> None:
+    with pytest.raises(ValueError, match="multiple of 8"):
+        cls(20)
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_a_spec_with_such_a_width_is_refused_in_one_line(name: str) -> None:
+    from search_spaces.spec import ArchSpec
+
+    stage = {"depth": 1, "width": 20, "token_mixer": name, "channel_mixer": "mlp"}
+    with pytest.raises(ValueError, match=f"width 20 is not a multiple of 8, which token mixer '{name}' needs"):
+        ArchSpec.from_dict({"stem": {"kind": "conv", "stride": 4}, "stages": [stage]})
+    ArchSpec.from_dict({"stem": {"kind": "conv", "stride": 4}, "stages": [{**stage, "width": 24}]})
