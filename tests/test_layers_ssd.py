@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from search_spaces.layers import _ssd
-from search_spaces.layers._ssd import depthwise_conv_tokens, ssd_chunked, ssd_recurrence
+from search_spaces.layers._ssd import ssd_chunked, ssd_recurrence
+from search_spaces.layers.common import depthwise_conv_tokens
 from search_spaces.layers.hydra import Hydra
 from search_spaces.layers.ssd import BidirectionalMamba2
 

@@ -252,6 +252,50 @@ def test_gla_chunked_both_intra_chunk_forms_equal_the_loop(spans: dict, n: int, 
     torch.testing.assert_close(got.double(), torch.stack(want, 1), atol=1e-5, rtol=1e-5)
 
 
+def _gla_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
+    """GLA as written in the paper, one step at a time (differentiable)."""
+    s = torch.zeros(*q.shape[:-2], q.shape[-1], v.shape[-1], dtype=q.dtype)
+    out = []
+    for t in range(q.shape[-2]):
+        s = log_alpha[..., t, :, None].exp() * s + k[..., t, :, None] * v[..., t, None, :]
+        out.append((q[..., t, :, None] * s).sum(-2))
+    return torch.stack(out, -2)
+
+
+@pytest.mark.parametrize("spans", [{}, {torch.float32: math.inf, torch.float64: math.inf}])
+@pytest.mark.parametrize("n", [16, 37])
+def test_gla_chunked_gradients_equal_the_loop(spans: dict, n: int,  # type: ignore[type-arg]
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both intra-chunk forms, several chunks (37: three, the last padded), two batch dims: the
+    gradients of every input equal the step-by-step recurrence's in float64."""
+    import search_spaces.layers.gated_linear as gl
+
+    monkeypatch.setattr(gl, "_MATMUL_SPAN", spans)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, n, 6, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    log_alpha = (F.logsigmoid(2 * torch.randn(2, 3, n, 6, generator=g, dtype=torch.float64)) / 4).requires_grad_()
+    ins = [q, k, v, log_alpha]
+    got, want = gla_chunked(*ins), _gla_loop(*ins)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, ins, w), torch.autograd.grad(want, ins, w)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_gla_chunked_second_derivative() -> None:
+    """Double backward (GraSP's Hessian-vector product) through the chunked form is exact too."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 20, 4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    log_alpha = (F.logsigmoid(torch.randn(1, 20, 4, generator=g, dtype=torch.float64)) / 4).requires_grad_()
+    ins = [q, k, v, log_alpha]
+    hvp = []
+    for fn in (gla_chunked, _gla_loop):
+        grads = torch.autograd.grad(fn(*ins).pow(2).sum(), ins, create_graph=True)
+        hvp.append(torch.autograd.grad(sum((gi * gi).sum() for gi in grads), ins))
+    for a, b in zip(*hvp):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 def test_gated_linear_errors() -> None:
     with pytest.raises(ValueError, match="divisible"):
         BidirectionalGLA(10, heads=3)
@@ -302,11 +346,22 @@ def _scan_loop(u, delta, a, b, c):  # type: ignore[no-untyped-def]
     return torch.stack(ys, 1)
 
 
-@pytest.mark.parametrize("bsz,n", [(3, 1), (5, 17), (9, 64)])
+def _small_blocks(monkeypatch: pytest.MonkeyPatch, samples: int, steps: int, state: int) -> None:
+    """Blocks of ``samples`` samples by ``steps`` time steps for a state of ``state`` = S * D elements."""
+    import search_spaces.layers._selective_scan as ss
+
+    monkeypatch.setattr(ss, "STEP_ELEMENTS", samples * state)
+    monkeypatch.setattr(ss, "BLOCK_ELEMENTS", samples * steps * state)
+
+
+# (batch, tokens): batches of 1, 3 (slices of 2 and 1), 64; lengths shorter than a block, a multiple
+# of it, and not a multiple (the last block is short)
+@pytest.mark.parametrize("bsz,n", [(1, 1), (3, 1), (1, 23), (3, 17), (5, 10), (9, 64), (64, 13)])
 def test_fused_selective_scan_equals_the_float64_loop(bsz: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import search_spaces.layers._selective_scan as ss
 
-    monkeypatch.setattr(ss, "SLICE_ELEMENTS", 2 * n * 8 * 4)  # slices of 2 samples: the last one is short
+    _small_blocks(monkeypatch, 2, 5, 8 * 4)  # slices of 2 samples by 5 steps (a lone sample: 10)
+    assert ss._plan(bsz, n, 8 * 4) == (min(bsz, 2), min(n, 10 // min(bsz, 2)))
     ins = _scan_inputs(bsz, n, 8, 4, torch.float32)
     ref = [t.detach().double().requires_grad_() for t in ins]
     y, y_ref = ss.selective_scan(*ins), _scan_loop(*ref)
@@ -316,6 +371,84 @@ def test_fused_selective_scan_equals_the_float64_loop(bsz: int, n: int, monkeypa
     grads_ref = torch.autograd.grad(y_ref, ref, gy.double())
     for g, gr in zip(grads, grads_ref):
         torch.testing.assert_close(g.double(), gr, atol=1e-5 * float(gr.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bsz,n", [(3, 17), (1, 64)])
+def test_fused_selective_scan_float64_is_exact(bsz: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In float64 the blocked scan and its hand-written backward equal the loop to 1e-10."""
+    import search_spaces.layers._selective_scan as ss
+
+    _small_blocks(monkeypatch, 2, 6, 8 * 4)
+    ins = _scan_inputs(bsz, n, 8, 4, torch.float64, seed=2)
+    ref = [t.detach().clone().requires_grad_() for t in ins]
+    y, y_ref = ss.selective_scan(*ins), _scan_loop(*ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for g, gr in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(y_ref, ref, gy)):
+        torch.testing.assert_close(g, gr, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (3,), (4,), (0, 4), (2, 3)])
+def test_fused_selective_scan_some_inputs_need_no_gradient(which: tuple[int, ...],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward pass skips what no input asks for; what is asked for stays exact."""
+    import search_spaces.layers._selective_scan as ss
+
+    _small_blocks(monkeypatch, 2, 4, 8 * 4)
+    ins = [t.detach().requires_grad_(i in which) for i, t in enumerate(_scan_inputs(3, 11, 8, 4, torch.float64))]
+    ref = [t.detach().clone().requires_grad_(t.requires_grad) for t in ins]
+    gy = torch.randn(3, 11, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = torch.autograd.grad(ss.selective_scan(*ins), [ins[i] for i in which], gy)
+    want = torch.autograd.grad(_scan_loop(*ref), [ref[i] for i in which], gy)
+    for g, gr in zip(got, want):
+        torch.testing.assert_close(g, gr, atol=1e-10, rtol=1e-10)
+
+
+def test_fused_selective_scan_equals_the_plain_form_at_default_blocks() -> None:
+    """Default block sizes, a state of S x D = 16 x 256 (Mamba's at width 128): several slices and
+    blocks; within 1e-5 of the plain formulation in float32, forward and backward."""
+    from search_spaces.layers._selective_scan import _plan, selective_scan, selective_scan_reference
+
+    per, steps = _plan(12, 100, 16 * 256)
+    assert per < 12 and steps < 100 and 100 % steps  # several slices, several blocks, a short tail
+    ins = _scan_inputs(12, 100, 256, 16, torch.float32, seed=5)
+    ref = [t.detach().clone().requires_grad_() for t in ins]
+    y, y_ref = selective_scan(*ins), selective_scan_reference(*ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
+    for g, gr in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(y_ref, ref, gy)):
+        torch.testing.assert_close(g, gr, atol=1e-5 * float(gr.abs().max()), rtol=1e-5)
+
+
+def test_fused_selective_scan_keeps_only_block_entry_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the passes autograd holds the inputs and one state per block and sample, never a
+    (batch, N, S, D) tensor (and the forward pass under no_grad keeps nothing)."""
+    import search_spaces.layers._selective_scan as ss
+
+    _small_blocks(monkeypatch, 2, 8, 8 * 4)
+    ins = _scan_inputs(4, 40, 8, 4, torch.float32)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ss.selective_scan(*ins)
+    assert max(saved) == 4 * 40 * 8  # u, delta; the states: 4 samples x 5 blocks x (4 x 8)
+    assert sorted(saved)[-3] == 4 * 5 * 4 * 8
+    keeps: list[bool] = []
+    real = ss._forward
+
+    def spy(*args, keep: bool):  # type: ignore[no-untyped-def]
+        keeps.append(keep)
+        return real(*args, keep=keep)
+
+    monkeypatch.setattr(ss, "_forward", spy)
+    with torch.no_grad():  # A is a leaf that requires grad: still nothing to keep
+        ss.selective_scan(*ins)
+    ss.selective_scan(*ins)
+    assert keeps == [False, True]
 
 
 def test_fused_selective_scan_second_derivative_equals_the_plain_one() -> None:

@@ -295,6 +295,17 @@ class BidirectionalGLA(nn.Module):
         return self.o_proj(gate * o.to(gate.dtype) + (1 - gate) * local.to(gate.dtype))
 
 
+def conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
+    """Depthwise ``conv`` along the tokens of x (B, N, C): "causal" (sees t-k+1 .. t), "anticausal"
+    (the causal conv of the reversed sequence) or "same" (centred). A (1, k) conv2d on a
+    channels-last view: no transposes."""
+    k, n = conv.kernel_size[0], x.shape[1]
+    w = conv.weight.flip(-1) if mode == "anticausal" else conv.weight
+    y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], conv.bias,
+                 padding=(0, k // 2 if mode == "same" else k - 1), groups=conv.groups).permute(0, 2, 3, 1)[:, 0]
+    return y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
     """Mamba's scan (Gu & Dao 2023, Algorithm 2): h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,
     y_t = C_t . h_t, step by step. u, delta: (B, N, D); A: (D, S); B, C: (B, N, S) -> y (B, N, D)."""
@@ -326,8 +337,7 @@ class SelectiveScanBranch(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner))
 
     def forward(self, x: Tensor) -> Tensor:
-        n = x.shape[1]
-        u = F.silu(self.conv1d(x.transpose(1, 2))[..., :n]).transpose(1, 2)  # causal: drop the padded tail
+        u = F.silu(conv_tokens(x, self.conv1d, "causal"))
         dt, b, c = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # the scan runs in float32 at least
@@ -418,17 +428,6 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, shift: bool
             state = entering(B.transpose(-1, -2) @ (xd * to_end.exp()[..., None]).flatten(-2), total)
             y = y + (C @ state).unflatten(-1, (h, p)) * cs_out.exp()[..., None]
     return y.reshape(b, chunks * q, h, p)[:, :n]
-
-
-def conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
-    """Depthwise ``conv`` along the tokens of x (B, N, C): "causal" (sees t-k+1 .. t), "anticausal"
-    (the causal conv of the reversed sequence) or "same" (centred). A (1, k) conv2d on a
-    channels-last view: no transposes."""
-    k, n = conv.kernel_size[0], x.shape[1]
-    w = conv.weight.flip(-1) if mode == "anticausal" else conv.weight
-    y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], conv.bias,
-                 padding=(0, k // 2 if mode == "same" else k - 1), groups=conv.groups).permute(0, 2, 3, 1)[:, 0]
-    return y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]
 
 
 def dt_bias_init(n: int) -> Tensor:

@@ -214,20 +214,6 @@ def _general(xc: Tensor, dtc: Tensor, log_a: Tensor, cs: Tensor, cs_out: Tensor,
     return y
 
 
-def depthwise_conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
-    """The depthwise ``conv`` along the tokens of x (B, N, C) -> (B, N, C). ``mode``: "causal" (Mamba:
-    token t sees t-k+1 .. t), "anticausal" (the causal conv of the time-reversed sequence: t sees
-    t .. t+k-1, kernel mirrored) or "same" (centred, odd k: Hydra). Run as a (1, k) conv2d on a
-    channels-last view: no transposes, and oneDNN's NHWC depthwise kernel (about 2x faster than
-    conv1d fwd+bwd on CPU here)."""
-    k, n = conv.kernel_size[0], x.shape[1]
-    w = conv.weight.flip(-1) if mode == "anticausal" else conv.weight
-    pad = k // 2 if mode == "same" else k - 1
-    y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], conv.bias, padding=(0, pad), groups=conv.groups)
-    y = y.permute(0, 2, 3, 1)[:, 0]  # (B, N + padding, C), in channels-last memory
-    return y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]
-
-
 class GatedRMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019) with a SiLU gate ``z``, as Mamba-2 ends its mixer (Dao & Gu
     2024): ``norm(y * silu(z)) * w``, or ``norm(y) * w * silu(z)`` when ``norm_before_gate`` (Hydra,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 
 def to_nlc(x: torch.Tensor) -> torch.Tensor:
@@ -72,3 +72,17 @@ class StarReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * F.relu(x) ** 2 + self.bias
+
+
+def depthwise_conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
+    """The depthwise ``conv`` along the tokens of x (B, N, C) -> (B, N, C). ``mode``: "causal" (Mamba:
+    token t sees t-k+1 .. t), "anticausal" (the causal conv of the time-reversed sequence: t sees
+    t .. t+k-1, kernel mirrored) or "same" (centred, odd k: Hydra). Run as a (1, k) conv2d on a
+    channels-last view: no transposes, and oneDNN's NHWC depthwise kernel (about 2x faster than
+    conv1d fwd+bwd on CPU here)."""
+    k, n = conv.kernel_size[0], x.shape[1]
+    w = conv.weight.flip(-1) if mode == "anticausal" else conv.weight
+    pad = k // 2 if mode == "same" else k - 1
+    y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], conv.bias, padding=(0, pad), groups=conv.groups)
+    y = y.permute(0, 2, 3, 1)[:, 0]  # (B, N + padding, C), in channels-last memory
+    return y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]

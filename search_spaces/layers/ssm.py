@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from search_spaces.layers._selective_scan import selective_scan
+from search_spaces.layers.common import depthwise_conv_tokens
 from search_spaces.registry import FusedSlices, token_mixer
 
 
@@ -67,8 +68,7 @@ class SelectiveScanBranch(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, d_inner) -> y (B, N, d_inner) in the compute dtype (at least float32)."""
-        n = x.shape[1]
-        u = F.silu(self.conv1d(x.transpose(1, 2))[..., :n]).transpose(1, 2)  # causal: drop the tail
+        u = F.silu(depthwise_conv_tokens(x, self.conv1d, "causal"))
         dt, b, c = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
