@@ -8,7 +8,8 @@ mixer's own layout, at each token grid H = W:
 
 - ``fwd+bwd``: one forward and backward of the mixer module alone (its input projection to its
   output projection; no norm, no channel mixer, so the ratio is the mixer's own), median over
-  ``--rounds`` rounds that visit the mixers in turn (the machine's drift hits all alike);
+  ``--rounds`` rounds that visit the mixers in turn (the machine's drift hits all alike); on CPU
+  timed in process CPU time, so that time spent descheduled on a loaded machine does not count;
 - ``fwd b1``: one forward at batch 1 under ``torch.no_grad`` (latency is an objective);
 - ``saved MB``: bytes the autograd graph keeps for the backward pass (``saved_tensors_hooks``),
   the memory a training step holds per block, deterministic on any device; on CUDA also the peak
@@ -55,11 +56,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of ``fn``: on CPU the process's CPU time (one torch thread; time spent descheduled on a
+    shared, loaded machine does not count), on CUDA the wall clock between synchronisations."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     _sync(device)
-    t = time.perf_counter()
+    t = clock()
     fn()
     _sync(device)
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def saved_bytes(fn: Callable[[], Tensor]) -> int:
