@@ -18,7 +18,7 @@ section runs):
   with ``build(spec)`` (fp32; bf16 and fp8 too where the device runs them).
 - ``latency_repeatability``: CV of 5 repeated ``measure`` medians of one model, eager and replaying
   a CUDA graph.
-- ``mixer_step_time``: forward+backward of one ``ssm`` / ``gated_linear`` block against one
+- ``mixer_step_time``: forward+backward of one ``ssm`` / ``gated_linear`` / ``ssd`` / ``hydra`` block against one
   ``attention`` block, interleaved in one run, at the token grids of a 224px image after a stride-4
   and a stride-16 stem; fp32 (as training runs) and bf16 autocast.
 - ``supernet``: ``train_supernet`` steps per second on the ``small`` frame with random data.
@@ -455,10 +455,10 @@ def _time_blocks(ctx: Ctx, blocks: dict[str, nn.Module], x: torch.Tensor, grid: 
 
 
 def check_mixer_step_time(ctx: Ctx, out: dict[str, Any]) -> None:
-    """Forward+backward of one ssm / gated_linear block against one attention block (MLP channel
+    """Forward+backward of one ssm / gated_linear / ssd / hydra block against one attention block (MLP channel
     mixer, LayerNorm), side by side in one run: ratios of the medians. fp32 is how training runs."""
     s = ctx.sizes
-    mixers = ("attention", "ssm", "gated_linear")
+    mixers = ("attention", "ssm", "gated_linear", "ssd", "hydra")
     # (label, stem stride, width, heads): the token grid of a 224px image after a stride-4 stem (the
     # first stage of a hierarchical net) and after a stride-16 stem (with DeiT-Tiny's width and heads)
     configs = (("stride4", 4, 64, 2), ("stride16", 16, 192, 3))

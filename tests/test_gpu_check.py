@@ -117,7 +117,7 @@ def test_measured_cpu_figures_are_numbers_in_range(quick_run: Any) -> None:
 
     mix = _fig(report, "mixer_step_time")
     for cfg in ("stride4", "stride16"):
-        for m in ("ssm", "gated_linear"):
+        for m in ("ssm", "gated_linear", "ssd", "hydra"):
             assert _number(mix[f"{cfg}_fp32_{m}_over_attention"]) and mix[f"{cfg}_fp32_{m}_over_attention"] > 0
 
     sn = _fig(report, "supernet")
