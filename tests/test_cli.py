@@ -33,7 +33,7 @@ def test_spaces_lists_both_spaces_and_every_mixer(capsys: pytest.CaptureFixture[
     assert code == 0
     data = json.loads(out)
     assert [s["name"] for s in data["spaces"]] == ["hybrid_vit", "nb201"]
-    assert len([m for m in data["mixers"] if m["kind"] == "token"]) == 10
+    assert len([m for m in data["mixers"] if m["kind"] == "token"]) == 12
     assert len([m for m in data["mixers"] if m["kind"] == "channel"]) == 4
 
 
