@@ -466,6 +466,8 @@ def search(
     threads: int = _opt(1, "--threads", "Torch threads per trial."), json_out: bool = _JSON,
     supernet_workers: int = _opt(1, "--supernet-workers", "Workers that train the supernet together (Ray Train, "
                                                          "DDP); 1: one process."),
+    train_workers: int = _opt(1, "--train-workers", "Workers that train each train-stage candidate together (Ray "
+                                                   "Train, DDP); 1: one process."),
     gpus_per_trial: float = _opt(1.0, "--gpus-per-trial", "GPUs a trial holds on --target cuda, in (0, 1]: "
                                                          "0.25 lets four small trials share a GPU."),
     benchmark: str | None = _opt(None, "--benchmark", "nb201: a labels CSV (arch, accuracy) to look accuracies up "

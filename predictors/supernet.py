@@ -24,6 +24,8 @@ single-process one up to float rounding) and sums the shards' gradients after al
 passes of a step (:func:`_sync_gradients`). Every rank draws the same subnets from ``(seed, step)``
 and the step checks that they did; BatchNorm normalises with the global batch's statistics
 (:func:`_batch_norm_over_ranks`). Rank 0 alone writes checkpoints; every rank resumes from rank 0's.
+:func:`train_standalone` trains one model the same way (the same shards, gradient sum and
+BatchNorm); its callbacks run on rank 0, whose stop decision is broadcast (:func:`_rank0_decides`).
 
 Both training loops take an allowance in seconds (``max_seconds``, ``before_step``) and check it
 before every optimisation step, so a budget is held to one step, not one epoch; the supernet
@@ -328,10 +330,10 @@ def _chunks(data: Data, chunks: Sequence[Tensor | slice]) -> Iterator[tuple[Tens
 
 class _StepBatches:
     """The batch of each training step, either kind of data: :func:`_batch` in memory; for streaming
-    data the same images fetched with ``take`` (under ``torch.distributed`` only this rank's shard
-    of the global batch, ``share`` its fraction), a step ahead in a background thread, and augmented
-    with the global batch's draws of ``(seed, step)``. ``last``: the last step asked for (no
-    prefetch past it)."""
+    data the same images fetched with ``take``, a step ahead in a background thread, and augmented
+    with the global batch's draws of ``(seed, step)``. Under ``torch.distributed`` (``world`` > 1)
+    either kind yields only this rank's shard of the global batch, ``share`` its fraction.
+    ``last``: the last step asked for (no prefetch past it)."""
 
     def __init__(self, data: Data, cfg: TrainConfig, spe: int, bs: int, device: torch.device | str, last: int,
                  rank: int = 0, world: int = 1) -> None:
@@ -352,7 +354,12 @@ class _StepBatches:
 
     def __call__(self, step: int) -> tuple[Tensor, Tensor]:
         if self._pf is None:
-            return _batch(self.data, self.cfg, step, self.spe, self.bs, self.device)  # type: ignore[arg-type]
+            if self.part is None:
+                return _batch(self.data, self.cfg, step, self.spe, self.bs, self.device)  # type: ignore[arg-type]
+            # in memory under torch.distributed: the global batch (order and augmentation as in one
+            # process), then this rank's rows
+            x, y = _batch(self.data, self.cfg, step, self.spe, self.bs, "cpu")  # type: ignore[arg-type]
+            return x[self.part].to(self.device, non_blocking=True), y[self.part].to(self.device, non_blocking=True)
         x, y = self._pf.get(step, step + 1 if step + 1 <= self.last else None)
         if self.cfg.augment:  # the global batch's draws (as _batch makes them), then this rank's rows
             pad, dy, dx, mask = _augment_draws(self.bs, _shape(self.data)[1], _generator(self.cfg.seed, step, 0xA06),
@@ -411,7 +418,7 @@ class TrainState:
     seconds: float = 0.0
     history: list[dict[str, float]] | None = None
     stopped: bool = False  # this run stopped at its allowance before ``total_steps``
-    losses: list[float] | None = None  # the first subnet's loss at each step this call ran (global batch)
+    losses: list[float] | None = None  # each step's loss (global batch): the first subnet's, or the standalone model's
 
 
 def sandwich(frame: SupernetFrame, cfg: TrainConfig, step: int) -> list[ArchSpec]:
@@ -584,6 +591,18 @@ def _all_agree(flag: bool) -> bool:
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(int(t.item()))
+
+
+def _rank0_decides(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (an int broadcast from rank 0; the others' ``flag`` is unused):
+    a decision only rank 0 makes (an early stop, a time allowance) taken by all at the same step."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, 0)
     return bool(int(t.item()))
 
 
@@ -799,8 +818,8 @@ def train_supernet(
     epoch_loss, epoch_n = 0.0, 0
     began = time.perf_counter()
     recent: list[float] = []  # the last steps' seconds, batch included
-    # streaming data: each rank fetches its shard of each global batch (a step ahead, in a thread)
-    batches = None if _in_memory(data) else _StepBatches(data, cfg, spe, bs, dev, stop - 1, rank, world)
+    # each rank takes its shard of each global batch (streaming data: fetched a step ahead, in a thread)
+    batches = _StepBatches(data, cfg, spe, bs, dev, stop - 1, rank, world)
     try:
         while st.step < stop:
             if max_seconds is not None:
@@ -811,17 +830,8 @@ def train_supernet(
                     st.stopped = True
                     break
             t_step = time.perf_counter()
-            if batches is not None:  # streaming: this rank's images only
-                x, y = batches(st.step)
-                share = batches.share
-            elif world == 1:
-                x, y = _batch(data, cfg, st.step, spe, bs, dev)
-                share = 1.0
-            else:  # the global batch (order and augmentation as in one process), then this rank's slice
-                x, y = _batch(data, cfg, st.step, spe, bs, "cpu")
-                part = _shard(len(x), rank, world)
-                share = (part.stop - part.start) / len(x)
-                x, y = x[part].to(dev, non_blocking=True), y[part].to(dev, non_blocking=True)
+            x, y = batches(st.step)  # this rank's images only
+            share = batches.share
             _set_lr(opt, _lr_at(cfg, st.step, st.total_steps, spe, warm))
             t0 = time.perf_counter()
             loss = supernet_step(net, opt, x, y, sandwich(frame, cfg, st.step), cfg, share=share, step=st.step)
@@ -840,8 +850,7 @@ def train_supernet(
             elif ckpt_every and st.step % ckpt_every == 0:
                 save()
     finally:
-        if batches is not None:
-            batches.close()
+        batches.close()
     if st.step % spe or st.stopped:
         save()
     net.train_state = st  # type: ignore[attr-defined]
@@ -1020,43 +1029,75 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
     True stops training there (early stopping, e.g. ASHA). ``before_step(step, step_seconds)`` runs
     before every optimisation step with the slowest of the last steps' seconds; returning True stops
     there (an allowance in seconds). The model's ``train_state`` (:class:`TrainState`) says how many
-    steps ran and whether ``before_step`` stopped it."""
+    steps ran, whether ``before_step`` stopped it, and each step's loss (``losses``).
+
+    Under ``torch.distributed`` (world size W > 1; ``device`` is this rank's) it trains data
+    parallel with DDP semantics (Li et al., VLDB 2020, "PyTorch Distributed"), as :func:`train_supernet`
+    does: every rank starts from rank 0's weights, takes its shard of each global batch of
+    ``cfg.batch_size`` images, the shards' gradients are summed (:func:`_sync_gradients`) and
+    BatchNorm uses the global batch's statistics, so the run equals the single-process one up to
+    float rounding. Pass the same callbacks (or None) on every rank: they run on rank 0 only and
+    its answer is broadcast, so every rank stops at the same step (``on_epoch`` gets rank 0's model,
+    which every rank holds too)."""
     cfg = config or TrainConfig()
     _check_data(data, "training")
+    rank, world = _dist()
     c, h, _ = _shape(data)
     model = build(spec, num_classes=num_classes or int(_labels(data).max()) + 1, img_size=h, in_chans=c,
                   seed=cfg.seed if seed is None else seed).to(device)
-    opt = _optimizer(model, cfg)
     n = _size(data)
     bs = min(cfg.batch_size, n)
+    if bs < world:
+        raise SupernetError(f"a global batch of {bs} images cannot be split over {world} ranks; "
+                            "use a larger --train-batch or fewer workers")
+    if world > 1:  # DDP's start: every rank holds rank 0's parameters and buffers
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, 0)
+    opt = _optimizer(model, cfg)
     spe = n // bs
     total = spe * epochs
-    st = TrainState(step=0, total_steps=total, steps_per_epoch=spe)
+    st = TrainState(step=0, total_steps=total, steps_per_epoch=spe, losses=[])
     model.train_state = st  # type: ignore[assignment]
     model.train()
     recent: list[float] = []
-    batches = _StepBatches(data, cfg, spe, bs, device, total - 1)
+    batches = _StepBatches(data, cfg, spe, bs, device, total - 1, rank, world)
     try:
         for step in range(total):
-            if before_step is not None and before_step(step, max(recent, default=0.0)):
-                st.stopped = True
-                break
+            if before_step is not None:
+                late = before_step(step, max(recent, default=0.0)) if rank == 0 else False
+                if late if world == 1 else _rank0_decides(late):
+                    st.stopped = True
+                    break
             t_step = time.perf_counter()
             x, y = batches(step)
             _set_lr(opt, _lr_at(cfg, step, total, spe))
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()
+            if world == 1:
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                loss.backward()
+                value = float(loss.detach())
+            else:  # this rank's shard, weighted by its share: the ranks' gradients sum to the global batch's
+                with _batch_norm_over_ranks(True):
+                    loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing) * batches.share
+                    loss.backward()
+                value = _sync_gradients(model, float(loss.detach()))
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             st.step = step + 1
+            st.losses.append(value)  # type: ignore[union-attr]
             recent = [*recent[-4:], time.perf_counter() - t_step]
             st.seconds += recent[-1]
             if on_epoch is not None and (step + 1) % spe == 0:
-                model.eval()
-                stop = on_epoch((step + 1) // spe, model)
-                model.train()
-                if stop:
+                stop = False
+                if rank == 0:  # the others wait at the broadcast
+                    model.eval()
+                    stop = bool(on_epoch((step + 1) // spe, model))
+                    model.train()
+                if stop if world == 1 else _rank0_decides(stop):
                     break
     finally:
         batches.close()

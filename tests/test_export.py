@@ -27,7 +27,7 @@ from search_spaces.spec import ArchSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 RUFF = ROOT / ".venv" / "bin" / "ruff"
-N_RANDOM = 50
+N_RANDOM = 30  # 50 when issue 20 closed; the forced specs cover every mixer and precision
 
 CHECK = r"""
 import json, sys, types
@@ -55,9 +55,10 @@ for c in cases:
     with torch.no_grad():
         out = model(ref["x"])
     err = (out - ref["y"]).abs().max().item()
-    # float rounding only: most cases agree to <= 2.3e-7. random_47 (an ssm block, then hydra blocks
-    # at width 768, 14 blocks deep) to 1.1-1.4e-6: the ssm's scan sums in another order than the
-    # file's step loop (1.5e-8 at that block's output) and the blocks after it amplify that
+    # float rounding only: most cases agree to <= 2.3e-7. hybrid_vit's random(47) (an ssm block, then
+    # hydra blocks at width 768, 14 blocks deep; measured when N_RANDOM was 50) to 1.1-1.4e-6: the
+    # ssm's scan sums in another order than the file's step loop (1.5e-8 at that block's output)
+    # and the blocks after it amplify that
     assert err <= 2e-6 * max(1.0, ref["y"].abs().max().item()), (c["module"], err)
     if "y_quant" in ref:  # the file's own int8/fp8 layers against the project's (predictors.precision)
         q = mod.to_precision(model)

@@ -179,6 +179,8 @@ SEARCH_BAD: list[Any] = [
     pytest.param(["--stages", "screen=-1"], "share", id="stages-negative"),
     pytest.param(["--workers", "0"], "workers", id="workers-0"),
     pytest.param(["--threads", "0"], "threads", id="threads-0"),
+    pytest.param(["--train-workers", "0"], "train-workers", id="train-workers-0"),
+    pytest.param(["--train-workers", "two"], "train-workers", id="train-workers-not-int"),
     pytest.param(["--gpus-per-trial", "0"], "gpus-per-trial", id="gpus-per-trial-0"),
     pytest.param(["--gpus-per-trial", "2"], "gpus-per-trial.*supernet-workers", id="gpus-per-trial-2"),
     pytest.param(["--gpus-per-trial", "0.5", "--target", "cpu"], "gpus-per-trial.*cpu", id="gpus-per-trial-on-cpu"),
@@ -492,3 +494,26 @@ def test_trials_ask_ray_for_the_gpu_share_they_were_given() -> None:
     assert trial_resources(SearchConfig(target="cuda", gpus_per_trial=0.25)) == {"cpu": 1, "gpu": 0.25}
     assert trial_resources(SearchConfig(target="cuda")) == {"cpu": 1, "gpu": 1.0}
     assert trial_resources(SearchConfig(target="cpu")) == {"cpu": 1}
+
+
+def test_train_workers_validate_and_reach_the_train_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`--train-workers 2` passes the checks and is stored with the study (the driver gives it to the
+    train stage's EvalConfig); bad values are refused in one line (SEARCH_BAD)."""
+    import nas.search
+    from nas.search.config import SearchConfig, SearchError
+
+    seen: dict[str, Any] = {}
+
+    def capture(store: Any, name: str, **kwargs: Any) -> Any:
+        seen.update(store.study(name).config)
+        raise RuntimeError("captured")  # stop here: no search needed
+
+    monkeypatch.setattr(nas.search, "run_study", capture)
+    monkeypatch.setattr(nas.search, "install_stop_handlers", lambda *a, **k: None)
+    monkeypatch.chdir(tmp_path)
+    run(_search_args(["--train-workers", "2", "--target", "cpu"], f"sqlite:///{tmp_path / 'nas.db'}", "tw"), capsys)
+    assert seen.get("train_workers") == 2
+    assert SearchConfig(train_workers=3).train_workers == 3 and SearchConfig().train_workers == 1
+    with pytest.raises(SearchError, match="--train-workers"):
+        SearchConfig(train_workers=0)

@@ -1,4 +1,4 @@
-"""One evaluation of one architecture on one device: a pure function, no Ray, no store.
+"""One evaluation of one architecture on one device: a pure function, no store; no Ray but for DDP training.
 
 ``evaluate(spec, stage, data, device, config=..., report=...) -> Evaluation`` runs one stage of the
 staged search on one architecture and returns its metrics, the device-seconds it used and the
@@ -11,7 +11,8 @@ device's fingerprint. The stages (``STAGES``):
   and in-place distillation, Yu et al. 2020 "BigNAS"; ``predictors.supernet``);
 - ``latency``: a careful latency measurement on the target device (``predictors.latency``);
 - ``train``: short training from scratch, validation accuracy after every epoch through ``report``
-  (which can stop it: ASHA, Li et al. 2020). With an ``allowance`` in seconds it stops at the
+  (which can stop it: ASHA, Li et al. 2020); with ``train_workers`` > 1 data parallel on that many
+  Ray Train workers (``workers.ray_train``, the one use of Ray here). With an ``allowance`` in seconds it stops at the
   optimisation step where the allowance runs out and reports what it did: ``steps``, fractional
   ``epochs``, ``budget_stop`` = 1, and the accuracy at that point only when the validation pass
   still fits (else none).
@@ -202,6 +203,7 @@ class EvalConfig:
     train_batch: int = 64
     train_lr: float = 2e-3
     threads: int = 1
+    train_workers: int = 1  # > 1: the train stage trains on that many Ray Train workers (DDP; workers.ray_train)
     seed: int = 0
     weights_dir: str | None = None  # train stage: keep the fp32 weights of fully trained models here
     space: str = "hybrid_vit"
@@ -221,7 +223,7 @@ class EvalConfig:
         if self.score == "parzc" and not self.parzc:
             raise EvaluationError("score 'parzc' needs a trained ParZC: pass parzc=PATH")
         for name in ("proxy_batch", "latency_batch", "screen_repeats", "latency_repeats", "train_epochs",
-                     "train_batch", "threads"):
+                     "train_batch", "threads", "train_workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise EvaluationError(f"{name} must be a positive integer, got {v!r}")
@@ -457,8 +459,15 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
             return True
         return None
 
-    model = train_standalone(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
-                             device=device, on_epoch=on_epoch, before_step=before_step)
+    if cfg.train_workers > 1:  # data parallel on Ray Train; the callbacks still run here (workers.ray_train)
+        from workers.ray_train import train_standalone_ray
+
+        model = train_standalone_ray(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
+                                     num_workers=cfg.train_workers, device=device, threads=cfg.threads,
+                                     on_epoch=on_epoch, before_step=before_step).to(device)
+    else:
+        model = train_standalone(spec, data.train, cfg.train_epochs, config=tcfg, num_classes=data.num_classes,
+                                 device=device, on_epoch=on_epoch, before_step=before_step)
     st = model.train_state  # type: ignore[attr-defined]
     if st.stopped:  # the allowance ran out mid-training: report what was done
         spe = max(1, st.steps_per_epoch)

@@ -586,7 +586,8 @@ def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict
                           supernet=cfg.supernet or str(d.workdir / "supernet"), weights_dir=str(d.workdir / "weights"),
                           space=cfg.space, benchmark=cfg.benchmark, benchmark_column=cfg.benchmark_column,
                           benchmark_latency=cfg.benchmark_latency, device_column=cfg.device_column,
-                          benchmark_train_s=float(cfg.benchmark_train_s), proxy_cache=cfg.proxy_cache)
+                          benchmark_train_s=float(cfg.benchmark_train_s), proxy_cache=cfg.proxy_cache,
+                          train_workers=cfg.train_workers)
     planned = strategy.stages(cfg)
     sampled = planned[0].name
     storage = store.optuna_storage()
@@ -608,8 +609,11 @@ def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict
         from workers.ray_pool import init_ray, run_trials
 
         # the supernet's Ray Train workers get CPUs of their own: the trial pool's actors hold theirs while
-        # the supernet trains alone (its stage launches one trial, when nothing else runs)
-        extra = cfg.supernet_workers if cfg.supernet_workers > 1 else 0
+        # the supernet trains alone (its stage launches one trial, when nothing else runs). Train-stage
+        # trials run side by side, each with --train-workers Ray Train workers of its own: CPUs for all of
+        # them, which the supernet's (trained alone) can use too
+        extra = max(cfg.supernet_workers if cfg.supernet_workers > 1 else 0,
+                    max(cfg.workers, 1) * cfg.train_workers if cfg.train_workers > 1 else 0)
         init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1) + extra, temp_dir=None)
         resources = trial_resources(cfg)
         uses_asha = any(isinstance(s, Train) for s in planned)

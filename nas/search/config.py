@@ -94,6 +94,7 @@ class SearchConfig:
     workers: int = 1
     threads: int = 1
     supernet_workers: int = 1  # Ray Train (DDP) workers of the supernet training; 1: one process
+    train_workers: int = 1  # Ray Train (DDP) workers of each train-stage training; 1: one process
     gpus_per_trial: float = 1.0  # GPUs a trial holds on --target cuda; below 1, small trials share a GPU
     address: str | None = None
     seed: int = 0
@@ -158,6 +159,7 @@ class SearchConfig:
         bounds: list[tuple[str, Any, int, int]] = [
             ("--workers", self.workers, 1, MAX_WORKERS), ("--threads", self.threads, 1, max_threads()),
             ("--supernet-workers", self.supernet_workers, 1, MAX_WORKERS),
+            ("--train-workers", self.train_workers, 1, MAX_WORKERS),
             ("--train-epochs", self.train_epochs, 1, MAX_TRAIN_EPOCHS), ("--seed", self.seed, 0, MAX_SEED),
             ("--max-supernet-epochs", self.max_supernet_epochs, 1, MAX_TRAIN_EPOCHS),
             ("--max-failures", self.max_failures, 0, 1000)]
@@ -174,8 +176,8 @@ class SearchConfig:
         g = self.gpus_per_trial
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not (math.isfinite(g) and 0 < g <= 1):
             yield (f"--gpus-per-trial must be a fraction in (0, 1] (0.25: four trials share a GPU), got {_clip(g)}; "
-                   "trials of several GPUs need data-parallel training stages, which only the supernet has "
-                   "(--supernet-workers)")
+                   "for several GPUs, train data parallel on GPUs of their own (--supernet-workers, "
+                   "--train-workers)")
         lat = self.max_latency_ms
         if lat is not None and not (isinstance(lat, (int, float)) and math.isfinite(lat) and 0 < lat < 1e9):
             yield f"--max-latency-ms must be a positive number of milliseconds, got {_clip(lat)}"
