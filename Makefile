@@ -31,6 +31,7 @@ demo: install
 	$(NAS) proxies --space hybrid_vit --spec .demo_spec.json --data digits --batch-size 32
 	$(NAS) device --threads 1
 	$(NAS) latency --space hybrid_vit --n 3 --seed 0 --batch-size 8 --threads 1 --repeats 20
+	rm -rf .demo_supernet  # a fresh demo: an older run's checkpoint may hold another frame
 	$(NAS) supernet train --frame tiny --data digits --epochs 6 --batch-size 64 --lr 3e-3 --no-augment --out .demo_supernet
 	$(NAS) supernet eval --ckpt .demo_supernet --n 4
 	$(NAS) search --space hybrid_vit --budget 3cpu-m --data digits --workers 2
