@@ -57,6 +57,7 @@ def test_two_workers_match_one_process(data: Data, ray_session: object) -> None:
     assert not ddp.training and next(ddp.parameters()).device.type == "cpu"
 
 
+@pytest.mark.slow  # a Ray Train launch; the train-stage test below covers a caller-side stop by default
 def test_callbacks_run_in_the_caller_and_stop_every_rank(data: Data, ray_session: object) -> None:
     """``on_epoch`` and ``before_step`` are the caller's closures: they see rank 0's model and clock
     the steps here, and their stop is every rank's (the run would hang or fail otherwise)."""
@@ -137,17 +138,19 @@ def test_rank0_decides_for_every_rank(data: Data, ray_session: object, tmp_path:
 
 def test_the_train_stage_on_two_workers_reports_as_one_process(data: Data, ray_session: object) -> None:
     """``EvalConfig(train_workers=2)`` (``nas search --train-workers 2``): the train stage's per-epoch
-    reports (validation accuracy, read in this process) and its result equal the single-process run's."""
+    reports (validation accuracy, read in this process) and its result equal the single-process run's,
+    and a scheduler's stop after epoch 2 of 3 (as ASHA asks, through the caller's report) stops every
+    rank there."""
     from workers.evaluate import EvalConfig, EvalData, Split, evaluate
 
     split = EvalData(Split(data.x, data.y), Split(data.x[:20], data.y[:20]), 4)
     reports: dict[int, list[tuple[int, float]]] = {1: [], 2: []}
     metrics = {}
     for w in (1, 2):
-        cfg = EvalConfig(train_epochs=2, train_batch=15, train_workers=w, seed=3)
+        cfg = EvalConfig(train_epochs=3, train_batch=15, train_workers=w, seed=3)
         ev = evaluate(SPEC, "train", split, "cpu", config=cfg,
-                      report=lambda e, m, w=w: reports[w].append((e, m["accuracy"])))
+                      report=lambda e, m, w=w: reports[w].append((e, m["accuracy"])) or e >= 2)
         metrics[w] = {k: v for k, v in ev.metrics.items() if k != "seconds"}
     print(f"\ntrain stage reports, 1 process {reports[1]}, 2 workers {reports[2]}")
     assert [e for e, _ in reports[2]] == [1, 2] and reports[1] == reports[2]
-    assert metrics[1] == metrics[2] and metrics[2]["steps"] == 6.0
+    assert metrics[1] == metrics[2] and metrics[2]["steps"] == 6.0 and metrics[2]["early_stop"] == 1.0
