@@ -25,7 +25,8 @@ passes of a step (:func:`_sync_gradients`). Every rank draws the same subnets fr
 and the step checks that they did; BatchNorm normalises with the global batch's statistics
 (:func:`_batch_norm_over_ranks`). Rank 0 alone writes checkpoints; every rank resumes from rank 0's.
 :func:`train_standalone` trains one model the same way (the same shards, gradient sum and
-BatchNorm); its callbacks run on rank 0, whose stop decision is broadcast (:func:`_rank0_decides`).
+BatchNorm); its callbacks run on rank 0, and every rank takes its stop decision (:func:`_all_agree`:
+the other ranks contribute False).
 
 Both training loops take an allowance in seconds (``max_seconds``, ``before_step``) and check it
 before every optimisation step, so a budget is held to one step, not one epoch; the supernet
@@ -594,18 +595,6 @@ def _all_agree(flag: bool) -> bool:
     return bool(int(t.item()))
 
 
-def _rank0_decides(flag: bool) -> bool:
-    """Rank 0's ``flag`` on every rank (an int broadcast from rank 0; the others' ``flag`` is unused):
-    a decision only rank 0 makes (an early stop, a time allowance) taken by all at the same step."""
-    import torch.distributed as dist
-
-    t = torch.tensor([int(flag)], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.broadcast(t, 0)
-    return bool(int(t.item()))
-
-
 def _global_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
                        bias: Tensor | None, momentum: float | None, eps: float) -> Tensor:
     """Training-mode batch normalisation (Ioffe & Szegedy 2015) with the statistics of the global
@@ -1018,6 +1007,13 @@ def evaluate_subnet(
     return accuracy(model, data, batch_size=batch_size, dtype=activation_dtype(precision))
 
 
+def standalone_model(spec: ArchSpec, data: Data, num_classes: int | None, seed: int) -> nn.Module:
+    """``build(spec)`` for ``data``'s images (channels, size) and ``num_classes`` (None: the largest
+    label + 1), initialised from ``seed``: the model :func:`train_standalone` trains."""
+    c, h, _ = _shape(data)
+    return build(spec, num_classes=num_classes or int(_labels(data).max()) + 1, img_size=h, in_chans=c, seed=seed)
+
+
 def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainConfig | None = None,
                      num_classes: int | None = None, seed: int | None = None,
                      device: str | torch.device = "cpu",
@@ -1042,9 +1038,7 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
     cfg = config or TrainConfig()
     _check_data(data, "training")
     rank, world = _dist()
-    c, h, _ = _shape(data)
-    model = build(spec, num_classes=num_classes or int(_labels(data).max()) + 1, img_size=h, in_chans=c,
-                  seed=cfg.seed if seed is None else seed).to(device)
+    model = standalone_model(spec, data, num_classes, cfg.seed if seed is None else seed).to(device)
     n = _size(data)
     bs = min(cfg.batch_size, n)
     if bs < world:
@@ -1068,7 +1062,7 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
         for step in range(total):
             if before_step is not None:
                 late = before_step(step, max(recent, default=0.0)) if rank == 0 else False
-                if late if world == 1 else _rank0_decides(late):
+                if late if world == 1 else _all_agree(late):  # rank 0's decision: the others pass False
                     st.stopped = True
                     break
             t_step = time.perf_counter()
@@ -1097,7 +1091,7 @@ def train_standalone(spec: ArchSpec, data: Data, epochs: int, *, config: TrainCo
                     model.eval()
                     stop = bool(on_epoch((step + 1) // spe, model))
                     model.train()
-                if stop if world == 1 else _rank0_decides(stop):
+                if stop if world == 1 else _all_agree(stop):
                     break
     finally:
         batches.close()

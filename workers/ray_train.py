@@ -354,18 +354,15 @@ def train_standalone_ray(
     stops every rank at the same step, as in one process. ``before_step`` costs a round trip to this
     process per step (milliseconds). Returns the model on the CPU, rank 0's weights, with its
     ``train_state``."""
-    from predictors.supernet import _check_data, _labels, _shape
-    from search_spaces.hybrid_vit import build
+    from predictors.supernet import _check_data, standalone_model
 
     _check_data(data, "training")  # a SupernetError here, before any worker starts
     cfg = config or TrainConfig()
     gpu = torch.device(device).type == "cuda" if use_gpu is None else use_gpu
-    c, h, _ = _shape(data)
-    classes = num_classes or int(_labels(data).max()) + 1
     init_seed = cfg.seed if seed is None else seed
 
     def model_on(dev: str | torch.device) -> nn.Module:
-        return build(spec, num_classes=classes, img_size=h, in_chans=c, seed=init_seed).to(dev)
+        return standalone_model(spec, data, num_classes, init_seed).to(dev)
 
     probe: list[nn.Module] = []  # the model on_epoch sees, built at the first epoch's end
 
@@ -379,7 +376,7 @@ def train_standalone_ray(
         return bool(on_epoch(epoch, probe[0].eval())) if on_epoch is not None else False
 
     conf = {"spec": spec, "epochs": epochs, "on_epoch": on_epoch is not None, "before_step": before_step is not None,
-            "kwargs": {"config": cfg, "num_classes": classes, "seed": init_seed}}
+            "kwargs": {"config": cfg, "num_classes": num_classes, "seed": init_seed}}
     got = _fit(_standalone_loop, conf, data, num_workers=num_workers, use_gpu=gpu,
                resources_per_worker=resources_per_worker, threads=threads, storage_path=storage_path,
                kind=_STANDALONE, answer=None if on_epoch is None and before_step is None else answer)

@@ -306,6 +306,12 @@ def conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
     return y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]
 
 
+def dt_bias_init(n: int) -> Tensor:
+    """Mamba's delta bias: softplus^-1(dt), dt log-uniform in [1e-3, 0.1]."""
+    dt = torch.exp(torch.rand(n) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
     """Mamba's scan (Gu & Dao 2023, Algorithm 2): h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,
     y_t = C_t . h_t, step by step. u, delta: (B, N, D); A: (D, S); B, C: (B, N, S) -> y (B, N, D)."""
@@ -328,10 +334,9 @@ class SelectiveScanBranch(nn.Module):
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner)
         with torch.no_grad():
-            # delta = softplus(dt_proj(.)) starts log-uniform in [1e-3, 0.1]: bias = softplus^-1(dt)
+            # delta = softplus(dt_proj(.)) starts log-uniform in [1e-3, 0.1]
             nn.init.uniform_(self.dt_proj.weight, -(dt_rank**-0.5), dt_rank**-0.5)
-            dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.dt_proj.bias.copy_(dt_bias_init(d_inner))
         # S4D-real A = -[1 .. d_state] per channel, kept as log(-A); skip connection D = 1
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)))
         self.D = nn.Parameter(torch.ones(d_inner))
@@ -429,12 +434,6 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, shift: bool
             state = entering(B.transpose(-1, -2) @ (xd * to_end.exp()[..., None]).flatten(-2), total)
             y = y + (C @ state).unflatten(-1, (h, p)) * cs_out.exp()[..., None]
     return y.reshape(b, chunks * q, h, p)[:, :n]
-
-
-def dt_bias_init(n: int) -> Tensor:
-    """Mamba's delta bias: softplus^-1(dt), dt log-uniform in [1e-3, 0.1]."""
-    dt = torch.exp(torch.rand(n) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 class GatedRMSNorm(nn.Module):

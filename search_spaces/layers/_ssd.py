@@ -60,7 +60,7 @@ def ssd_recurrence(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, shift
 
 
 def _span_ok(total: Tensor) -> Tensor | None:
-    """Per head, whether the factorised form is exact for every chunk: the chunk's whole log decay
+    """Per head, whether the factorised form is exact for every chunk: each chunk's whole log decay
     ``total`` (b, c, 1, h) is within ``_FACTOR_SPAN``. None while a graph is traced (ONNX) or a CUDA
     graph captured, where a data-dependent branch cannot be taken: the per-head form is used there."""
     if torch.jit.is_tracing() or (total.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -153,21 +153,22 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, shift: b
     Bc, Cc = B.view(b, chunks, size, -1), C.view(b, chunks, size, -1)  # (b, c, q, s)
     # 1. inside the chunks: C_t . B_j, shared by the heads, for the pairs (t, j) the scan connects
     scores = (Cc @ Bc.transpose(-1, -2)).masked_fill(~_mask(size, shift, reverse, x.device), 0.0)
-    ok = _span_ok(log_a.sum(2, keepdim=True))
+    total = cs[:, :, :1] if reverse else cs[:, :, -1:]  # (b, c, 1, h): each chunk's whole log decay
+    ok = _span_ok(total)
     if ok is None or not bool(ok.any()):
-        y = _general(xc, dtc, log_a, cs_out, Bc, Cc, scores, shift, reverse)
+        y = _general(xc, dtc, log_a, cs_out, total, Bc, Cc, scores, shift, reverse)
     else:
-        y = _fast(xc, dtc, cs, cs_out, Bc, Cc, scores, reverse)
+        y = _fast(xc, dtc, cs, cs_out, total, Bc, Cc, scores, reverse)
         if not bool(ok.all()):  # the heads with a strong decay inside some chunk: computed again
             slow = (~ok).nonzero()[:, 0]
             y[..., slow, :] = _general(xc[..., slow, :], dtc[..., slow], log_a[..., slow], cs_out[..., slow],
-                                       Bc, Cc, scores, shift, reverse)
+                                       total[..., slow], Bc, Cc, scores, shift, reverse)
     y = y.reshape(b, chunks * size, h, p)
     return y[:, :n] if pad else y
 
 
-def _fast(xc: Tensor, dtc: Tensor, cs: Tensor, cs_out: Tensor, Bc: Tensor, Cc: Tensor, scores: Tensor,
-          reverse: bool) -> Tensor:
+def _fast(xc: Tensor, dtc: Tensor, cs: Tensor, cs_out: Tensor, total: Tensor, Bc: Tensor, Cc: Tensor,
+          scores: Tensor, reverse: bool) -> Tensor:
     """Steps 1-4 with all heads in each matmul and one pass over x on either side, exact for the
     heads whose decay over every chunk is within ``_FACTOR_SPAN`` (``_span_ok``). With r half the
     chunk's whole log decay, ``exp(cs_t - cs_j) = exp(cs_t - r) exp(r - cs_j)`` (the split GLA also
@@ -179,7 +180,6 @@ def _fast(xc: Tensor, dtc: Tensor, cs: Tensor, cs_out: Tensor, Bc: Tensor, Cc: T
     computes those heads again. Shapes as in :func:`ssd_chunked`, chunked."""
     c, h, p = xc.shape[1], xc.shape[3], xc.shape[4]
     cap = _FACTOR_SPAN.get(cs.dtype, 0.0) / 2
-    total = cs[:, :, :1] if reverse else cs[:, :, -1:]  # (b, c, 1, h): the chunk's whole log decay
     ref = total / 2  # (exp of it, and of total - ref, may underflow to 0 for a capped head: harmless)
     v = (xc * (dtc * (ref - cs).clamp(max=cap).exp())[..., None]).flatten(-2)  # (b, c, q, h * p)
     y = scores @ v
@@ -191,8 +191,8 @@ def _fast(xc: Tensor, dtc: Tensor, cs: Tensor, cs_out: Tensor, Bc: Tensor, Cc: T
     return y.unflatten(-1, (h, p)) * (cs_out - ref).clamp(max=cap).exp()[..., None]
 
 
-def _general(xc: Tensor, dtc: Tensor, log_a: Tensor, cs_out: Tensor, Bc: Tensor, Cc: Tensor, scores: Tensor,
-             shift: bool, reverse: bool) -> Tensor:
+def _general(xc: Tensor, dtc: Tensor, log_a: Tensor, cs_out: Tensor, total: Tensor, Bc: Tensor, Cc: Tensor,
+             scores: Tensor, shift: bool, reverse: bool) -> Tensor:
     """Steps 1-4 for any decay, head by head inside the chunks (:func:`_intra_per_head`); the weights
     that carry inputs to the end of a chunk are running sums taken from that end. For the heads
     ``_fast`` cannot take, and while tracing (ONNX)."""
@@ -202,7 +202,6 @@ def _general(xc: Tensor, dtc: Tensor, log_a: Tensor, cs_out: Tensor, Bc: Tensor,
     if c > 1:
         to_end = _running(log_a, not reverse, exclusive=True)  # log decay from each step to the chunk's end
         local = Bc.transpose(-1, -2) @ (xd * to_end.exp()[..., None]).flatten(-2)  # (b, c, s, h * p)
-        total = log_a.sum(2, keepdim=True)  # the chunk's whole log decay
         y = y + (Cc @ _carry(local, total, p, reverse)).unflatten(-1, (h, p)) * cs_out.exp()[..., None]
     return y
 
@@ -227,13 +226,6 @@ class GatedRMSNorm(nn.Module):
             if self.norm_before_gate:
                 y = y * gate
             return y.to(z.dtype)
-
-
-def inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4) -> Tensor:
-    """Mamba's Δ bias initialisation (Gu & Dao 2023): ``softplus^-1(dt)`` with dt log-uniform in
-    [dt_min, dt_max], so that ``softplus(bias)`` starts in that range."""
-    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 class SSDMixer(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -86,3 +88,10 @@ def depthwise_conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
     y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], conv.bias, padding=(0, pad), groups=conv.groups)
     y = y.permute(0, 2, 3, 1)[:, 0]  # (B, N + padding, C), in channels-last memory
     return y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]
+
+
+def inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4) -> Tensor:
+    """Mamba's Δ bias initialisation (Gu & Dao 2023): ``softplus^-1(dt)`` with dt log-uniform in
+    [dt_min, dt_max], so that ``softplus(bias)`` starts in that range."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))

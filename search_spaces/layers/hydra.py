@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search_spaces.layers._ssd import GatedRMSNorm, SSDMixer, inverse_softplus_dt, ssd_chunked
-from search_spaces.layers.common import depthwise_conv_tokens
+from search_spaces.layers._ssd import GatedRMSNorm, SSDMixer, ssd_chunked
+from search_spaces.layers.common import depthwise_conv_tokens, inverse_softplus_dt
 from search_spaces.registry import FusedSlices, token_mixer
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from search_spaces.layers._selective_scan import selective_scan
-from search_spaces.layers.common import depthwise_conv_tokens
+from search_spaces.layers.common import depthwise_conv_tokens, inverse_softplus_dt
 from search_spaces.registry import FusedSlices, token_mixer
 
 
@@ -54,9 +54,7 @@ class SelectiveScanBranch(nn.Module):
             # [dt_min, dt_max] so that softplus(bias) starts in that range.
             std = dt_rank**-0.5
             nn.init.uniform_(self.dt_proj.weight, -std, std)
-            dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_init_floor)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.dt_proj.bias.copy_(inverse_softplus_dt(d_inner, dt_min, dt_max, dt_init_floor))
         _no_reinit(self.dt_proj.bias)
         self.dt_proj._keep_float = True  # its weight is read directly (in float32): never quantize it
         # S4D-real initialisation A = -[1, ..., d_state] per channel, stored as log(-A); skip D = 1.
