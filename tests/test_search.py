@@ -457,6 +457,89 @@ def test_training_stops_at_its_allowance_and_the_supernet_continues(tmp_path: Pa
         assert torch.equal(v, w), k
 
 
+class _Clock:
+    """A stand-in for ``time`` whose ``perf_counter`` advances one second a call: a run's seconds
+    are a count of its clock reads, the same on any machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_a_trial_on_n_workers_is_charged_n_device_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is in device-seconds: a train stage on ``--train-workers 2`` or a supernet on
+    ``--supernet-workers 2`` is charged twice its wall-clock seconds, and its allowance (device-
+    seconds) is half as many wall-clock seconds. The DDP trainers are replaced by the one-process
+    ones they equal (tests/test_train_ddp.py, test_supernet_ddp.py), and the clock by one that
+    ticks a second a read, so a 2-worker run and a 1-worker run with half the allowance take the
+    same steps and the clock reads, and the charges differ by exactly 2x."""
+    import workers.evaluate as evaluate_mod
+    import workers.ray_train as ray_train
+    import workers.request as request_mod
+    from nas.search import SearchConfig as Cfg
+    from nas.search import load_data, make_frame
+    from predictors import supernet as supernet_mod
+    from predictors.supernet import train_standalone, train_supernet
+    from workers.evaluate import EvalConfig, EvalData, Split, evaluate
+    from workers.request import SupernetJob, TrialRequest, run_request
+
+    full = load_data(Cfg())
+    data = EvalData(Split(full.train.x[:192], full.train.y[:192]), Split(full.val.x[:64], full.val.y[:64]),
+                    full.num_classes)
+    frame = make_frame(Cfg(), data.in_chans, data.num_classes, data.img_size)
+    spec = frame.random(3)
+
+    def one_process(spec: Any, train: Any, epochs: int, *, num_workers: int, threads: int, **kw: Any) -> Any:
+        return train_standalone(spec, train, epochs, **kw)
+
+    monkeypatch.setattr(ray_train, "train_standalone_ray", one_process)
+    monkeypatch.setattr(request_mod, "_ray_trainer", lambda req: train_supernet)
+
+    def train(workers: int, allowance: float | None) -> Any:
+        monkeypatch.setattr(evaluate_mod, "time", _Clock())
+        cfg = EvalConfig(train_epochs=3, train_batch=32, train_workers=workers)
+        return evaluate(spec, "train", data, config=cfg, allowance=allowance)
+
+    whole = train(1, None)
+    assert whole.metrics["steps"] == 18 and "budget_stop" not in whole.metrics
+    one, two = train(1, whole.seconds / 2), train(2, whole.seconds)  # stopped halfway, by their allowance
+    assert one.metrics["budget_stop"] == two.metrics["budget_stop"] == 1.0
+    assert 0 < one.metrics["steps"] == two.metrics["steps"] < 18
+    assert two.seconds == 2 * one.seconds
+    assert train(2, None).seconds == 2 * whole.seconds
+
+    def supernet(workers: int, allowance: float | None, out: str) -> dict[str, Any]:
+        monkeypatch.setattr(supernet_mod, "time", _Clock())
+        job = SupernetJob(frame=frame.to_json(), out=str(tmp_path / out), epochs=2, workers=workers)
+        req = TrialRequest(key="supernet_train", stage="supernet_train", supernet=job, allowance=allowance)
+        return run_request(req, data).results[0].evaluation
+
+    ref = supernet(1, None, "ref")
+    total = ref["metrics"]["total_steps"]
+    assert ref["metrics"]["complete"] == 1.0
+    a, b = supernet(1, ref["seconds"] / 2, "a"), supernet(2, ref["seconds"], "b")
+    assert a["metrics"]["complete"] == b["metrics"]["complete"] == 0.0
+    assert 0 < a["metrics"]["steps"] == b["metrics"]["steps"] < total
+    assert b["seconds"] == 2 * a["seconds"] and b["metrics"]["train_seconds"] == 2 * a["metrics"]["train_seconds"]
+    assert b["metrics"]["allowance"] == ref["seconds"] == 2 * a["metrics"]["allowance"]
+    # a failed attempt (recorded by the driver) and one a dead driver left in flight cost the same way
+    from workers.request import Candidate, TrialError, stage_devices
+
+    cand = (Candidate(key="t", spec=spec.to_json(), spec_hash=spec.hash, number=0),)
+    train2 = TrialRequest(key="t", stage="train", stages=("train", "latency"), candidates=cand,
+                          eval=EvalConfig(train_workers=2))
+    screen = TrialRequest(key="s", stage="screen", stages=("screen",), candidates=cand,
+                          eval=EvalConfig(train_workers=2))
+    sn3 = TrialRequest(key="n", stage="supernet_train", supernet=SupernetJob(frame="{}", out="x", workers=3))
+    assert (train2.devices, screen.devices, sn3.devices) == (2, 1, 3)
+    assert TrialError(sn3, "boom", 1.5, 0, False).device_seconds == 4.5
+    assert [stage_devices(s, 3, 2) for s in ("supernet_train", "train", "screen", "supernet", "latency")] == \
+        [3, 2, 1, 1, 1]
+
+
 def test_a_study_stopped_before_training_shows_a_screening_ranking(tmp_path: Path) -> None:
     """Nothing trained: the front rows hold the screening ``score`` (source ``screen``), never an
     ``accuracy`` copied from it, in the store, in ``nas best --json`` and in the printed table."""

@@ -496,6 +496,30 @@ def test_trials_ask_ray_for_the_gpu_share_they_were_given() -> None:
     assert trial_resources(SearchConfig(target="cpu")) == {"cpu": 1}
 
 
+def test_a_cuda_study_needs_the_gpus_its_workers_hold() -> None:
+    """GPU pool sizing: the trial actors' shares packed as Ray packs them (measured on a local Ray
+    with 2 declared GPUs: at 0.4, 4 actors are placed and a 5th waits; at 0.3, 6 and a 7th waits),
+    plus a whole GPU per Ray Train worker; a study that needs more is refused in one line."""
+    from nas.search.config import SearchConfig, SearchError, check_gpu_pool, gpus_needed
+
+    def need(**kw: object) -> int:
+        return gpus_needed(SearchConfig(target="cuda", **kw))  # type: ignore[arg-type]
+
+    assert [need(workers=w, gpus_per_trial=0.4) for w in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]
+    assert [need(workers=w, gpus_per_trial=0.3) for w in (3, 4, 6, 7)] == [1, 2, 2, 3]
+    assert need(workers=8) == 8 and need(workers=8, gpus_per_trial=0.25) == 2
+    assert need(workers=4, gpus_per_trial=1 / 3) == 2
+    assert need(workers=4, gpus_per_trial=0.5, supernet_workers=8) == 2 + 8
+    assert need(workers=2, gpus_per_trial=0.5, train_workers=4) == 1 + 2 * 4
+    assert need(workers=2, gpus_per_trial=0.5, supernet_workers=4, train_workers=3) == 1 + 6
+    assert gpus_needed(SearchConfig(target="cpu", workers=8, supernet_workers=4)) == 0
+    check_gpu_pool(SearchConfig(target="cuda", workers=8, gpus_per_trial=0.5, supernet_workers=4), 8)
+    with pytest.raises(SearchError, match=r"^--workers 8 at --gpus-per-trial 1, --supernet-workers 8 need 16 GPUs "
+                                          r"and this machine has 8; use fewer workers") as e:
+        check_gpu_pool(SearchConfig(target="cuda", workers=8, supernet_workers=8), 8)
+    assert "\n" not in str(e.value)
+
+
 def test_train_workers_validate_and_reach_the_train_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """`--train-workers 2` passes the checks and is stored with the study (the driver gives it to the

@@ -17,6 +17,10 @@ device's fingerprint. The stages (``STAGES``):
   ``epochs``, ``budget_stop`` = 1, and the accuracy at that point only when the validation pass
   still fits (else none).
 
+Seconds are device-seconds, the unit of the budget (``8gpu-h``): a train stage on ``train_workers``
+= N devices is charged N times its wall-clock seconds (in ``seconds`` and in every epoch report),
+and its ``allowance`` in device-seconds gives it N times fewer wall-clock seconds.
+
 Screening also times one training step of the candidate on its batch (``probe_step_s``): the driver
 costs later stages of the same architecture from it before any of them has run.
 
@@ -434,6 +438,7 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
     tcfg = TrainConfig(batch_size=cfg.train_batch, lr=cfg.train_lr, warmup_epochs=min(1.0, cfg.train_epochs / 3),
                        augment=False, seed=cfg.seed)
     last: dict[str, float] = {}
+    devices = max(1, cfg.train_workers)  # every second below is wall-clock; the reports are device-seconds
     passes: list[float] = []  # seconds of each validation pass so far
     n_val, bs = len(data.val), min(cfg.train_batch, len(data.train))
 
@@ -454,7 +459,7 @@ def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
         acc = accuracy(model, data.val, batch_size=256)
         passes.append(time.perf_counter() - t)
         last.update({"accuracy": acc, "epochs": float(epoch)})
-        if report is not None and report(epoch, {**last, "seconds": time.perf_counter() - t0}):
+        if report is not None and report(epoch, {**last, "seconds": devices * (time.perf_counter() - t0)}):
             last["early_stop"] = 1.0  # a scheduler (ASHA) stopped it here
             return True
         return None
@@ -529,9 +534,10 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
             metrics = _latency(model.eval(), data, dev, spec.precision, cfg, cfg.latency_repeats)
         else:
             n_params = float(params)  # in every per-epoch report too: a scheduler may stop the run there
+            devices = max(1, cfg.train_workers)  # N devices for the wall-clock time: N device-seconds a second
             metrics = _train(spec, data, dev, cfg,
                              None if report is None else lambda e, m: report(e, {**m, "params": n_params}), t0,
-                             allowance)
+                             None if allowance is None else allowance / devices)
         metrics["params"] = float(params)
         if flops is not None:
             metrics["flops"] = float(flops)
@@ -540,7 +546,7 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
     finally:
         if dev == "cpu":
             torch.set_num_threads(prev_threads)
-    seconds = time.perf_counter() - t0
+    seconds = (time.perf_counter() - t0) * (max(1, cfg.train_workers) if stage == "train" else 1)
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     return Evaluation(spec_hash=spec.hash, stage=stage, metrics=clean, seconds=seconds,
                       device=fingerprint(dev, cfg.threads), params=params, flops=flops)

@@ -16,7 +16,7 @@ import math
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,7 +59,10 @@ class Candidate:
 @dataclass(frozen=True)
 class SupernetJob:
     """Train (or continue training) the study's supernet over ``frame`` into ``out``; the recipe
-    is :func:`predictors.supernet.train_within`. ``counted``: training seconds already recorded."""
+    is :func:`predictors.supernet.train_within`. ``counted``: training seconds already recorded.
+    Seconds here, and a request's allowance, are device-seconds: on ``workers`` = N Ray Train
+    workers (one device each) a wall-clock second is N of them (``run_request`` converts both ways;
+    the checkpoint keeps wall-clock seconds)."""
 
     frame: str
     out: str
@@ -69,6 +72,15 @@ class SupernetJob:
     counted: float = 0.0
     seed: int = 0
     workers: int = 1  # > 1: trained by that many Ray Train workers (workers.ray_train), else in this process
+
+
+def stage_devices(stage: str, supernet_workers: int, train_workers: int) -> int:
+    """Devices a trial of ``stage`` holds: a supernet training or a train stage on N Ray Train workers
+    holds N (one each), every other trial one. The budget's device-seconds are wall-clock seconds
+    times this."""
+    if stage == "supernet_train":
+        return max(1, int(supernet_workers))
+    return max(1, int(train_workers)) if stage == "train" else 1
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,11 @@ class TrialRequest:
             raise ValueError(f"request {self.key!r} needs candidates or a supernet job, not both or neither")
         if self.candidates and not self.stages:
             raise ValueError(f"request {self.key!r} has candidates but no stages to evaluate")
+
+    @property
+    def devices(self) -> int:
+        """Devices the trial holds while it runs: its wall-clock second is that many device-seconds."""
+        return stage_devices(self.stage, self.supernet.workers if self.supernet else 1, self.eval.train_workers)
 
     @property
     def candidate(self) -> Candidate | None:
@@ -144,13 +161,19 @@ class TrialResult:
 
 @dataclass
 class TrialError:
-    """A failed attempt: its traceback, the driver-measured seconds, and whether it will be retried."""
+    """A failed attempt: its traceback, the driver-measured (wall-clock) seconds, and whether it will
+    be retried."""
 
     request: TrialRequest
     error: str
     seconds: float
     attempt: int
     final: bool
+
+    @property
+    def device_seconds(self) -> float:
+        """What the attempt cost the budget: its seconds on each device it held."""
+        return self.seconds * self.request.devices
 
 
 class Asha:
@@ -256,8 +279,17 @@ def run_request(req: TrialRequest, data: EvalData, report: Report | None = None)
         from predictors.latency import parse_device
         from predictors.supernet import train_within
 
-        ev = train_within(req.supernet, data, device=req.device, allowance=req.allowance,
-                          trainer=_ray_trainer(req) if req.supernet.workers > 1 else None)
+        job, n = req.supernet, max(1, req.supernet.workers)
+        if n > 1:  # N devices: the budget's device-seconds are N wall-clock seconds each, in and out
+            job = replace(job, counted=job.counted / n,
+                          plan_seconds=None if job.plan_seconds is None else job.plan_seconds / n)
+        ev = train_within(job, data, device=req.device, allowance=None if req.allowance is None else req.allowance / n,
+                          trainer=_ray_trainer(req) if n > 1 else None)
+        if n > 1:
+            ev["seconds"] *= n
+            ev["metrics"]["train_seconds"] *= n
+            if req.allowance is not None:
+                ev["metrics"]["allowance"] = float(req.allowance)
         ev["device"] = fingerprint(str(parse_device(req.device)), req.eval.threads)
         return TrialResult(req, [CandidateResult(None, ev)])
     from predictors.latency import parse_device

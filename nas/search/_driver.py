@@ -28,12 +28,13 @@ from nas.search.config import (
     SearchConfig,
     SearchError,
     StudyLost,
+    check_gpu_pool,
     check_target,
     load_data,
     trial_resources,
 )
 from nas.store import HEARTBEAT_S, Store, StoreError, StoreLost
-from workers.request import FINISH, LAUNCH, WAIT, TrialError, TrialRequest, TrialResult
+from workers.request import FINISH, LAUNCH, WAIT, TrialError, TrialRequest, TrialResult, stage_devices
 
 # --------------------------------------------------------------------------------------------
 
@@ -424,8 +425,9 @@ class Driver:
         one = req.candidate
         counts = self._counts(None)
         try:
-            row = dict(stage=req.stage, metrics={}, seconds=error.seconds, arch_hash=one.spec_hash if one else None,
-                       error=error.error, trial=one.number if one else None, attempt=error.attempt,
+            row = dict(stage=req.stage, metrics={}, seconds=error.device_seconds,
+                       arch_hash=one.spec_hash if one else None, error=error.error,
+                       trial=one.number if one else None, attempt=error.attempt,
                        key=f"{req.key}:error:{error.attempt}", count_seconds=counts)
             self.store.record_evaluations(self.name, [row], inflight=req.key, architectures=[
                 dict(spec_hash=one.spec_hash, space=self.cfg.space, spec_json=one.spec)] if one else [])
@@ -433,7 +435,7 @@ class Driver:
             self._lose(str(e))
             return
         if counts:
-            self.used_seconds += error.seconds
+            self.used_seconds += error.device_seconds
         self.errors += 1
         self.tick(req.stage)
 
@@ -615,6 +617,9 @@ def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict
         extra = max(cfg.supernet_workers if cfg.supernet_workers > 1 else 0,
                     max(cfg.workers, 1) * cfg.train_workers if cfg.train_workers > 1 else 0)
         init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1) + extra, temp_dir=None)
+        if cfg.target == "cuda":  # before any trial: Ray would wait for missing GPUs for ever
+            check_gpu_pool(cfg, ray.cluster_resources().get("GPU", 0.0),
+                           f"the Ray cluster at {cfg.address}" if cfg.address else "this machine")
         resources = trial_resources(cfg)
         uses_asha = any(isinstance(s, Train) for s in planned)
         run_trials(plan, data_ref=ray.put(data), workers=cfg.workers, resources=resources,
@@ -634,10 +639,10 @@ def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict
 def _recover_inflight(store: Store, name: str, d: Driver) -> set[int]:
     """Trials a dead driver left in flight (any stage): each becomes an ``interrupted`` evaluation
     that counts the device time it ran until the driver's last heartbeat (within HEARTBEAT_S of
-    its death). Returns the Optuna trial numbers it covered."""
+    its death), on every device it held. Returns the Optuna trial numbers it covered."""
     covered: set[int] = set()
     for row in store.inflight(name):
-        seconds = row["seconds"]
+        seconds = row["seconds"] * stage_devices(row["stage"], d.cfg.supernet_workers, d.cfg.train_workers)
         counts = d._counts(None)
         store.record_evaluation(
             name, stage=row["stage"], metrics={}, seconds=seconds, arch_hash=row["arch_hash"], trial=row["trial"],

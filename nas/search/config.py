@@ -458,6 +458,10 @@ def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dic
             raise SearchError(f"--precision {p} cannot run on --target {target}: "
                               f"{str(e).replace('--device', '--target')}") from None
     _reachable(cfg.address)
+    if target == "cuda" and not cfg.address:  # a cluster's GPUs are counted when the study joins it
+        import torch
+
+        check_gpu_pool(cfg, torch.cuda.device_count())
     if cfg.supernet and not (Path(cfg.supernet) / "supernet.pt").is_file() and not Path(cfg.supernet).is_file():
         raise SearchError(f"no supernet checkpoint at {_clip(cfg.supernet)}; train one with `nas supernet train`")
     if cfg.parzc and not Path(cfg.parzc).is_file():
@@ -567,6 +571,36 @@ def parse_budget_arg(text: str, increment: bool = False) -> Budget:
         return parse_budget(text, increment=increment)
     except BudgetError as e:
         raise SearchError(str(e)) from None
+
+
+def gpus_needed(cfg: SearchConfig) -> int:
+    """GPUs a study on ``--target cuda`` holds at its peak: the trial pool's ``--workers`` actors keep
+    ``--gpus-per-trial`` each for the whole study (Ray packs fractions within one GPU, so at 0.4 two
+    share a GPU, not two and a half), and Ray Train workers take a whole GPU each on top: the
+    supernet's ``--supernet-workers`` (it trains alone), or ``--train-workers`` for every trial that
+    trains side by side. 0 on other targets."""
+    if cfg.target != "cuda":
+        return 0
+    workers = max(cfg.workers, 1)
+    per_gpu = max(1, math.floor(1.0 / cfg.gpus_per_trial + 1e-9))
+    pool = math.ceil(workers / per_gpu)
+    ddp = max(cfg.supernet_workers if cfg.supernet_workers > 1 else 0,
+              workers * cfg.train_workers if cfg.train_workers > 1 else 0)
+    return pool + ddp
+
+
+def check_gpu_pool(cfg: SearchConfig, available: float, where: str = "this machine") -> None:
+    """Refuse a study whose GPUs (:func:`gpus_needed`) exceed ``available``: Ray would wait for them
+    for ever, with the study shown running."""
+    need = gpus_needed(cfg)
+    if need > available + 1e-9:
+        parts = [f"--workers {max(cfg.workers, 1)} at --gpus-per-trial {cfg.gpus_per_trial:g}"]
+        if cfg.supernet_workers > 1:
+            parts.append(f"--supernet-workers {cfg.supernet_workers}")
+        if cfg.train_workers > 1:
+            parts.append(f"--train-workers {cfg.train_workers} per trial")
+        raise SearchError(f"{', '.join(parts)} need {need} GPUs and {where} has {available:g}; use fewer workers, "
+                          "a smaller --gpus-per-trial, or a larger cluster")
 
 
 def trial_resources(cfg: SearchConfig) -> dict[str, float]:
