@@ -464,8 +464,9 @@ def search(
     supernet: str | None = _opt(None, "--supernet", "A trained supernet to use instead of training one."),
     parzc: str | None = _opt(None, "--parzc", "A saved ParZC predictor to screen with."),
     threads: int = _opt(1, "--threads", "Torch threads per trial."), json_out: bool = _JSON,
-    supernet_workers: int = _opt(1, "--supernet-workers", "Workers that train the supernet together (Ray Train, "
-                                                         "DDP); 1: one process."),
+    supernet_workers: str = _opt("auto", "--supernet-workers", "Workers that train the supernet together (Ray "
+                                                              "Train, DDP); auto: every GPU the trials do not hold "
+                                                              "on --target cuda, else 1 (one process)."),
     train_workers: int = _opt(1, "--train-workers", "Workers that train each train-stage candidate together (Ray "
                                                    "Train, DDP); 1: one process."),
     gpus_per_trial: float = _opt(1.0, "--gpus-per-trial", "GPUs a trial holds on --target cuda, in (0, 1]: "

@@ -181,6 +181,8 @@ SEARCH_BAD: list[Any] = [
     pytest.param(["--threads", "0"], "threads", id="threads-0"),
     pytest.param(["--train-workers", "0"], "train-workers", id="train-workers-0"),
     pytest.param(["--train-workers", "two"], "train-workers", id="train-workers-not-int"),
+    pytest.param(["--supernet-workers", "0"], "supernet-workers must be auto or", id="supernet-workers-0"),
+    pytest.param(["--supernet-workers", "many"], "supernet-workers.*many", id="supernet-workers-not-int"),
     pytest.param(["--gpus-per-trial", "0"], "gpus-per-trial", id="gpus-per-trial-0"),
     pytest.param(["--gpus-per-trial", "2"], "gpus-per-trial.*supernet-workers", id="gpus-per-trial-2"),
     pytest.param(["--gpus-per-trial", "0.5", "--target", "cpu"], "gpus-per-trial.*cpu", id="gpus-per-trial-on-cpu"),
@@ -518,6 +520,14 @@ def test_a_cuda_study_needs_the_gpus_its_workers_hold() -> None:
                                           r"and this machine has 8; use fewer workers") as e:
         check_gpu_pool(SearchConfig(target="cuda", workers=8, supernet_workers=8), 8)
     assert "\n" not in str(e.value)
+    # --supernet-workers auto (the command line's default): the GPUs the pool leaves, else one process
+    from nas.search.config import auto_supernet_workers
+
+    assert SearchConfig.parse(supernet_workers="auto").supernet_workers == 0
+    assert SearchConfig.parse(supernet_workers="3").supernet_workers == 3
+    assert auto_supernet_workers(SearchConfig(target="cuda", workers=4, gpus_per_trial=0.25), 8) == 7
+    assert auto_supernet_workers(SearchConfig(target="cuda", workers=8), 8) == 1
+    assert auto_supernet_workers(SearchConfig(target="cpu", workers=8), 0) == 1
 
 
 def test_train_workers_validate_and_reach_the_train_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -93,7 +93,7 @@ class SearchConfig:
     shares: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SHARES))
     workers: int = 1
     threads: int = 1
-    supernet_workers: int = 1  # Ray Train (DDP) workers of the supernet training; 1: one process
+    supernet_workers: int = 1  # Ray Train (DDP) workers of the supernet training; 1: one process; 0: auto
     train_workers: int = 1  # Ray Train (DDP) workers of each train-stage training; 1: one process
     gpus_per_trial: float = 1.0  # GPUs a trial holds on --target cuda; below 1, small trials share a GPU
     address: str | None = None
@@ -158,7 +158,7 @@ class SearchConfig:
                 yield f"{flag} must be one of {', '.join(choices)}, got {_clip(value)}"
         bounds: list[tuple[str, Any, int, int]] = [
             ("--workers", self.workers, 1, MAX_WORKERS), ("--threads", self.threads, 1, max_threads()),
-            ("--supernet-workers", self.supernet_workers, 1, MAX_WORKERS),
+            ("--supernet-workers", self.supernet_workers, 0, MAX_WORKERS),  # 0: auto
             ("--train-workers", self.train_workers, 1, MAX_WORKERS),
             ("--train-epochs", self.train_epochs, 1, MAX_TRAIN_EPOCHS), ("--seed", self.seed, 0, MAX_SEED),
             ("--max-supernet-epochs", self.max_supernet_epochs, 1, MAX_TRAIN_EPOCHS),
@@ -235,6 +235,7 @@ class SearchConfig:
         texts and of the config, is reported in one SearchError joined by "; "."""
         problems = []
         readers = {"max_params": lambda t: parse_count(t, "--max-params"), "shares": parse_shares,
+                   "supernet_workers": _read_supernet_workers,
                    "objectives": lambda t: tuple(o.strip() for o in t.split(",") if o.strip())}
         for key, read in readers.items():
             if isinstance(values.get(key), str):
@@ -250,6 +251,19 @@ class SearchConfig:
         if problems:
             raise SearchError("; ".join(problems))
         return cfg
+
+
+def _read_supernet_workers(text: str) -> int:
+    """``auto`` -> 0 (resolved by :func:`prepare_study`), else the integer."""
+    if text.strip() == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SearchError(f"--supernet-workers must be auto or a number of workers (1 or more), got {_clip(text)}")
+    return n
 
 
 def _share_problems(shares: Any) -> Iterator[str]:
@@ -458,10 +472,15 @@ def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dic
             raise SearchError(f"--precision {p} cannot run on --target {target}: "
                               f"{str(e).replace('--device', '--target')}") from None
     _reachable(cfg.address)
+    gpus = 0
     if target == "cuda" and not cfg.address:  # a cluster's GPUs are counted when the study joins it
         import torch
 
-        check_gpu_pool(cfg, torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+    if cfg.supernet_workers == 0:  # auto; on a cluster (GPUs unknown here) one process
+        cfg = replace(cfg, supernet_workers=auto_supernet_workers(cfg, gpus) if gpus else 1)
+    if gpus:
+        check_gpu_pool(cfg, gpus)
     if cfg.supernet and not (Path(cfg.supernet) / "supernet.pt").is_file() and not Path(cfg.supernet).is_file():
         raise SearchError(f"no supernet checkpoint at {_clip(cfg.supernet)}; train one with `nas supernet train`")
     if cfg.parzc and not Path(cfg.parzc).is_file():
@@ -581,12 +600,26 @@ def gpus_needed(cfg: SearchConfig) -> int:
     trains side by side. 0 on other targets."""
     if cfg.target != "cuda":
         return 0
-    workers = max(cfg.workers, 1)
-    per_gpu = max(1, math.floor(1.0 / cfg.gpus_per_trial + 1e-9))
-    pool = math.ceil(workers / per_gpu)
     ddp = max(cfg.supernet_workers if cfg.supernet_workers > 1 else 0,
-              workers * cfg.train_workers if cfg.train_workers > 1 else 0)
-    return pool + ddp
+              max(cfg.workers, 1) * cfg.train_workers if cfg.train_workers > 1 else 0)
+    return _pool_gpus(cfg) + ddp
+
+
+def _pool_gpus(cfg: SearchConfig) -> int:
+    per_gpu = max(1, math.floor(1.0 / cfg.gpus_per_trial + 1e-9))
+    return math.ceil(max(cfg.workers, 1) / per_gpu)
+
+
+def auto_supernet_workers(cfg: SearchConfig, gpus: int) -> int:
+    """``--supernet-workers auto``: on ``--target cuda``, one Ray Train worker on every GPU of the
+    machine that the trial pool does not hold (the supernet trains alone, so train-stage workers
+    never run beside it); elsewhere one process. On CPU a data-parallel supernet is not the default
+    because the budget pays N device-seconds a second for it, and N CPU workers are not N times
+    faster than one process (they share memory bandwidth); give ``--supernet-workers N`` to trade
+    budget for wall-clock time."""
+    if cfg.target != "cuda":
+        return 1
+    return max(1, int(gpus) - _pool_gpus(cfg))
 
 
 def check_gpu_pool(cfg: SearchConfig, available: float, where: str = "this machine") -> None:
