@@ -80,6 +80,60 @@ def test_chunked_scan_gradients_equal_the_recurrence() -> None:
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("n", [97, 150])  # several chunks (the carried state's hand-written backward), padded
+def test_factorised_scan_gradients_across_chunks(n: int, shift: bool, reverse: bool) -> None:
+    """The factorised path's hand-written backward (``_FactorisedScan``, the carry recurrence taken
+    backwards) against autograd through the float64 recurrence, every input, several chunks."""
+    x, dt, A, B, C = _inputs(n, REGIMES["factorised"], 7)
+    ok = _ssd._span_ok(_chunk_totals(dt, A))
+    assert ok is not None and bool(ok.all())
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    ins = [t.clone().requires_grad_(True) for t in (x, dt, A, B, C)]
+    want = torch.autograd.grad((ssd_recurrence(*ins, shift=shift, reverse=reverse) * w).sum(), ins)
+    got = torch.autograd.grad((ssd_chunked(*ins, shift=shift, reverse=reverse) * w).sum(), ins)
+    for g, g64 in zip(got, want):
+        torch.testing.assert_close(g, g64, rtol=1e-8, atol=1e-8)
+
+
+def test_factorised_scan_backward_passes_gradcheck() -> None:
+    """``_FactorisedScan`` on its own (arbitrary factors, two chunks, padding) against finite differences."""
+    g = torch.Generator().manual_seed(9)
+    b, n, h, p, s, c, q = 1, 7, 2, 3, 2, 2, 4
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    ins = (r(b, n, h, p), r(b, c, q, h), r(b, c, q, h), r(b, c, 1, h), r(b, c, 1, h), r(b, c, 1, h),
+           r(b, c, q, s), r(b, c, q, s), r(b, c, q, q))
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(lambda *a, rev=reverse: _ssd._FactorisedScan.apply(*a, rev), ins)
+        # its double backward (GraSP's Hessian-gradient product) through the plain formulation
+        assert torch.autograd.gradgradcheck(lambda *a, rev=reverse: _ssd._FactorisedScan.apply(*a, rev), ins)
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_gated_rmsnorm_backward_equals_autograd(before: bool) -> None:
+    """The hand-written backward of the gated RMSNorm against autograd through its plain form."""
+    torch.manual_seed(0)
+    norm = _ssd.GatedRMSNorm(24, norm_before_gate=before).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    y, z = (torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    gate = F.silu(z)
+    a = y if before else y * gate
+    want = _rms(a, norm.weight, norm.eps) * (gate if before else 1.0)
+    got = norm(y, z)
+    torch.testing.assert_close(got, want)
+    w = torch.randn(got.shape, dtype=torch.float64)
+    for g_got, g_want in zip(torch.autograd.grad((got * w).sum(), [y, z, norm.weight]),
+                             torch.autograd.grad((want * w).sum(), [y, z, norm.weight])):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradgradcheck(lambda *t: _ssd._GatedRMSNormFn.apply(*t, norm.eps, before),
+                                        (y[:1, :2], z[:1, :2], norm.weight))
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_mixed_heads_gradients_in_float32(reverse: bool) -> None:
     """Some heads factorised, the others capped there and computed again per head: the gradients

@@ -171,6 +171,35 @@ def test_shape_forward_backward_finite(kind: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(("kind", "name"), ALL, ids=IDS)
+def test_gradients_taken_with_a_graph_equal_those_without(kind: str, name: str) -> None:
+    """GraSP (Wang et al. 2020; a zero-cost proxy) takes a Hessian-gradient product, so its first
+    gradient is taken with ``create_graph``. Blocks with a hand-written backward (ssm, ssd, hydra)
+    then differentiate a plain formulation instead: its gradients must be the same (float64, 100
+    tokens: several SSD chunks and scan blocks), and the second backward must run. A plain autograd
+    call on the saved inputs counted the paths between them twice (ssm's delta, B and C come from its
+    input): gradients off by up to 4e-2."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    grid = (10, 10)
+    m = _make(kind, name, grid=grid).double()
+    for layout in _layouts(type(m)):
+        x = _input(layout, grid).double().requires_grad_(True)
+        params = [x, *m.parameters()]
+        w = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).view_as(x)
+        plain = torch.autograd.grad((m(x, grid) * w).sum(), params, allow_unused=True)
+        with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no double backward
+            graph = torch.autograd.grad((m(x, grid) * w).sum(), params, allow_unused=True, create_graph=True)
+            for a, b in zip(plain, graph):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+            z = sum((g.detach() * g).sum() for g in graph if g is not None and g.requires_grad)
+            if isinstance(z, torch.Tensor):
+                hg = torch.autograd.grad(z, params, allow_unused=True)
+                assert all(h is None or torch.isfinite(h).all() for h in hg)
+
+
+@pytest.mark.parametrize(("kind", "name"), ALL, ids=IDS)
 def test_bf16_autocast_close_to_fp32(kind: str, name: str) -> None:
     m = _make(kind, name).eval()
     for layout in _layouts(type(m)):

@@ -144,8 +144,11 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, gy: Tensor) -> tuple[Tensor | None, ...]:
         u, delta, A, B, C, states = ctx.saved_tensors
         ins = (u, delta, A, B, C)
-        if torch.is_grad_enabled():  # create_graph: differentiate the plain formulation instead,
-            # on the saved inputs themselves, so that the gradients stay connected to their history
+        if torch.is_grad_enabled():  # create_graph: differentiate the plain formulation instead, on
+            # fresh views of the saved inputs: connected to their history, and each input's gradient
+            # counts only its direct uses here (delta, B and C are made from u outside; the outer graph
+            # adds those paths itself, and autograd.grad on the inputs themselves would add them twice)
+            ins = tuple(t.view_as(t) if t.requires_grad else t for t in ins)
             need = [t for t in ins if t.requires_grad]
             got = iter(torch.autograd.grad(selective_scan_reference(*ins), need, gy, create_graph=True))
             return (*(next(got) if t.requires_grad else None for t in ins), None)

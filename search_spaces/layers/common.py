@@ -81,13 +81,20 @@ def depthwise_conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
     token t sees t-k+1 .. t), "anticausal" (the causal conv of the time-reversed sequence: t sees
     t .. t+k-1, kernel mirrored) or "same" (centred, odd k: Hydra). Run as a (1, k) conv2d on a
     channels-last view: no transposes, and oneDNN's NHWC depthwise kernel (about 2x faster than
-    conv1d fwd+bwd on CPU here)."""
+    conv1d fwd+bwd on CPU here). While the bias takes a gradient, the conv's own bias gradient (a
+    sum over the NCHW-strided gradient, about 2/3 of the conv's backward on CPU) is replaced by a
+    sum over the contiguous (B, N, C) gradient: the conv adds a detached bias (the same rounding as
+    before, in every dtype) and ``bias - bias.detach()``, exact zeros, carries the gradient."""
     k, n = conv.kernel_size[0], x.shape[1]
     w = conv.weight.flip(-1) if mode == "anticausal" else conv.weight
     pad = k // 2 if mode == "same" else k - 1
-    y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], conv.bias, padding=(0, pad), groups=conv.groups)
+    bias = conv.bias
+    grad_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing()
+    y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], bias.detach() if grad_bias else bias,
+                 padding=(0, pad), groups=conv.groups)
     y = y.permute(0, 2, 3, 1)[:, 0]  # (B, N + padding, C), in channels-last memory
-    return y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]
+    y = y[:, k - 1:k - 1 + n] if mode == "anticausal" else y[:, :n]
+    return y + (bias - bias.detach()).to(y.dtype) if grad_bias else y
 
 
 def inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4) -> Tensor:
