@@ -14,11 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# one thread, here and in every subprocess the suite starts (they inherit the environment): on 2
+# busy cores, torch's 2 OpenMP threads spin-wait for each other. Measured on the exported-files
+# check (a subprocess building 47 models): 167 s with the default threads beside two busy
+# processes, 7.7 s with one
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch
 
 import search_spaces  # noqa: F401
 
-# one thread: the suite also runs subprocesses, and 2 threads on 2 busy cores oversubscribe badly
 torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

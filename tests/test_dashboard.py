@@ -663,7 +663,7 @@ def _standalone_check(py: Path, weights: Path, store_url: str, work: Path) -> No
     torch.save({"state": state, "x": x, "y": y}, work / f"{module}.pt")
     (work / "cases.json").write_text(json.dumps([{"module": module, "num_classes": nc, "img_size": img,
                                                   "hash": spec.hash}]))
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(work)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "OMP_NUM_THREADS": "1"}  # see conftest.py
     run = subprocess.run([sys.executable, "-c", CHECK, str(work)], cwd=work, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -133,7 +133,7 @@ def test_exported_files_match_build(tmp_path: Path) -> None:
                            *sorted(str(p) for p in tmp_path.glob("*.py"))], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout[-3000:]
 
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}  # see conftest.py
     run = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
