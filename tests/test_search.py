@@ -500,20 +500,20 @@ def test_a_trial_on_n_workers_is_charged_n_device_seconds(tmp_path: Path, monkey
 
     def train(workers: int, allowance: float | None) -> Any:
         monkeypatch.setattr(evaluate_mod, "time", _Clock())
-        cfg = EvalConfig(train_epochs=3, train_batch=32, train_workers=workers)
+        cfg = EvalConfig(train_epochs=2, train_batch=32, train_workers=workers)
         return evaluate(spec, "train", data, config=cfg, allowance=allowance)
 
     whole = train(1, None)
-    assert whole.metrics["steps"] == 18 and "budget_stop" not in whole.metrics
+    assert whole.metrics["steps"] == 12 and "budget_stop" not in whole.metrics
     one, two = train(1, whole.seconds / 2), train(2, whole.seconds)  # stopped halfway, by their allowance
     assert one.metrics["budget_stop"] == two.metrics["budget_stop"] == 1.0
-    assert 0 < one.metrics["steps"] == two.metrics["steps"] < 18
+    assert 0 < one.metrics["steps"] == two.metrics["steps"] < 12
     assert two.seconds == 2 * one.seconds
     assert train(2, None).seconds == 2 * whole.seconds
 
     def supernet(workers: int, allowance: float | None, out: str) -> dict[str, Any]:
         monkeypatch.setattr(supernet_mod, "time", _Clock())
-        job = SupernetJob(frame=frame.to_json(), out=str(tmp_path / out), epochs=2, workers=workers)
+        job = SupernetJob(frame=frame.to_json(), out=str(tmp_path / out), epochs=1, workers=workers)
         req = TrialRequest(key="supernet_train", stage="supernet_train", supernet=job, allowance=allowance)
         return run_request(req, data).results[0].evaluation
 
