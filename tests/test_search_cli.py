@@ -527,6 +527,7 @@ def test_a_cuda_study_needs_the_gpus_its_workers_hold() -> None:
     assert SearchConfig.parse(supernet_workers="3").supernet_workers == 3
     assert auto_supernet_workers(SearchConfig(target="cuda", workers=4, gpus_per_trial=0.25), 8) == 7
     assert auto_supernet_workers(SearchConfig(target="cuda", workers=8), 8) == 1
+    assert auto_supernet_workers(SearchConfig(target="cuda", workers=2), 0) == 1  # a cluster: GPUs unknown
     assert auto_supernet_workers(SearchConfig(target="cpu", workers=8), 0) == 1
 
 

@@ -55,8 +55,6 @@ def ddp(data: Data, ray_session: object) -> torch.nn.Module:
     return train_supernet_ray(FRAME, data, EPOCHS, config=CFG, num_workers=2)
 
 
-
-
 def test_two_workers_match_one_process(single: torch.nn.Module, ddp: torch.nn.Module) -> None:
     assert_same_run(single, ddp, "supernet")
 

@@ -47,8 +47,6 @@ def ray_session() -> Iterator[object]:
 SPEC = FRAME.largest(random.Random(1))
 
 
-
-
 def test_two_workers_match_one_process(data: Data, ray_session: object) -> None:
     single = train_standalone(SPEC, data, EPOCHS, config=CFG, num_classes=4)
     ddp = train_standalone_ray(SPEC, data, EPOCHS, config=CFG, num_classes=4, num_workers=2)

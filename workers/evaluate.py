@@ -429,16 +429,26 @@ def trained_epochs(weights_dir: str | Path, spec_hash: str) -> tuple[float, int]
         return None
 
 
+def stage_devices(stage: str, supernet_workers: int, train_workers: int) -> int:
+    """Devices a trial of ``stage`` holds: a supernet training or a train stage on N Ray Train workers
+    holds N (one each), every other trial one. The budget's device-seconds are wall-clock seconds
+    times this."""
+    if stage == "supernet_train":
+        return max(1, int(supernet_workers))
+    return max(1, int(train_workers)) if stage == "train" else 1
+
+
 def _train(spec: Any, data: EvalData, device: str, cfg: EvalConfig,
            report: Callable[[int, dict[str, float]], bool | None] | None, t0: float,
-           allowance: float | None = None) -> dict[str, float]:
+           allowance: float | None = None, devices: int = 1) -> dict[str, float]:
+    """The train stage; ``allowance`` in wall-clock seconds, ``devices`` the devices it holds (its
+    reports are in device-seconds)."""
     from predictors.precision import activation_dtype, to_precision
     from predictors.supernet import TrainConfig, accuracy, train_standalone
 
     tcfg = TrainConfig(batch_size=cfg.train_batch, lr=cfg.train_lr, warmup_epochs=min(1.0, cfg.train_epochs / 3),
                        augment=False, seed=cfg.seed)
     last: dict[str, float] = {}
-    devices = max(1, cfg.train_workers)  # every second below is wall-clock; the reports are device-seconds
     passes: list[float] = []  # seconds of each validation pass so far
     n_val, bs = len(data.val), min(cfg.train_batch, len(data.train))
 
@@ -516,6 +526,7 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
 
         return evaluate_benchmark(spec, stage, data, cfg)
     dev = str(parse_device(device))
+    devices = stage_devices(stage, 1, cfg.train_workers)  # a wall-clock second is this many device-seconds
     t0 = time.perf_counter()
     prev_threads = torch.get_num_threads()
     if dev == "cpu":
@@ -534,10 +545,9 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
             metrics = _latency(model.eval(), data, dev, spec.precision, cfg, cfg.latency_repeats)
         else:
             n_params = float(params)  # in every per-epoch report too: a scheduler may stop the run there
-            devices = max(1, cfg.train_workers)  # N devices for the wall-clock time: N device-seconds a second
             metrics = _train(spec, data, dev, cfg,
                              None if report is None else lambda e, m: report(e, {**m, "params": n_params}), t0,
-                             None if allowance is None else allowance / devices)
+                             None if allowance is None else allowance / devices, devices)
         metrics["params"] = float(params)
         if flops is not None:
             metrics["flops"] = float(flops)
@@ -546,7 +556,7 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
     finally:
         if dev == "cpu":
             torch.set_num_threads(prev_threads)
-    seconds = (time.perf_counter() - t0) * (max(1, cfg.train_workers) if stage == "train" else 1)
+    seconds = (time.perf_counter() - t0) * devices
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     return Evaluation(spec_hash=spec.hash, stage=stage, metrics=clean, seconds=seconds,
                       device=fingerprint(dev, cfg.threads), params=params, flops=flops)

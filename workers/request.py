@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from workers.evaluate import EvalConfig, EvalData, evaluate, fingerprint
+from workers.evaluate import EvalConfig, EvalData, evaluate, fingerprint, stage_devices
 
 __all__ = [
     "FINISH",
@@ -72,15 +72,6 @@ class SupernetJob:
     counted: float = 0.0
     seed: int = 0
     workers: int = 1  # > 1: trained by that many Ray Train workers (workers.ray_train), else in this process
-
-
-def stage_devices(stage: str, supernet_workers: int, train_workers: int) -> int:
-    """Devices a trial of ``stage`` holds: a supernet training or a train stage on N Ray Train workers
-    holds N (one each), every other trial one. The budget's device-seconds are wall-clock seconds
-    times this."""
-    if stage == "supernet_train":
-        return max(1, int(supernet_workers))
-    return max(1, int(train_workers)) if stage == "train" else 1
 
 
 @dataclass(frozen=True)

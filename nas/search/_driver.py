@@ -30,6 +30,7 @@ from nas.search.config import (
     StudyLost,
     check_gpu_pool,
     check_target,
+    ddp_workers,
     load_data,
     trial_resources,
 )
@@ -614,9 +615,8 @@ def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict
         # the supernet trains alone (its stage launches one trial, when nothing else runs). Train-stage
         # trials run side by side, each with --train-workers Ray Train workers of its own: CPUs for all of
         # them, which the supernet's (trained alone) can use too
-        extra = max(cfg.supernet_workers if cfg.supernet_workers > 1 else 0,
-                    max(cfg.workers, 1) * cfg.train_workers if cfg.train_workers > 1 else 0)
-        init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1) + extra, temp_dir=None)
+        init_ray(cfg.address, num_cpus=None if cfg.address else max(cfg.workers, 1) + ddp_workers(cfg),
+                 temp_dir=None)
         if cfg.target == "cuda":  # before any trial: Ray would wait for missing GPUs for ever
             check_gpu_pool(cfg, ray.cluster_resources().get("GPU", 0.0),
                            f"the Ray cluster at {cfg.address}" if cfg.address else "this machine")

@@ -477,8 +477,8 @@ def prepare_study(name: str, cfg: SearchConfig, budget: Budget, url: str) -> dic
         import torch
 
         gpus = torch.cuda.device_count()
-    if cfg.supernet_workers == 0:  # auto; on a cluster (GPUs unknown here) one process
-        cfg = replace(cfg, supernet_workers=auto_supernet_workers(cfg, gpus) if gpus else 1)
+    if cfg.supernet_workers == 0:  # auto; on a cluster (GPUs unknown here, 0) one process
+        cfg = replace(cfg, supernet_workers=auto_supernet_workers(cfg, gpus))
     if gpus:
         check_gpu_pool(cfg, gpus)
     if cfg.supernet and not (Path(cfg.supernet) / "supernet.pt").is_file() and not Path(cfg.supernet).is_file():
@@ -598,11 +598,15 @@ def gpus_needed(cfg: SearchConfig) -> int:
     share a GPU, not two and a half), and Ray Train workers take a whole GPU each on top: the
     supernet's ``--supernet-workers`` (it trains alone), or ``--train-workers`` for every trial that
     trains side by side. 0 on other targets."""
-    if cfg.target != "cuda":
-        return 0
-    ddp = max(cfg.supernet_workers if cfg.supernet_workers > 1 else 0,
-              max(cfg.workers, 1) * cfg.train_workers if cfg.train_workers > 1 else 0)
-    return _pool_gpus(cfg) + ddp
+    return _pool_gpus(cfg) + ddp_workers(cfg) if cfg.target == "cuda" else 0
+
+
+def ddp_workers(cfg: SearchConfig) -> int:
+    """Ray Train workers a study runs at its peak, beside the trial pool's actors: the supernet's
+    (it trains alone) or every train-stage trial's, whichever is more; 0 without data parallelism.
+    Each takes a device of its own: a CPU, or a GPU on ``--target cuda``."""
+    return max(cfg.supernet_workers if cfg.supernet_workers > 1 else 0,
+               max(cfg.workers, 1) * cfg.train_workers if cfg.train_workers > 1 else 0)
 
 
 def _pool_gpus(cfg: SearchConfig) -> int:
