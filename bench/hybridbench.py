@@ -489,12 +489,14 @@ def cmd_supernet(args: argparse.Namespace) -> None:
     ``--finetune-steps`` steps of fine-tuning when asked)."""
     from predictors._io import atomic_write
     from predictors.supernet import evaluate_subnet, load_checkpoint, train_supernet
+    from search_spaces._runtime import retain_freed_memory
     from workers.evaluate import Split
 
     frame, specs, _ = load_archs(Path(args.archs))
     cache = Path(args.cache)
     r = recipe_of(args, frame)
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as the search's supernet job (search_spaces/_runtime.py)
     d = torch.load(prepare_data(cache, r), weights_only=False)
     train, test = Split(d["train_x"], d["train_y"]), Split(d["test_x"], d["test_y"])
     out = supernet_dir(cache, r, args.variant)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from search_spaces._runtime import retain_freed_memory  # noqa: E402
 from search_spaces.layers.common import to_layout  # noqa: E402
 from search_spaces.registry import get_token_mixer, token_mixer_names  # noqa: E402
 
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixers", default="all", help="token mixers, comma-separated (attention is always added)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--malloc", default="retain", choices=("retain", "glibc"),
+                    help="CPU: keep freed memory in the process as the search's workers do (retain), or "
+                         "glibc's defaults, which hand large blocks back to the kernel after each step")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     known = token_mixer_names()
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+        if args.malloc == "retain" and not retain_freed_memory():
+            print("--malloc retain: this C library has no glibc mallopt; measuring with its defaults", flush=True)
 
     results: dict[str, Any] = {}
     for g in grids:
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         results[str(g)] = measure_grid(names, g, args, device)
         print(f"grid {g}x{g} measured in {time.perf_counter() - t0:.0f} s", flush=True)
     cuda = device.type == "cuda"
-    print(f"\n{args.device}{' bf16 autocast' if cuda else ' fp32, ' + str(args.threads) + ' thread(s)'}, "
+    setting = " bf16 autocast" if cuda else f" fp32, {args.threads} thread(s), malloc {args.malloc}"
+    print(f"\n{args.device}{setting}, "
           f"batch {args.batch}, width {args.width}, heads {args.heads}; ratios to {REFERENCE}")
     head = f"{'mixer':<16} {'grid':>5} {'fwd+bwd ms':>11} {'x attn':>7} {'fwd b1 ms':>10} {'x attn':>7} " \
            f"{'saved MB':>9} {'x attn':>7}" + (f" {'peak MB':>8}" if cuda else "")

@@ -285,6 +285,7 @@ def train_supernet(frame: str, data: str, epochs: int, out: str, *, space: str =
     import torch
 
     from predictors.supernet import SupernetError, TrainConfig, train_supernet
+    from search_spaces._runtime import retain_freed_memory
 
     if space != "hybrid_vit":
         raise SearchError(f"supernets exist for space hybrid_vit only, not {_short(space, 40)}")
@@ -304,6 +305,7 @@ def train_supernet(frame: str, data: str, epochs: int, out: str, *, space: str =
     fr = resolve_frame(frame, load_dataset(data, limit=1), img_size)
     ds = load_dataset(data, limit=data_limit, img_size=fr.img_size)
     torch.set_num_threads(threads)
+    retain_freed_memory()  # see search_spaces/_runtime.py
     if started is not None:
         started(fr, ds)
     try:

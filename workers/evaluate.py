@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from search_spaces._runtime import retain_freed_memory
+
 __all__ = [
     "STAGES",
     "EvalConfig",
@@ -531,6 +533,7 @@ def evaluate(spec: Any, stage: str, data: EvalData, device: str = "cpu", *, conf
     prev_threads = torch.get_num_threads()
     if dev == "cpu":
         torch.set_num_threads(cfg.threads)
+        retain_freed_memory()  # no page faults on each step's activations (search_spaces/_runtime.py)
     try:
         model = build(spec, num_classes=data.num_classes, img_size=data.img_size, in_chans=data.in_chans,
                       seed=cfg.seed)

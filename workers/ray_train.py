@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from predictors.supernet import SupernetError, TrainConfig, TrainState
+from search_spaces._runtime import retain_freed_memory
 from search_spaces.spec import ArchSpec
 from search_spaces.supernet import Supernet, SupernetFrame
 
@@ -102,6 +103,7 @@ def _report(model: nn.Module, st: TrainState) -> None:
 def _loop(conf: dict[str, Any]) -> None:
     """One Ray Train worker: ``train_supernet`` in the process group Ray Train made."""
     torch.set_num_threads(int(conf["threads"]))
+    retain_freed_memory()  # see search_spaces/_runtime.py
     from predictors.supernet import train_supernet
 
     device = _worker_device(conf["use_gpu"])
@@ -154,6 +156,7 @@ def _standalone_loop(conf: dict[str, Any]) -> None:
     callbacks ask the caller through the relay; the other ranks' are never called (rank 0 decides,
     ``train_standalone`` broadcasts), but must be there so that they join the broadcast."""
     torch.set_num_threads(int(conf["threads"]))
+    retain_freed_memory()  # see search_spaces/_runtime.py
     from ray import train
 
     from predictors.supernet import train_standalone

@@ -263,8 +263,10 @@ def run_request(req: TrialRequest, data: EvalData, report: Report | None = None)
     import torch
 
     from search_spaces import spec_from_json
+    from search_spaces._runtime import retain_freed_memory
 
     torch.set_num_threads(req.eval.threads)
+    retain_freed_memory()  # see search_spaces/_runtime.py
     _fault(req)
     if req.supernet is not None:
         from predictors.latency import parse_device
