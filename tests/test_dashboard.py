@@ -49,6 +49,7 @@ def _env() -> dict[str, str]:
 class Searched:
     root: Path
     db: Path
+    budget: float  # cpu-s the study was given in all
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,20 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> Searched:
                           "--workers", "1", "--train-epochs", "1", "--study", STUDY, "--storage", f"sqlite:///{db}",
                           "--json"], cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"nas search failed ({res.returncode}): {res.stderr[-3000:]}"
-    assert json.loads(res.stdout)["front"], "the search stored no front"
-    return Searched(root=root, db=db)
+    out, budget = json.loads(res.stdout), 20.0
+    assert out["front"], "the search stored no front"
+    # How far 20 cpu-s gets depends on the machine: on a loaded one (two busy processes beside the
+    # suite) the train stage may not have started. The export tests need a trained front member, so
+    # the study is resumed 20 cpu-s at a time until one is there: a bounded count, not a timing
+    for _ in range(5):
+        if any("accuracy" in r["metrics"] for r in out["front"]):
+            break
+        res = subprocess.run([str(NAS), "resume", STUDY, "--budget", "+20cpu-s", "--storage", f"sqlite:///{db}",
+                              "--json"], cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"nas resume failed ({res.returncode}): {res.stderr[-3000:]}"
+        out, budget = json.loads(res.stdout), budget + 20.0
+    assert any("accuracy" in r["metrics"] for r in out["front"]), "no trained candidate after 5 resumes"
+    return Searched(root=root, db=db, budget=budget)
 
 
 def _copy_store(src: Path, dest: Path) -> str:
@@ -126,7 +139,7 @@ def _snapshot(url: str) -> tuple[Any, int, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def test_pages_show_the_study(client: Any, store_url: str) -> None:
+def test_pages_show_the_study(client: Any, store_url: str, searched: Searched) -> None:
     home = client.get("/")
     assert home.status_code == 200 and f'href="/studies/{STUDY}"' in home.text
     assert "optuna-dashboard sqlite:///" in home.text
@@ -144,8 +157,8 @@ def test_pages_show_the_study(client: Any, store_url: str) -> None:
     s = data["study"]
     assert s["status"] == "completed" and s["resumable"] and not s["stoppable"]
     # invariants that hold at any machine speed: how far a 20 cpu-s study gets depends on the machine
-    assert s["budget"]["total"] == 20.0 and s["budget"]["unit"] == "cpu-s"
-    assert s["budget"]["over"] == (s["budget"]["used"] > 20.0)
+    assert s["budget"]["total"] == searched.budget and s["budget"]["unit"] == "cpu-s"
+    assert s["budget"]["over"] == (s["budget"]["used"] > searched.budget)
     assert s["budget"]["over"] == ("(+" in s["budget"]["text"])
     assert len(data["evaluations"]) == s["trials_done"] and data["front"]
     _assert_consistent_with_store(data, store_url)
@@ -752,7 +765,7 @@ def test_browser_watch_resume_export(browser_server: Server, store_url: str, tmp
             trials_after = int(page.locator("#trials").inner_text())
             assert trials_after > trials_before
             playwright.expect(page.locator("#trials-table tbody tr")).to_have_count(trials_after)
-            assert f"/{20 + add} cpu-s" in page.locator("#budget-text").inner_text()
+            assert f"/{int(b['total']) + add} cpu-s" in page.locator("#budget-text").inner_text()
             # export the most accurate architecture, with its weights when the study kept some
             weights = page.locator('#export-form input[name="weights"]')
             with_weights = weights.count() == 1
