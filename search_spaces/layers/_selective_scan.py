@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from search_spaces.layers._scan import linear_recurrence
+from search_spaces.layers.common import plain_grads
 
 # Elements of one time step of a block, b * S * D (a (8, 16, 256) slice in float32: 128 kB), and of
 # one block's (b, T, S, D) buffer (2 MB in float32). Measured on one CPU thread at batch 64,
@@ -143,15 +144,8 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, gy: Tensor) -> tuple[Tensor | None, ...]:
         u, delta, A, B, C, states = ctx.saved_tensors
-        ins = (u, delta, A, B, C)
-        if torch.is_grad_enabled():  # create_graph: differentiate the plain formulation instead, on
-            # fresh views of the saved inputs: connected to their history, and each input's gradient
-            # counts only its direct uses here (delta, B and C are made from u outside; the outer graph
-            # adds those paths itself, and autograd.grad on the inputs themselves would add them twice)
-            ins = tuple(t.view_as(t) if t.requires_grad else t for t in ins)
-            need = [t for t in ins if t.requires_grad]
-            got = iter(torch.autograd.grad(selective_scan_reference(*ins), need, gy, create_graph=True))
-            return (*(next(got) if t.requires_grad else None for t in ins), None)
+        if torch.is_grad_enabled():  # create_graph: differentiate the plain formulation instead
+            return (*plain_grads(selective_scan_reference, (u, delta, A, B, C), gy), None)
         want_u, want_delta, want_A, want_B, want_C = ctx.needs_input_grad[:5]
         want_lam = want_u or want_delta or want_A or want_B  # everything but dL/dC needs the adjoint
         want_g = want_delta or want_A  # dL/d(delta_t A), through a_t

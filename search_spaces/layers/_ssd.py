@@ -26,12 +26,13 @@ traces.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from search_spaces.layers.common import plain_grads
 
 #: tokens per chunk; the chunk-local work grows with it, the number of carried states shrinks. Of
 #: 16, 24, 32, 48 and 64, 48 measured best for fwd+bwd of ssd and hydra at 14x14 and 28x28 (batch 64,
@@ -243,7 +244,7 @@ class _FactorisedScan(torch.autograd.Function):
         x, f_in, f_out, f_local, f_ref, decay, Bc, Cc, scores, y, raw, entering = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph (GraSP's Hessian-gradient product): differentiate
             # the plain formulation on the saved inputs, so the gradients stay connected to their history
-            return (*_plain_grads(_factorised_plain, (x, f_in, f_out, f_local, f_ref, decay, Bc, Cc, scores),
+            return (*plain_grads(_factorised_plain, (x, f_in, f_out, f_local, f_ref, decay, Bc, Cc, scores),
                                   g, ctx.reverse), None)
         b, n, h, p = x.shape
         c, q, s = Bc.shape[1:]
@@ -272,19 +273,6 @@ class _FactorisedScan(torch.autograd.Function):
         g_in = torch.zeros_like(f_in).view(b, c * q, h)
         g_in[:, :n] = (gv * x).sum(-1)
         return (g_x, g_in.view_as(f_in), g_out.view_as(f_out), g_local, g_ref, g_decay, g_B, g_C, g_scores, None)
-
-
-def _plain_grads(fn: Callable[..., Tensor], ins: tuple[Tensor | None, ...], g: Tensor,
-                 *args: Any) -> tuple[Tensor | None, ...]:
-    """The gradients of ``fn(*ins, *args)`` (differentiable PyTorch) with respect to ``ins``, given
-    the output's gradient ``g``, with a graph: a custom backward's double-backward path. Each input
-    is taken through a fresh view, so that its gradient counts only its direct uses in ``fn``: the
-    inputs may depend on each other outside (``scores`` is made from ``Bc`` and ``Cc``), and the
-    outer graph adds those paths itself."""
-    ins = tuple(t.view_as(t) if t is not None and t.requires_grad else t for t in ins)
-    need = [t for t in ins if t is not None and t.requires_grad]
-    got = iter(torch.autograd.grad(fn(*ins, *args), need, g, create_graph=True, allow_unused=True))
-    return tuple(next(got) if t is not None and t.requires_grad else None for t in ins)
 
 
 def _factorised_plain(x: Tensor, f_in: Tensor, f_out: Tensor, f_local: Tensor | None, f_ref: Tensor | None,
@@ -400,7 +388,7 @@ class _GatedRMSNormFn(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
         y, z, w, r = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the plain formulation's gradients, with a graph
-            return (*_plain_grads(_gated_rms_plain, (y, z, w), g, ctx.eps, ctx.before), None, None)
+            return (*plain_grads(_gated_rms_plain, (y, z, w), g, ctx.eps, ctx.before), None, None)
         gate = F.silu(z)
         if ctx.before:  # out = yh w gate, a = y
             yh = y * r

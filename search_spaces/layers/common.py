@@ -1,8 +1,11 @@
-"""Small shared pieces used by several blocks: layout conversion, conv+BN, StarReLU."""
+"""Small shared pieces used by several blocks: layout conversion, conv+BN, StarReLU, token convs, and
+the double-backward path every hand-written mixer backward takes (:func:`plain_grads`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +98,21 @@ def depthwise_conv_tokens(x: Tensor, conv: nn.Conv1d, mode: str) -> Tensor:
     return _conv_tokens(x, w, bias, offset)
 
 
+def plain_grads(fn: Callable[..., Tensor], ins: tuple[Tensor | None, ...], g: Tensor,
+                 *args: Any) -> tuple[Tensor | None, ...]:
+    """The gradients of ``fn(*ins, *args)`` (differentiable PyTorch) with respect to ``ins``, given
+    the output's gradient ``g``, with a graph: a custom backward's double-backward path. Each input
+    is taken through a fresh view, so that its gradient counts only its direct uses in ``fn``: the
+    inputs may depend on each other outside (SSD's ``scores`` is made from its ``Bc`` and ``Cc``, the
+    selective scan's delta, B and C from its u), and the outer graph adds those paths itself;
+    ``autograd.grad`` on the inputs themselves would add them twice. Used by every hand-written
+    backward of the mixers (``_ssd.py``, ``_selective_scan.py``, :class:`_DepthwiseConvTokens`)."""
+    ins = tuple(t.view_as(t) if t is not None and t.requires_grad else t for t in ins)
+    need = [t for t in ins if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(fn(*ins, *args), need, g, create_graph=True, allow_unused=True))
+    return tuple(next(got) if t is not None and t.requires_grad else None for t in ins)
+
+
 def _conv_tokens(x: Tensor, w: Tensor, bias: Tensor | None, offset: int) -> Tensor:
     """``y[t] = sum_j w[:, 0, j] x[t + j - offset] + bias``, x zero outside the N tokens: x (B, N, C),
     w (C, 1, k) -> (B, N, C) (a channels-last view), by one (1, k) conv2d padded alike on both sides."""
@@ -102,6 +120,11 @@ def _conv_tokens(x: Tensor, w: Tensor, bias: Tensor | None, offset: int) -> Tens
     pad = max(offset, k - 1 - offset)
     y = F.conv2d(x[:, None].permute(0, 3, 1, 2), w[:, :, None], bias, padding=(0, pad), groups=w.shape[0])
     return y.permute(0, 2, 3, 1)[:, 0, pad - offset:pad - offset + n]  # (B, N, C), in channels-last memory
+
+
+def _conv_tokens_in(x: Tensor, w: Tensor, bias: Tensor | None, offset: int, dtype: torch.dtype) -> Tensor:
+    """:func:`_conv_tokens` computed in ``dtype`` (the conv's dtype under the caller's autocast)."""
+    return _conv_tokens(x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype), offset)
 
 
 class _DepthwiseConvTokens(torch.autograd.Function):
@@ -121,7 +144,7 @@ class _DepthwiseConvTokens(torch.autograd.Function):
         # the dtype F.conv2d would compute in: autocast's (conv is on its lower-precision lists), else x's
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            y = _conv_tokens(x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype), offset)
+            y = _conv_tokens_in(x, w, bias, offset, dtype)
         ctx.offset, ctx.dtype = offset, dtype
         ctx.save_for_backward(x, w, bias)
         return y
@@ -130,13 +153,8 @@ class _DepthwiseConvTokens(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w, bias = ctx.saved_tensors
         off, dtype = ctx.offset, ctx.dtype
-        if torch.is_grad_enabled():  # create_graph: the plain conv's gradients, with a graph (fresh views:
-            # each input's gradient counts only its use here)
-            ins = [t.view_as(t) if t is not None and t.requires_grad else t for t in (x, w, bias)]
-            need = [t for t in ins if t is not None and t.requires_grad]
-            got = iter(torch.autograd.grad(_conv_tokens(*(None if t is None else t.to(dtype) for t in ins), off),
-                                           need, g.to(dtype), create_graph=True, allow_unused=True))
-            return (*(next(got) if t is not None and t.requires_grad else None for t in ins), None)
+        if torch.is_grad_enabled():  # create_graph: the plain conv's gradients, with a graph
+            return (*plain_grads(_conv_tokens_in, (x, w, bias), g.to(dtype), off, dtype), None)
         g = g.to(dtype)
         (b, n, c), k = x.shape, w.shape[-1]
         g_x = g_w = g_b = None
