@@ -35,6 +35,32 @@ MALLOC_ENV = "HYBRID_NAS_MALLOC"
 RETAIN_BYTES = 1 << 30
 
 _applied: int | None = None
+_libc: ctypes.CDLL | bool | None = None  # glibc once loaded; False where there is none
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library if it is glibc (loaded once), else None: off Linux, or musl, whose
+    ``mallopt`` does nothing and which has no ``malloc_trim``."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                lib.gnu_get_libc_version  # noqa: B018 - only glibc has it
+                _libc = lib
+            except (OSError, AttributeError):
+                pass
+    return _libc or None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the kernel now (glibc ``malloc_trim``), whatever
+    :func:`retain_freed_memory` keeps between steps: for a long-lived process between jobs. No-op
+    without glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
@@ -45,14 +71,10 @@ def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
     global _applied
     if _applied == limit:
         return True
-    if not sys.platform.startswith("linux") or limit <= 0 or os.environ.get(MALLOC_ENV) == "glibc":
+    libc = _glibc()
+    if libc is None or limit <= 0 or os.environ.get(MALLOC_ENV) == "glibc":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl's mallopt does nothing)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     value = min(limit, 2**31 - 1)  # mallopt takes an int
     if not (mallopt(_M_MMAP_THRESHOLD, value) and mallopt(_M_TRIM_THRESHOLD, value)):

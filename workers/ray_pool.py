@@ -36,6 +36,7 @@ from typing import Any
 
 import ray
 
+from search_spaces._runtime import release_freed_memory
 from workers.evaluate import EvalData, fingerprint
 from workers.request import FINISH, Asha, Plan, TrialError, TrialRequest, TrialResult, run_request
 
@@ -129,27 +130,6 @@ def _warm_evaluation(device: str, threads: int) -> None:
     _WARMED.add(device)
 
 
-_LIBC: Any = None
-
-
-def _trim_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``) after a request. A
-    worker lives for many trials, and the allocator keeps what each model's tensors freed: a dozen
-    screenings of CIFAR-sized candidates left 680 MB resident where 410 MB were in use, which then
-    sat under the supernet training's own peak. No-op where there is no glibc."""
-    global _LIBC
-    if _LIBC is False:
-        return
-    try:
-        if _LIBC is None:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        _LIBC = False
-
-
 DATA_WORKERS_ENV = "HYBRID_NAS_DATA_WORKERS"  # nas.stream.WORKERS_ENV (workers/ does not import nas)
 
 
@@ -184,7 +164,10 @@ class _Worker:
         try:
             return run_request(req, self.data, report=report)
         finally:
-            _trim_heap()
+            # hand the heap's free pages back after a request: a worker lives for many trials, and a
+            # dozen screenings of CIFAR-sized candidates left 680 MB resident where 410 MB were in use,
+            # under the supernet training's own peak
+            release_freed_memory()
 
 
 # --------------------------------------------------------------------------------------------
