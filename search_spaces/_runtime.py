@@ -12,10 +12,18 @@ tokens (batch 64, width 128, one thread) spent 931 of its 2,110 ms of CPU time i
 PyTorch's CPU performance tuning guide (pytorch.org, "Performance Tuning Guide": "Switch Memory
 allocator") recommends an allocator that keeps memory, jemalloc or TCMalloc, preloaded before the
 process starts. ``mallopt(3)`` gets glibc's own allocator to do the same from inside a running
-process: blocks up to ``limit`` come from the heap (no ``mmap``) and up to ``limit`` bytes of free
-heap are kept (no trim). The cost is resident memory: a process keeps up to ``limit`` bytes it
-has freed; its peak grows little (supernet training on the ``small`` frame at batch 128: 1,102-1,104
-MB against 1,078-1,084 MB). ``HYBRID_NAS_MALLOC=glibc`` in the environment keeps glibc's defaults.
+process: blocks up to ``block_limit`` (64 MiB) come from the heap (no ``mmap``) and up to ``limit``
+(1 GiB) of free heap is kept (no trim). ``HYBRID_NAS_MALLOC=glibc`` in the environment keeps
+glibc's defaults.
+
+The cost is resident memory, and it is what sets ``block_limit``. A staged ``nas search`` on the
+50,000 CIFAR-10 training images (``bench/stream_search_rss.py``, streaming, 6cpu-m) peaked at
+1,525 MB in its largest Ray worker with every block below 1 GiB taken from the heap, against
+1,410 MB with glibc's defaults: the heap kept the worker's few blocks above 64 MiB and fragmented
+around them. With blocks up to 32 MiB it peaked at 1,438 MB, up to 64 MiB at 1,448 MB (one run
+each). 64 MiB keeps the page faults away up to a (64, 784, 256) float32 activation (51 MB: an
+``ssd`` block at 28x28 tokens, batch 64, width 128: 621,159 faults a step with glibc's defaults,
+15,686 with 1 GiB, 12,528 with 64 MiB; 32 MiB gave its 28x28 speed-up back).
 """
 
 from __future__ import annotations
@@ -31,10 +39,12 @@ _M_MMAP_THRESHOLD = -3
 
 #: the environment variable that opts out (value ``glibc``)
 MALLOC_ENV = "HYBRID_NAS_MALLOC"
-#: bytes kept: a block this large or smaller comes from the heap, and this much free heap is kept
+#: bytes of free heap kept (no trim below this)
 RETAIN_BYTES = 1 << 30
+#: a block this large or smaller comes from the heap; larger ones keep their own mmap (module docstring)
+HEAP_BLOCK_BYTES = 64 << 20
 
-_applied: int | None = None
+_applied: tuple[int, int] | None = None
 _libc: ctypes.CDLL | bool | None = None  # glibc once loaded; False where there is none
 
 
@@ -63,21 +73,22 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
-    """Make glibc's malloc keep up to ``limit`` freed bytes in the process instead of handing them
-    back to the kernel (module docstring). Returns whether it took effect: False off Linux, on a C
-    library other than glibc (musl), where ``mallopt`` refuses the value, or when ``HYBRID_NAS_MALLOC``
-    is ``glibc``. Safe to call again."""
+def retain_freed_memory(limit: int = RETAIN_BYTES, block_limit: int = HEAP_BLOCK_BYTES) -> bool:
+    """Make glibc's malloc take blocks up to ``block_limit`` bytes from the heap and keep up to
+    ``limit`` freed bytes in the process instead of handing them back to the kernel (module
+    docstring). Returns whether it took effect: False off Linux, on a C library other than glibc
+    (musl), where ``mallopt`` refuses the values, or when ``HYBRID_NAS_MALLOC`` is ``glibc``. Safe to
+    call again."""
     global _applied
-    if _applied == limit:
+    if _applied == (limit, block_limit):
         return True
     libc = _glibc()
-    if libc is None or limit <= 0 or os.environ.get(MALLOC_ENV) == "glibc":
+    if libc is None or limit <= 0 or block_limit <= 0 or os.environ.get(MALLOC_ENV) == "glibc":
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    value = min(limit, 2**31 - 1)  # mallopt takes an int
-    if not (mallopt(_M_MMAP_THRESHOLD, value) and mallopt(_M_TRIM_THRESHOLD, value)):
+    trim, block = (min(v, 2**31 - 1) for v in (limit, block_limit))  # mallopt takes an int
+    if not (mallopt(_M_MMAP_THRESHOLD, block) and mallopt(_M_TRIM_THRESHOLD, trim)):
         return False
-    _applied = limit
+    _applied = (limit, block_limit)
     return True
