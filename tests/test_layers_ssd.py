@@ -134,6 +134,34 @@ def test_gated_rmsnorm_backward_equals_autograd(before: bool) -> None:
                                         (y[:1, :2], z[:1, :2], norm.weight))
 
 
+@pytest.mark.parametrize("before", [False, True])
+def test_gated_rmsnorm_project_folds_its_weight_into_the_linear(before: bool) -> None:
+    """``project`` (the weight folded into the output projection's columns) computes
+    ``out(norm(y, z))``, and gives every input and both weights the same gradients; also with a
+    graph (the double-backward path) and without gradients (the inference path)."""
+    torch.manual_seed(1)
+    norm = _ssd.GatedRMSNorm(24, norm_before_gate=before).double()
+    out = torch.nn.Linear(24, 10, bias=True).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    y, z = (torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    params = [y, z, norm.weight, out.weight, out.bias]
+    got, want = norm.project(y, z, out), out(norm(y, z))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w = torch.randn(got.shape, dtype=torch.float64)
+    g_got = torch.autograd.grad((got * w).sum(), params, create_graph=True)
+    g_want = torch.autograd.grad((want * w).sum(), params, create_graph=True)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # second order: the gradient of a gradient's norm, through both formulations
+    gg_got = torch.autograd.grad(g_got[0].square().sum(), [z, norm.weight])
+    gg_want = torch.autograd.grad(g_want[0].square().sum(), [z, norm.weight])
+    for a, b in zip(gg_got, gg_want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(norm.project(y, z, out), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_mixed_heads_gradients_in_float32(reverse: bool) -> None:
     """Some heads factorised, the others capped there and computed again per head: the gradients

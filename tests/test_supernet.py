@@ -251,6 +251,7 @@ def test_declared_slicing_keeps_every_segment_in_its_role(kind: str, name: str,
         from search_spaces.layers._ssd import GatedRMSNorm
 
         monkeypatch.setattr(GatedRMSNorm, "forward", lambda self, y, z: y * self.weight * F.silu(z))
+        monkeypatch.setattr(GatedRMSNorm, "normed", lambda self, y, z: y * F.silu(z))  # project()'s
     has_heads = kind == "token" and cls.uses_heads
     default = ((16, 2), (32, 4)) if has_heads else ((16, 1), (32, 1))
     (w_small, h_small), (w_big, h_big) = _EMBED.get(name, default)

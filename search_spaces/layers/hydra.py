@@ -79,4 +79,4 @@ class Hydra(SSDMixer):
             y = ssd_chunked(xh, dt[:, :, 0], A, bf, cf, shift=True)
             y = y + ssd_chunked(xh, dt[:, :, 1], A, bb, cb, shift=True, reverse=True)
             y = torch.addcmul(y, xh, diag[..., None])
-        return self.out_proj(self.norm(y.flatten(-2), self.z_proj(u)))
+        return self.norm.project(y.flatten(-2), self.z_proj(u), self.out_proj)

@@ -88,4 +88,4 @@ class BidirectionalMamba2(SSDMixer):
 
     def forward(self, u: Tensor, hw: tuple[int, int]) -> Tensor:
         x = self.x_proj(u)
-        return self.out_proj(self.norm(self.fwd(u, x) + self.bwd(u, x), self.z_proj(u)))
+        return self.norm.project(self.fwd(u, x) + self.bwd(u, x), self.z_proj(u), self.out_proj)
