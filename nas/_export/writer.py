@@ -214,6 +214,13 @@ def _device_line(device: Any) -> str:
         str(device.get("name") or json.dumps(device, sort_keys=True, default=str))
 
 
+def _wrap(text: str, indent: str = "") -> list[str]:
+    """A free-text header line as lines of at most 106 characters (the file is checked at 120),
+    continuation lines indented by four spaces; never broken inside a word or at a hyphen."""
+    return textwrap.wrap(text, 106, initial_indent=indent, subsequent_indent=indent + "    ",
+                         break_on_hyphens=False, break_long_words=False)
+
+
 def _header(spec: ArchSpec, cls: str, params: int, sizes: dict[str, int], meta: dict[str, Any],
             norm: dict[str, Any]) -> str:
     c, n = sizes["in_chans"], sizes["img_size"]
@@ -234,22 +241,24 @@ def _header(spec: ArchSpec, cls: str, params: int, sizes: dict[str, int], meta: 
         f"    logits = net(model.preprocess(images))  # images: (B, {c}, H, W), uint8 or floats in [0, 1]",
         "",
         f"Input: resized to {n}x{n} (bilinear, antialiased), then normalized per channel with MEAN and STD:",
-        f"    {norm['source']}.",
+        *_wrap(f"{norm['source']}.", indent="    "),
     ]
     if spec.precision in ("int8", "fp8"):
-        lines.append(f"Precision {spec.precision}: build_model() is float32; to_precision(net) after loading the "
-                     f"weights swaps in {spec.precision} linear layers.")
+        lines += _wrap(f"Precision {spec.precision}: build_model() is float32; to_precision(net) after loading the "
+                       f"weights swaps in {spec.precision} linear layers.")
+    # the weights' source can be long ("trained (1.5 of 3 epochs: stopped early)"), like a study's
+    # name or data: wrapped, so that the file stays within the line length it is checked against
     if weights.get("format") == "safetensors":
-        lines.append(f"Weights: {weights.get('file', 'model.safetensors')} ({weights.get('source', 'initial')}); "
-                     "reading it needs `pip install safetensors`.")
+        lines += _wrap(f"Weights: {weights.get('file', 'model.safetensors')} ({weights.get('source', 'initial')}); "
+                       "reading it needs `pip install safetensors`.")
     elif weights.get("format") == "torch":
-        lines.append(f"Weights: {weights.get('file', 'model.pt')} ({weights.get('source', 'initial')}), a torch.save "
-                     "state dict: torch.load(path).")
+        lines += _wrap(f"Weights: {weights.get('file', 'model.pt')} ({weights.get('source', 'initial')}), a "
+                       "torch.save state dict: torch.load(path).")
     else:
         lines.append("Weights: none written with this file (`nas export --weights F.safetensors|F.pt` writes them).")
     if meta.get("study"):
         pick = f", {meta['pick']}" if meta.get("pick") else ""
-        lines.append(f"Study: {meta['study']}{pick}; data {meta.get('data')}.")
+        lines += _wrap(f"Study: {meta['study']}{pick}; data {meta.get('data')}.")
     metrics = meta.get("metrics")
     if isinstance(metrics, dict) and metrics:
         lines += textwrap.wrap("Metrics: " + ", ".join(f"{k} {_number(v)}" for k, v in sorted(metrics.items())),
