@@ -20,8 +20,8 @@ The cost is resident memory, and it is what sets ``block_limit``. A staged ``nas
 50,000 CIFAR-10 training images (``bench/stream_search_rss.py``, streaming, 6cpu-m) peaked at
 1,525 MB in its largest Ray worker with every block below 1 GiB taken from the heap, against
 1,410 MB with glibc's defaults: the heap kept the worker's few blocks above 64 MiB and fragmented
-around them. With blocks up to 32 MiB it peaked at 1,438 MB, up to 64 MiB at 1,448 MB (one run
-each). 64 MiB keeps the page faults away up to a (64, 784, 256) float32 activation (51 MB: an
+around them. With blocks up to 32 MiB it peaked at 1,438 MB (one run), up to 64 MiB at 1,448 and
+1,461 MB (two runs). 64 MiB keeps the page faults away up to a (64, 784, 256) float32 activation (51 MB: an
 ``ssd`` block at 28x28 tokens, batch 64, width 128: 621,159 faults a step with glibc's defaults,
 15,686 with 1 GiB, 12,528 with 64 MiB; 32 MiB gave its 28x28 speed-up back).
 """

@@ -216,7 +216,8 @@ def _device_line(device: Any) -> str:
 
 def _wrap(text: str, indent: str = "") -> list[str]:
     """A free-text header line as lines of at most 106 characters (the file is checked at 120),
-    continuation lines indented by four spaces; never broken inside a word or at a hyphen."""
+    continuation lines indented by four spaces; never broken inside a word or at a hyphen (a word
+    longer than that, a long path, stays whole on its own line, which ruff's E501 does not flag)."""
     return textwrap.wrap(text, 106, initial_indent=indent, subsequent_indent=indent + "    ",
                          break_on_hyphens=False, break_long_words=False)
 
@@ -261,11 +262,9 @@ def _header(spec: ArchSpec, cls: str, params: int, sizes: dict[str, int], meta: 
         lines += _wrap(f"Study: {meta['study']}{pick}; data {meta.get('data')}.")
     metrics = meta.get("metrics")
     if isinstance(metrics, dict) and metrics:
-        lines += textwrap.wrap("Metrics: " + ", ".join(f"{k} {_number(v)}" for k, v in sorted(metrics.items())),
-                               106, subsequent_indent="    ", break_on_hyphens=False)
+        lines += _wrap("Metrics: " + ", ".join(f"{k} {_number(v)}" for k, v in sorted(metrics.items())))
     if "device" in meta or meta.get("study"):
-        lines += textwrap.wrap(f"Device (latency): {_device_line(meta.get('device'))}", 106,
-                               subsequent_indent="    ", break_on_hyphens=False)
+        lines += _wrap(f"Device (latency): {_device_line(meta.get('device'))}")
     known = {"study", "pick", "data", "metrics", "device", "weights", "normalization"}
     for k, v in sorted((k, v) for k, v in meta.items() if k not in known):
         lines += textwrap.wrap(f"{k}: {json.dumps(v, default=str)}", 106, subsequent_indent="    ")

@@ -413,9 +413,7 @@ class _GatedRMSNormFn(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
         y, z, w, r = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the plain formulation's gradients, with a graph
-            if w is None:
-                return (*plain_grads(_gated_rms_plain, (y, z), g, None, ctx.eps, ctx.before), None, None, None)
-            return (*plain_grads(_gated_rms_plain, (y, z, w), g, ctx.eps, ctx.before), None, None)
+            return (*plain_grads(_gated_rms_plain, (y, z, w), g, ctx.eps, ctx.before), None, None)  # w may be None
         gate = F.silu(z)
         if ctx.before:  # out = yh w gate, a = y
             yh = y * r
