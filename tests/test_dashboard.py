@@ -68,14 +68,17 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> Searched:
     # How far 20 cpu-s gets depends on the machine: on a loaded one (two busy processes beside the
     # suite) the train stage may not have started. The export tests need a trained front member, so
     # the study is resumed 20 cpu-s at a time until one is there: a bounded count, not a timing
+    def trained(out: dict[str, Any]) -> bool:
+        return any("accuracy" in r["metrics"] for r in out["front"])
+
     for _ in range(5):
-        if any("accuracy" in r["metrics"] for r in out["front"]):
+        if trained(out):
             break
         res = subprocess.run([str(NAS), "resume", STUDY, "--budget", "+20cpu-s", "--storage", f"sqlite:///{db}",
                               "--json"], cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"nas resume failed ({res.returncode}): {res.stderr[-3000:]}"
         out, budget = json.loads(res.stdout), budget + 20.0
-    assert any("accuracy" in r["metrics"] for r in out["front"]), "no trained candidate after 5 resumes"
+    assert trained(out), "no trained candidate after 5 resumes"
     return Searched(root=root, db=db, budget=budget)
 
 

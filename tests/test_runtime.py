@@ -41,11 +41,19 @@ def _faults(mode: str, opt_out: bool = False, mib: int = 48) -> dict[str, float]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _pages(mib: int) -> float:
+    return (mib << 20) / os.sysconf("SC_PAGE_SIZE")
+
+
+def _need_applied(res: dict[str, float]) -> None:
+    if not res["applied"]:
+        pytest.skip("no glibc mallopt here (not Linux, or another C library)")
+
+
 def test_kept_heap_stops_refaulting_large_blocks() -> None:
     kept = _faults("retain")
-    if not kept["applied"]:
-        pytest.skip("no glibc mallopt here (not Linux, or another C library)")
-    pages = (48 << 20) / os.sysconf("SC_PAGE_SIZE")
+    _need_applied(kept)
+    pages = _pages(48)
     default = _faults("glibc")
     # glibc maps a 48 MiB block afresh each time: one fault per page, 12,288 a round at 4 KiB
     assert default["faults"] >= 0.9 * pages
@@ -61,9 +69,8 @@ def test_blocks_above_the_limit_keep_their_own_mapping() -> None:
 
     assert HEAP_BLOCK_BYTES == 64 << 20
     big = _faults("retain", mib=96)
-    if not big["applied"]:
-        pytest.skip("no glibc mallopt here (not Linux, or another C library)")
-    assert big["faults"] >= 0.9 * (96 << 20) / os.sysconf("SC_PAGE_SIZE")
+    _need_applied(big)
+    assert big["faults"] >= 0.9 * _pages(96)
 
 
 def test_retain_is_idempotent_and_refuses_nonsense() -> None:
