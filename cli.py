@@ -483,6 +483,9 @@ def search(
                                                          "studies (each is still charged)."),
     screen_max: int | None = _opt(None, "--screen-max", "Candidates a screening round takes at most (benchmark "
                                                        "default 1000)."),
+    screen_batch: int | None = _opt(None, "--screen-batch", "Candidates per screening request, 1-32 (default: "
+                                                           "about 3 s of work); fixed, a seeded benchmark "
+                                                           "search repeats itself."),
 ) -> None:
     """Search SPACE for the Pareto front of accuracy against latency within a budget."""
     options = {k: v for k, v in locals().items() if k not in ("budget", "study", "storage", "json_out", "stages")}

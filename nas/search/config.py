@@ -28,6 +28,7 @@ MAX_WORKERS = 1024
 MAX_TRAIN_EPOCHS = 1000
 MAX_SEED = 2**32 - 1
 MIN_DATA_LIMIT, MAX_DATA_LIMIT = 20, 10_000_000
+MAX_SCREEN_BATCH = 32  # candidates one screening request carries at most
 
 
 class SearchError(ValueError):
@@ -114,6 +115,9 @@ class SearchConfig:
     benchmark_train_s: float = 1000.0  # simulated device-seconds of training the mean cell
     proxy_cache: str | None = None  # a folder that shares zero-cost scores across benchmark studies
     screen_max: int | None = None  # candidates a screening round takes at most (benchmark default 1000)
+    # candidates per screening request; None sizes it by their measured seconds, which the machine's
+    # load moves, so only a fixed count makes a seeded benchmark search repeat itself cell for cell
+    screen_batch: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.objectives, (list, tuple)):
@@ -166,7 +170,8 @@ class SearchConfig:
         for flag, value, low, high in (("--data-limit", self.data_limit, MIN_DATA_LIMIT, MAX_DATA_LIMIT),
                                        ("--img-size", self.img_size, 8, 1024),
                                        ("--supernet-epochs", self.supernet_epochs, 1, MAX_TRAIN_EPOCHS),
-                                       ("--max-params", self.max_params, 1, 10**15)):
+                                       ("--max-params", self.max_params, 1, 10**15),
+                                       ("--screen-batch", self.screen_batch, 1, MAX_SCREEN_BATCH)):
             if value is not None:
                 bounds.append((flag, value, low, high))
         for flag, value, low, high in bounds:

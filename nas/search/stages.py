@@ -22,6 +22,7 @@ import math
 from typing import TYPE_CHECKING
 
 from nas.search._driver import _candidates, _Gate, _OneShot, _screen_front
+from nas.search.config import MAX_SCREEN_BATCH
 from workers.request import FINISH, LAUNCH, Candidate, SupernetJob, TrialRequest
 
 if TYPE_CHECKING:
@@ -127,13 +128,15 @@ class Screen(Stage):
 
     Candidates of about 0.1-0.5 s each are sent in batches: ``batch`` sizes a request from the
     measured per-candidate cost to about ``TARGET_S`` device-seconds (at most ``MAX_BATCH``), within
-    what the stage's share and the budget still hold. Each candidate keeps its own key, seconds and
-    Optuna trial; a trial budget sends one candidate per request (each is a counted trial)."""
+    what the stage's share and the budget still hold; ``--screen-batch`` fixes the count instead,
+    so that which candidates NSGA-II has seen when it asks (and so a seeded search) does not move
+    with the machine's load. Each candidate keeps its own key, seconds and Optuna trial; a trial
+    budget sends one candidate per request (each is a counted trial)."""
 
     name = share = "screen"
     sampled = True
     TARGET_S = 3.0
-    MAX_BATCH = 32
+    MAX_BATCH = MAX_SCREEN_BATCH
     MAX_ASKS = 256  # sampled architectures that need no work (seen before, over a limit) per request
 
     #: a benchmark search's screening round takes at most this many candidates (``--screen-max``):
@@ -150,12 +153,16 @@ class Screen(Stage):
     def batch(self, plan: Plan) -> int:
         """How many candidates the next request carries."""
         d = plan.d
+        fixed = d.cfg.screen_batch
         if d.budget.kind != "seconds" or not d.stats.samples.get(self.name):
-            return 1  # before a candidate was measured there is no cost to size a batch by
+            # before a candidate was measured there is no cost to size a batch by
+            return 1 if d.budget.kind != "seconds" or not fixed else fixed
         assert self.gate is not None
         each = max(d.estimate(self.name), 1e-3)
         room = min(d.left(), self.gate.limit - d.stage_used(self.name) - d.reserved_in(self.name))
-        return int(max(1, min(self.MAX_BATCH, round(self.TARGET_S / each), math.floor(room / each))))
+        # the share's room bounds a fixed count too: only its last request can be cut short by load
+        want = fixed or min(self.MAX_BATCH, round(self.TARGET_S / each))
+        return int(max(1, min(want, math.floor(room / each))))
 
     def request(self, plan: Plan) -> TrialRequest | None:
         d = plan.d
