@@ -440,6 +440,33 @@ def test_model_is_never_modified(which: str, mode: str) -> None:
         assert (g0 is None and g1 is None) or torch.equal(g0, g1)
 
 
+@pytest.mark.parametrize("which", ["nb201", "hybrid"])
+def test_inplace_gives_the_copys_values_and_copies_when_a_proxy_rereads_the_model(which: str) -> None:
+    """``inplace=True`` (a model built only to be scored): every proxy equal to the copying call's,
+    and the model itself changed (so no copy was made); with zen, which starts again from the
+    original, it copies anyway and leaves the model as it was."""
+    build = _nb201_cell_net if which == "nb201" else _hybrid_net
+    x, t = _batch()
+    names = ["nwot", "synflow", "snip", "grad_norm", "fisher", "jacob_cov", "params", "flops"]
+    copied = compute(build(), x, t, names=names, per_layer=True)
+    net = build()
+    before = _snapshot(net)
+    shared = compute(net, x, t, names=names, per_layer=True, inplace=True)
+    for name in names:
+        assert shared[name] == copied[name], name
+    assert shared["per_layer"] == copied["per_layer"]
+    after = _snapshot(net)
+    assert any(not torch.equal(v, after["state"][k]) for k, v in before["state"].items()
+               if k in after["state"]) or before["state"].keys() != after["state"].keys()
+    net = build()
+    before = _snapshot(net)
+    pair = ["synflow", "zen"]
+    assert compute(net, x, t, names=pair, inplace=True) == compute(build(), x, t, names=pair)
+    after = _snapshot(net)
+    assert before["state"].keys() == after["state"].keys()
+    assert all(torch.equal(v, after["state"][k]) for k, v in before["state"].items())
+
+
 def test_frozen_weights_score_zero_in_grad_norm_and_synflow(nets: dict[str, nn.Module]) -> None:
     net = copy.deepcopy(nets["nb201"])
     net.stem[0].weight.requires_grad_(False)

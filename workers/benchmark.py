@@ -210,7 +210,7 @@ def _proxies(spec: Any, data: Any, cfg: Any) -> tuple[dict[str, float], float]:
             return dict(hit["metrics"]), float(hit["seconds"])
     t = time.perf_counter()
     model = NB201Space().build(spec, num_classes=data.num_classes)  # fixed initial weights (seed 0)
-    result = compute(model, x, y, names=list(names))
+    result = compute(model, x, y, names=list(names), inplace=True)  # the model is thrown away after
     metrics = {f"zc.{n}": float(result[n]) for n in names
                if isinstance(result.get(n), (int, float)) and math.isfinite(result[n])}
     seconds = time.perf_counter() - t
