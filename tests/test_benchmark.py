@@ -218,7 +218,7 @@ def test_a_fixed_screen_batch_repeats_a_seeded_search_whatever_the_screening_sec
 
     measured = wb._proxies
     store = Store(f"sqlite:///{tmp_path / 'nas.db'}")
-    order: dict[str, list[tuple[str, list[str | None]]]] = {}
+    order: dict[str, dict[str, list[str | None]]] = {}
     charged: dict[str, float] = {}
     for name, factor in (("idle", 1e-3), ("loaded", 25.0)):
         def charge(spec: object, data: object, cfg: object, factor: float = factor) -> tuple[dict[str, float], float]:
@@ -230,10 +230,10 @@ def test_a_fixed_screen_batch_repeats_a_seeded_search_whatever_the_screening_sec
         create_study(store, name, cfg, parse_budget(f"{int(12 * cfg.benchmark_train_s)}s"))
         run_study(store, name, executor="local")
         assert store.study(name).status == "completed"
-        order[name] = [(stage, [e.arch_hash for e in store.evaluations(name, stage=stage, errors=False)])
-                       for stage in ("screen", "train")]
+        order[name] = {stage: [e.arch_hash for e in store.evaluations(name, stage=stage, errors=False)]
+                       for stage in ("screen", "train")}
         charged[name] = sum(e.seconds for e in store.evaluations(name, stage="screen"))
-    idle, loaded = dict(order["idle"]), dict(order["loaded"])
+    idle, loaded = order["idle"], order["loaded"]
     assert len(idle["screen"]) == 24 and loaded["screen"] == idle["screen"]
     # the charge is budget spent, so the loaded study may train fewer cells: the same ones, in order
     n = min(len(idle["train"]), len(loaded["train"]))

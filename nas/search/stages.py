@@ -153,10 +153,11 @@ class Screen(Stage):
     def batch(self, plan: Plan) -> int:
         """How many candidates the next request carries."""
         d = plan.d
+        if d.budget.kind != "seconds":
+            return 1
         fixed = d.cfg.screen_batch
-        if d.budget.kind != "seconds" or not d.stats.samples.get(self.name):
-            # before a candidate was measured there is no cost to size a batch by
-            return 1 if d.budget.kind != "seconds" or not fixed else fixed
+        if not d.stats.samples.get(self.name):
+            return fixed or 1  # before a candidate was measured there is no cost to size a batch by
         assert self.gate is not None
         each = max(d.estimate(self.name), 1e-3)
         room = min(d.left(), self.gate.limit - d.stage_used(self.name) - d.reserved_in(self.name))
