@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from search_spaces.layers import _ssd
 from search_spaces.layers._ssd import ssd_chunked, ssd_recurrence
-from search_spaces.layers.common import depthwise_conv_tokens
+from search_spaces.layers.common import depthwise_conv_tokens, stacked_linears
 from search_spaces.layers.hydra import Hydra
 from search_spaces.layers.ssd import BidirectionalMamba2
 
@@ -107,10 +107,93 @@ def test_factorised_scan_backward_passes_gradcheck() -> None:
 
     ins = (r(b, n, h, p), r(b, c, q, h), r(b, c, q, h), r(b, c, 1, h), r(b, c, 1, h), r(b, c, 1, h),
            r(b, c, q, s), r(b, c, q, s), r(b, c, q, q))
-    for reverse in (False, True):
-        assert torch.autograd.gradcheck(lambda *a, rev=reverse: _ssd._FactorisedScan.apply(*a, rev), ins)
-        # its double backward (GraSP's Hessian-gradient product) through the plain formulation
-        assert torch.autograd.gradgradcheck(lambda *a, rev=reverse: _ssd._FactorisedScan.apply(*a, rev), ins)
+    # extras (skip, acc): none; Hydra's diagonal per head and token, with the other direction's
+    # output added in; Mamba-2's D per head
+    for skip, acc in ((None, None), (r(b, n, h), r(b, n, h, p)), (r(h), None)):
+        given = tuple(t for t in (skip, acc) if t is not None)
+        has = (skip is not None, acc is not None)
+        for reverse in (False, True):
+            def f(*a: torch.Tensor, rev: bool = reverse, has: tuple[bool, bool] = has) -> torch.Tensor:
+                rest = iter(a[9:])
+                return _ssd._FactorisedScan.apply(*a[:9], *(next(rest) if on else None for on in has), rev)
+            assert torch.autograd.gradcheck(f, (*ins, *given))
+            # its double backward (GraSP's Hessian-gradient product) through the plain formulation
+            assert torch.autograd.gradgradcheck(f, (*ins, *given))
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_skip_and_the_added_output_are_those_of_adding_them_afterwards(regime: str, per_token: bool,
+                                                                          reverse: bool) -> None:
+    """``ssd_chunked(..., skip=, acc=)`` is ``y + x * skip + acc``, on every path: in float32 against the
+    float64 recurrence, and its gradients (every input, the skip and acc too) in float64."""
+    x, dt, A, B, C = _inputs(100, REGIMES[regime], 11)
+    g = torch.Generator().manual_seed(12)
+    skip = torch.randn(*(x.shape[:3] if per_token else x.shape[2:3]), generator=g, dtype=torch.float64)
+    acc = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    want = ssd_recurrence(x, dt, A, B, C, shift=True, reverse=reverse) + x * skip[..., None] + acc
+    got = ssd_chunked(*(t.float() for t in (x, dt, A, B, C)), shift=True, reverse=reverse, skip=skip.float(),
+                      acc=acc.float())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    ins = [t.clone().requires_grad_(True) for t in (x, dt, A, B, C, skip, acc)]
+    g_want = torch.autograd.grad(((ssd_recurrence(*ins[:5], shift=True, reverse=reverse)
+                                   + ins[0] * ins[5][..., None] + ins[6]) * w).sum(), ins)
+    g_got = torch.autograd.grad((ssd_chunked(*ins[:5], shift=True, reverse=reverse, skip=ins[5], acc=ins[6])
+                                 * w).sum(), ins)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_strongly_decaying_heads_are_scanned_again_by_shorter_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heads whose decay over a chunk is too strong for the factorised form are computed again by
+    the factorised form over shorter chunks (each no longer than half the first), not head by head;
+    only a decay too strong for a single step takes the per-head form. Equal to the recurrence."""
+    per_head, chunks = [], []
+    general, chunked = _ssd._general, _ssd.ssd_chunked
+    monkeypatch.setattr(_ssd, "_general", lambda *a: per_head.append(a[0].shape[2]) or general(*a))
+
+    def spy(*a: torch.Tensor, **k: object) -> torch.Tensor:
+        chunks.append((a[0].shape[2], a[7] if len(a) > 7 else _ssd.CHUNK))
+        return chunked(*a, **k)
+    monkeypatch.setattr(_ssd, "ssd_chunked", spy)
+    x, dt, A, B, C = _inputs(196, REGIMES["mixed"], 0)
+    ok = _ssd._span_ok(_chunk_totals(dt, A))
+    assert ok is not None and 0 < int(ok.sum()) < 4
+    got = spy(*(t.float() for t in (x, dt, A, B, C)))
+    torch.testing.assert_close(got.double(), ssd_recurrence(x, dt, A, B, C), rtol=1e-5, atol=1e-5)
+    assert per_head == [] and chunks[0] == (4, _ssd.CHUNK)
+    assert [h for h, _ in chunks[1:2]] == [int((~ok).sum())]  # the strong heads alone, once or more
+    assert all(c <= _ssd.CHUNK // 2 for _, c in chunks[1:]) and len(chunks) <= 7
+    # a decay above the limit in one step (dt up to 5, A = -16): the per-head form, at chunk 1
+    per_head.clear()
+    x, dt, A, B, C = _inputs(60, REGIMES["per_head"], 1)
+    A = torch.full_like(A, -16.0)
+    assert float((dt * A).abs().max()) > _ssd._FACTOR_SPAN[torch.float32]
+    got = spy(*(t.float() for t in (x, dt, A, B, C)))
+    torch.testing.assert_close(got.double(), ssd_recurrence(x, dt, A, B, C), rtol=1e-5, atol=1e-5)
+    assert per_head and chunks[-1][1] == 1
+
+
+def test_stacked_linears_equal_the_separate_maps_and_fall_back_for_a_swapped_one() -> None:
+    """One product over the stacked weights gives each map's output and gradients; a map that is not a
+    plain bias-free Linear (a bias here, as a quantised swap would be another class) runs on its own."""
+    torch.manual_seed(0)
+    maps = [torch.nn.Linear(12, k, bias=False).double() for k in (5, 16, 3)]
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    got, want = stacked_linears(x, maps), [m(x) for m in maps]
+    assert [t.shape[-1] for t in got] == [5, 16, 3]
+    w = [torch.randn(t.shape, dtype=torch.float64) for t in want]
+    params = [x, *(m.weight for m in maps)]
+    g_got = torch.autograd.grad(sum((t * v).sum() for t, v in zip(got, w)), params)
+    g_want = torch.autograd.grad(sum((t * v).sum() for t, v in zip(want, w)), params)
+    for a, b in zip((*got, *g_got), (*want, *g_want)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with_bias = [*maps[:2], torch.nn.Linear(12, 3).double()]
+    for a, m in zip(stacked_linears(x, with_bias), with_bias):
+        assert a.is_contiguous()  # each map on its own: no column view of a stacked output
+        torch.testing.assert_close(a, m(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("before", [False, True])

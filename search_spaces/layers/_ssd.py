@@ -129,18 +129,24 @@ def _carry(local: Tensor, total: Tensor, p: int, reverse: bool) -> Tensor:
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, shift: bool = False,
-                reverse: bool = False, chunk: int = CHUNK) -> Tensor:
-    """The same ``y`` as :func:`ssd_recurrence` by the chunked algorithm (see the module docstring).
+                reverse: bool = False, chunk: int = CHUNK, skip: Tensor | None = None,
+                acc: Tensor | None = None) -> Tensor:
+    """The same ``y`` as :func:`ssd_recurrence` by the chunked algorithm (see the module docstring),
+    plus ``x * skip`` (a skip per head: ``skip`` broadcastable to (b, n, h), Mamba-2's D or Hydra's
+    diagonal) and ``acc`` (b, n, h, p) when given. On the factorised path both are added while the
+    output is written, with their gradients in the same backward: two passes over (b, n, h, p)
+    tensors fewer than adding them afterwards.
 
     x (b, n, h, p); dt (b, n, h), >= 0; A (h,) or (b, 1, h), <= 0 (a scalar per head); B, C
     (b, n, s) shared by the heads (one group). ``reverse``: the scan runs from the last token to the
     first, computed in place (no (b, n, h, p) tensor is flipped). ``shift``: y_t is the output of the
     step before, ``C_{t-1} . h_{t-1}``: a strictly causal scan read through ``C`` shifted by one token.
-    Computes in the promoted dtype of the inputs.
+    ``skip``'s last dimension is the heads'. Computes in the promoted dtype of the inputs.
     """
     b, n, h, p = x.shape
     if n == 0:
         return x.clone()
+    given = (x, dt, A, B, C)  # as they came: the strongly decaying heads start again from these
     chunks = math.ceil(n / chunk)
     size = math.ceil(n / chunks)  # <= chunk; pads fewer than `chunks` tokens in total
     pad = chunks * size - n
@@ -158,22 +164,69 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, shift: b
     scores = (Cc @ Bc.transpose(-1, -2)).masked_fill(~_mask(size, shift, reverse, x.device), 0.0)
     total = cs[:, :, :1] if reverse else cs[:, :, -1:]  # (b, c, 1, h): each chunk's whole log decay
     ok = _span_ok(total)
-    if ok is None or not bool(ok.any()):
+    shorten = ok is not None and size > 1 and total.dtype in _FACTOR_SPAN  # (others: never factorised)
+    if shorten and not bool(ok.any()):  # no head fits: all by shorter chunks
+        return ssd_chunked(*given, shift, reverse, _shorter(total, size), skip, acc)
+    if ok is None or not bool(ok.any()):  # traced, or a single step decays too much: head by head
         xc = (F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x).view(b, chunks, size, h, p)
         y = _general(xc, dtc, log_a, cs_out, total, Bc, Cc, scores, shift, reverse).reshape(b, chunks * size, h, p)
-        return y[:, :n] if pad else y
-    y = _fast(x, dtc, cs, cs_out, total, Bc, Cc, scores, reverse)
+        return _extras(y[:, :n] if pad else y, x, skip, acc)
+    y = _fast(x, dtc, cs, cs_out, total, Bc, Cc, scores, reverse, skip, acc)
     if not bool(ok.all()):  # the heads with a strong decay inside some chunk: computed again
         slow = (~ok).nonzero()[:, 0]
-        xc = (F.pad(x[..., slow, :], (0, 0, 0, 0, 0, pad)) if pad else x[..., slow, :])
-        ys = _general(xc.view(b, chunks, size, -1, p), dtc[..., slow], log_a[..., slow], cs_out[..., slow],
-                      total[..., slow], Bc, Cc, scores, shift, reverse).reshape(b, chunks * size, -1, p)
-        y[..., slow, :] = ys[:, :n] if pad else ys  # (in place: _FactorisedScan saves y before f_out, not this)
+
+        def heads(t: Tensor | None, dim: int = -1) -> Tensor | None:  # the slow heads of a tensor
+            return None if t is None else t.index_select(dim, slow)  # (10x faster than t[..., slow])
+        skip_s, acc_s = heads(skip), heads(acc, 2)
+        if shorten:  # by shorter chunks, where their decay over a chunk fits the factorised form
+            gx, gdt, gA, gB, gC = given
+            ys = ssd_chunked(heads(gx, 2), heads(gdt), heads(gA), gB, gC, shift, reverse, _shorter(heads(total), size),
+                             skip_s, acc_s)
+        else:  # a single step decays that much: the per-head form
+            xs = heads(x, 2)
+            xc = F.pad(xs, (0, 0, 0, 0, 0, pad)) if pad else xs
+            ys = _general(xc.view(b, chunks, size, -1, p), heads(dtc), heads(log_a), heads(cs_out), heads(total),
+                          Bc, Cc, scores, shift, reverse).reshape(b, chunks * size, -1, p)
+            ys = _extras(ys[:, :n] if pad else ys, xs, skip_s, acc_s)
+        _put_heads(y, slow.tolist(), ys)  # (in place: _FactorisedScan saves y before f_out, not this)
     return y
 
 
+def _put_heads(y: Tensor, heads: list[int], ys: Tensor) -> None:
+    """``y[..., heads, :] = ys`` (heads along dim 2) in place, a slice assignment per run of
+    consecutive heads: for the one or two strong heads usual at Mamba-2's initialisation, 0.3x
+    the cost of the indexed assignment forward and backward ((64, 784, 16, 16), two heads)."""
+    start = 0
+    while start < len(heads):
+        end = start + 1
+        while end < len(heads) and heads[end] == heads[end - 1] + 1:
+            end += 1
+        y[:, :, heads[start]:heads[end - 1] + 1] = ys[:, :, start:end]
+        start = end
+
+
+def _shorter(total: Tensor, size: int) -> int:
+    """The chunk length to scan heads again with, whose decay over some chunk of ``size`` tokens
+    (``total``: the chunks' whole log decays, (b, c, 1, h)) is beyond ``_FACTOR_SPAN``: at most half
+    of ``size``, and short enough that the strongest decay, spread evenly, would fit. A chunk's decay
+    shrinks with its length, so a few halvings at most reach chunks that fit (or single steps, which
+    take the per-head form when even one step decays that much). What the strong heads add to an
+    ssd block's fwd+bwd (batch 64, width 128, one CPU thread; inputs with one such head at 14x14
+    tokens, two at 28x28), this way against the per-head form at the first chunk length: 4.5 against
+    18.6 ms at 14x14, 92 against 162 ms at 28x28."""
+    worst = float(total.detach().abs().amax())
+    return max(1, min(size // 2, math.floor(size * _FACTOR_SPAN[total.dtype] / worst)))
+
+
+def _extras(y: Tensor, x: Tensor, skip: Tensor | None, acc: Tensor | None) -> Tensor:
+    """``y + x * skip + acc`` (what is given), out of place (the general and traced paths)."""
+    if skip is not None:
+        y = torch.addcmul(y, x, skip[..., None])
+    return y if acc is None else y + acc
+
+
 def _fast(x: Tensor, dtc: Tensor, cs: Tensor, cs_out: Tensor, total: Tensor, Bc: Tensor, Cc: Tensor,
-          scores: Tensor, reverse: bool) -> Tensor:
+          scores: Tensor, reverse: bool, skip: Tensor | None, acc: Tensor | None) -> Tensor:
     """Steps 1-4 with all heads in each matmul and one pass over x on either side, exact for the
     heads whose decay over every chunk is within ``_FACTOR_SPAN`` (``_span_ok``). With r half the
     chunk's whole log decay, ``exp(cs_t - cs_j) = exp(cs_t - r) exp(r - cs_j)`` (the split GLA also
@@ -183,16 +236,17 @@ def _fast(x: Tensor, dtc: Tensor, cs: Tensor, cs_out: Tensor, total: Tensor, Bc:
     factor is at most exp(span / 2). For the other heads the exponents are capped there, so their
     columns stay finite (no inf or NaN reaches the shared C B^T's gradient) but wrong: the caller
     computes those heads again. x (b, n, h, p) unpadded, the others chunked as in :func:`ssd_chunked`;
-    returns y (b, n, h, p). The per-head factors are small (b, c, q, h) tensors left to autograd; the
-    passes over (b, n, h, p) tensors are :class:`_FactorisedScan`'s, with a hand-written backward."""
+    returns y (b, n, h, p), with ``skip`` and ``acc`` added as :func:`ssd_chunked` says. The per-head
+    factors are small (b, c, q, h) tensors left to autograd; the passes over (b, n, h, p) tensors are
+    :class:`_FactorisedScan`'s, with a hand-written backward."""
     cap = _FACTOR_SPAN.get(cs.dtype, 0.0) / 2
     ref = total / 2  # (exp of it, and of total - ref, may underflow to 0 for a capped head: harmless)
     f_in = dtc * (ref - cs).clamp(max=cap).exp()  # (b, c, q, h): v = x f_in
     f_out = (cs_out - ref).clamp(max=cap).exp()
     if Bc.shape[1] == 1:  # one chunk: no state is carried
-        return _FactorisedScan.apply(x, f_in, f_out, None, None, None, Bc, Cc, scores, reverse)
+        return _FactorisedScan.apply(x, f_in, f_out, None, None, None, Bc, Cc, scores, skip, acc, reverse)
     return _FactorisedScan.apply(x, f_in, f_out, (total - ref).exp(), ref.exp(), total.exp(), Bc, Cc, scores,
-                                 reverse)
+                                 skip, acc, reverse)
 
 
 def _heads(t: Tensor | None) -> Tensor | None:
@@ -207,9 +261,13 @@ class _FactorisedScan(torch.autograd.Function):
     than saving it, and takes the carry's recurrence backwards by hand.
 
     Inputs: x (b, n, h, p); f_in, f_out (b, c, q, h); f_local, f_ref, decay (b, c, 1, h): exp(total -
-    r), exp(r), exp(total), or None for one chunk; Bc, Cc (b, c, q, s); scores (b, c, q, q), masked.
-    ``y = f_out (scores @ v + Cc @ (E f_ref))``, v = x f_in padded, E the states entering the chunks:
-    ``E_next = decay E + (Bc^T @ v) f_local`` in the scan's direction."""
+    r), exp(r), exp(total), or None for one chunk; Bc, Cc (b, c, q, s); scores (b, c, q, q), masked;
+    skip broadcastable to (b, n, h) and acc (b, n, h, p), or None.
+    ``out = f_out (scores @ v + Cc @ (E f_ref)) + x skip + acc``, v = x f_in padded, E the states
+    entering the chunks: ``E_next = decay E + (Bc^T @ v) f_local`` in the scan's direction. Added here,
+    the skip costs one pass forward (in place, no new tensor) and one backward (its part of x's
+    gradient joins the scan's in one ``addcmul_``, where autograd would make it and then sum it in);
+    ``acc`` is read while the output is written and passes the gradient on untouched."""
 
     @staticmethod
     def _v(x: Tensor, f_in: Tensor) -> Tensor:
@@ -223,7 +281,8 @@ class _FactorisedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, f_in: Tensor, f_out: Tensor, f_local: Tensor | None, f_ref: Tensor | None,
-                decay: Tensor | None, Bc: Tensor, Cc: Tensor, scores: Tensor, reverse: bool) -> Tensor:
+                decay: Tensor | None, Bc: Tensor, Cc: Tensor, scores: Tensor, skip: Tensor | None,
+                acc: Tensor | None, reverse: bool) -> Tensor:
         b, n, h, p = x.shape
         c, q, s = Bc.shape[1:]
         v = _FactorisedScan._v(x, f_in)
@@ -234,22 +293,26 @@ class _FactorisedScan(torch.autograd.Function):
             entering = _carry_states(raw * _heads(f_local), _heads(decay), reverse)
             state = entering * _heads(f_ref)
             y.view(b * c, q, h * p).baddbmm_(Cc.reshape(b * c, q, s), state.view(b * c, s, h * p))
-        out = torch.mul(y.view(b, c * q, h, p)[:, :n], f_out.reshape(b, c * q, h)[:, :n, :, None])
-        ctx.reverse = reverse
-        ctx.save_for_backward(x, f_in, f_out, f_local, f_ref, decay, Bc, Cc, scores, y, raw, entering)
+        yv, fo = y.view(b, c * q, h, p)[:, :n], f_out.reshape(b, c * q, h)[:, :n, :, None]
+        out = torch.mul(yv, fo) if acc is None else torch.addcmul(acc, yv, fo)
+        if skip is not None:
+            out.addcmul_(x, skip[..., None])
+        ctx.reverse, ctx.has_acc = reverse, acc is not None
+        ctx.save_for_backward(x, f_in, f_out, f_local, f_ref, decay, Bc, Cc, scores, skip, y, raw, entering)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, f_in, f_out, f_local, f_ref, decay, Bc, Cc, scores, y, raw, entering = ctx.saved_tensors
+        x, f_in, f_out, f_local, f_ref, decay, Bc, Cc, scores, skip, y, raw, entering = ctx.saved_tensors
+        g_acc = g if ctx.has_acc else None  # acc is added as it is
         if torch.is_grad_enabled():  # create_graph (GraSP's Hessian-gradient product): differentiate
             # the plain formulation on the saved inputs, so the gradients stay connected to their history
-            return (*plain_grads(_factorised_plain, (x, f_in, f_out, f_local, f_ref, decay, Bc, Cc, scores),
-                                  g, ctx.reverse), None)
+            return (*plain_grads(_factorised_plain, (x, f_in, f_out, f_local, f_ref, decay, Bc, Cc, scores, skip),
+                                  g, ctx.reverse), g_acc, None)
         b, n, h, p = x.shape
         c, q, s = Bc.shape[1:]
         g_out = torch.zeros_like(f_out).view(b, c * q, h)
-        g_out[:, :n] = (g * y.view(b, c * q, h, p)[:, :n]).sum(-1)
+        g_out[:, :n] = _dot(g, y.view(b, c * q, h, p)[:, :n])
         gy = x.new_empty(b, c * q, h, p)  # the gradient of y before f_out, padded
         torch.mul(g, f_out.reshape(b, c * q, h)[:, :n, :, None], out=gy[:, :n])
         gy[:, n:].zero_()
@@ -270,13 +333,28 @@ class _FactorisedScan(torch.autograd.Function):
             gv.view(b * c, q, h * p).baddbmm_(Bc.reshape(b * c, q, s), g_raw)
         gv = gv.view(b, c * q, h, p)[:, :n]
         g_x = gv * f_in.reshape(b, c * q, h)[:, :n, :, None]
+        g_skip = None
+        if skip is not None:
+            g_x.addcmul_(g, skip[..., None])
+            g_skip = _dot(g, x).sum_to_size(skip.shape) if ctx.needs_input_grad[9] else None
         g_in = torch.zeros_like(f_in).view(b, c * q, h)
-        g_in[:, :n] = (gv * x).sum(-1)
-        return (g_x, g_in.view_as(f_in), g_out.view_as(f_out), g_local, g_ref, g_decay, g_B, g_C, g_scores, None)
+        g_in[:, :n] = _dot(gv, x)
+        return (g_x, g_in.view_as(f_in), g_out.view_as(f_out), g_local, g_ref, g_decay, g_B, g_C, g_scores, g_skip,
+                g_acc, None)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for (b, n, h, p) tensors. For contiguous ones as a batched product, without
+    the (b, n, h, p) product in memory: 0.8x the product and sum (one CPU thread, p = 16). A slice of
+    a padded tensor would be copied first, which costs more than it saves: product and sum there."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.einsum("bnhp,bnhp->bnh", a, b)
+    return (a * b).sum(-1)
 
 
 def _factorised_plain(x: Tensor, f_in: Tensor, f_out: Tensor, f_local: Tensor | None, f_ref: Tensor | None,
-                      decay: Tensor | None, Bc: Tensor, Cc: Tensor, scores: Tensor, reverse: bool) -> Tensor:
+                      decay: Tensor | None, Bc: Tensor, Cc: Tensor, scores: Tensor, skip: Tensor | None,
+                      reverse: bool) -> Tensor:
     """:class:`_FactorisedScan`'s output by plain autograd ops (its double backward)."""
     b, n, h, p = x.shape
     c, q, s = Bc.shape[1:]
@@ -290,7 +368,7 @@ def _factorised_plain(x: Tensor, f_in: Tensor, f_out: Tensor, f_local: Tensor | 
             state = _heads(decay)[:, i] * state + own[:, i]
         ent = torch.stack(entering[::-1] if reverse else entering, 1) * _heads(f_ref)
         y = y + Cc @ ent.reshape(b, c, s, h * p)
-    return y.view(b, c * q, h, p)[:, :n] * f_out.reshape(b, c * q, h)[:, :n, :, None]
+    return _extras(y.view(b, c * q, h, p)[:, :n] * f_out.reshape(b, c * q, h)[:, :n, :, None], x, skip, None)
 
 
 def _carry_states(own: Tensor, decay: Tensor, reverse: bool) -> Tensor:
@@ -391,7 +469,7 @@ def _gated_rms_plain(y: Tensor, z: Tensor, w: Tensor | None, eps: float, before:
 class _GatedRMSNormFn(torch.autograd.Function):
     """:class:`GatedRMSNorm`'s forward and backward in fewer passes over the (b, n, d) tensors than
     autograd takes: the mean square is one reduction, the scalings are applied in place, and the
-    backward recomputes the normalised input (one pass) rather than saving it. With ``a`` the normed
+    backward recomputes the normalised input (one pass) where the output is not it. With ``a`` the normed
     input (``y silu(z)``, or ``y`` before the gate), r = rsqrt(mean(a^2) + eps) and ``yh = a r``:
     ``d a = r (d yh - yh mean(d yh . yh))``."""
 
@@ -406,12 +484,14 @@ class _GatedRMSNormFn(torch.autograd.Function):
         if before:
             out.mul_(gate)
         ctx.before, ctx.eps = before, eps
-        ctx.save_for_backward(y, z, w, r)
+        # unweighted and gated first, the output is ``yh`` itself: kept (the output projection that
+        # reads it keeps it too, so it costs no memory) instead of made again in the backward
+        ctx.save_for_backward(y, z, w, r, out if w is None and not before else None)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
-        y, z, w, r = ctx.saved_tensors
+        y, z, w, r, out = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the plain formulation's gradients, with a graph
             return (*plain_grads(_gated_rms_plain, (y, z, w), g, ctx.eps, ctx.before), None, None)  # w may be None
         gate = F.silu(z)
@@ -420,7 +500,7 @@ class _GatedRMSNormFn(torch.autograd.Function):
             g_gate = yh * g if w is None else (yh * w).mul_(g)
             g = g * gate  # the gradient of yh w
         else:  # out = yh w, a = y gate
-            yh = (y * gate).mul_(r)
+            yh = out if out is not None else (y * gate).mul_(r)
         g_w = None if w is None else (g * yh).flatten(0, -2).sum(0)
         g_yh = g if w is None else g * w
         dot = (g_yh * yh).mean(-1, keepdim=True)

@@ -76,7 +76,6 @@ class Hydra(SSDMixer):
             bf, cf, bb, cb = (t.to(dtype) for t in (bf, cf, bb, cb))
             # shifted by one token, the forward scan sees the tokens strictly before t, the backward
             # (reverse) scan those strictly after; the diagonal is x * D(x)
-            y = ssd_chunked(xh, dt[:, :, 0], A, bf, cf, shift=True)
-            y = y + ssd_chunked(xh, dt[:, :, 1], A, bb, cb, shift=True, reverse=True)
-            y = torch.addcmul(y, xh, diag[..., None])
+            y = ssd_chunked(xh, dt[:, :, 0], A, bf, cf, shift=True, skip=diag)
+            y = ssd_chunked(xh, dt[:, :, 1], A, bb, cb, shift=True, reverse=True, acc=y)
         return self.norm.project(y.flatten(-2), self.z_proj(u), self.out_proj)

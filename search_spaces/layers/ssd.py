@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from search_spaces.layers._ssd import GatedRMSNorm, SSDMixer, ssd_chunked
-from search_spaces.layers.common import depthwise_conv_tokens, inverse_softplus_dt
+from search_spaces.layers.common import depthwise_conv_tokens, inverse_softplus_dt, stacked_linears
 from search_spaces.registry import FusedSlices, token_mixer
 
 
@@ -44,19 +44,26 @@ class SSDBranch(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
 
-    def forward(self, u: Tensor, x: Tensor) -> Tensor:
-        """u (B, N, dim) the block input, x (B, N, d_inner) -> y (B, N, d_inner), at least float32."""
+    def projections(self) -> tuple[nn.Module, nn.Module]:
+        """The maps of the block input this branch reads, ``(bc_proj, delta_proj)``: the block runs
+        both branches' in one product (``stacked_linears``) and hands the outputs to ``forward``."""
+        return self.bc_proj, self.delta_proj
+
+    def forward(self, x: Tensor, bc: Tensor, dt: Tensor, acc: Tensor | None = None) -> Tensor:
+        """x (B, N, d_inner), bc (B, N, 2 d_state) and dt (B, N, heads), the block input's projections
+        -> y (B, N, d_inner), at least float32, plus ``acc`` (B, N, d_inner) when given (the other
+        branch's y: added as the scan writes its output, see ``ssd_chunked``)."""
         mode = "anticausal" if self.reverse else "causal"
         x = F.silu(depthwise_conv_tokens(x, self.conv_x, mode))
-        b, c = F.silu(depthwise_conv_tokens(self.bc_proj(u), self.conv_bc, mode)).chunk(2, dim=-1)
-        dt = self.delta_proj(u)
+        b, c = F.silu(depthwise_conv_tokens(bc, self.conv_bc, mode)).chunk(2, dim=-1)
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             x, b, c = x.to(dtype), b.to(dtype), c.to(dtype)
             dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))  # (B, N, heads)
             xh = x.unflatten(-1, (self.nheads, self.headdim))
-            y = ssd_chunked(xh, dt, -torch.exp(self.A_log.to(dtype)), b, c, reverse=self.reverse)
-            return torch.addcmul(y, xh, self.D.to(dtype)[:, None]).flatten(-2)
+            acc = None if acc is None else acc.unflatten(-1, (self.nheads, self.headdim))
+            return ssd_chunked(xh, dt, -torch.exp(self.A_log.to(dtype)), b, c, reverse=self.reverse,
+                               skip=self.D.to(dtype), acc=acc).flatten(-2)
 
 
 @token_mixer("ssd")
@@ -88,4 +95,6 @@ class BidirectionalMamba2(SSDMixer):
 
     def forward(self, u: Tensor, hw: tuple[int, int]) -> Tensor:
         x = self.x_proj(u)
-        return self.norm.project(self.fwd(u, x) + self.bwd(u, x), self.z_proj(u), self.out_proj)
+        bc_f, dt_f, bc_b, dt_b = stacked_linears(u, (*self.fwd.projections(), *self.bwd.projections()))
+        y = self.bwd(x, bc_b, dt_b, acc=self.fwd(x, bc_f, dt_f))  # the two branches' sum
+        return self.norm.project(y, self.z_proj(u), self.out_proj)
