@@ -43,3 +43,29 @@ def test_tiny_run_covers_every_mixer(tmp_path: Path) -> None:
     assert set(res) == set(token_mixer_names())
     assert res["attention"]["fwd_bwd_ratio"] == 1.0 and res["attention"]["saved_ratio"] == 1.0
     assert all(r["fwd_bwd_ms"] > 0 and r["saved_mb"] >= 0 for r in res.values())
+
+
+def test_ssm_floor_stand_in_keeps_the_scans_inputs_and_a_tiny_run_prints_every_figure(capsys) -> None:  # type: ignore[no-untyped-def]
+    """bench/ssm_floor.py: the stand-in has the scan's output shape and passes a gradient to every
+    input (so the block's graph is otherwise unchanged); a tiny run prints the four rows."""
+    spec = importlib.util.spec_from_file_location("ssm_floor", ROOT / "bench" / "ssm_floor.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    u, delta = torch.randn(2, 5, 8, requires_grad=True), torch.rand(2, 5, 8, requires_grad=True)
+    A = torch.randn(8, 4, requires_grad=True)
+    B, C = torch.randn(2, 5, 4, requires_grad=True), torch.randn(2, 5, 4, requires_grad=True)
+    from search_spaces.layers._selective_scan import selective_scan
+
+    out = mod.stand_in(u, delta, A, B, C)
+    assert out.shape == selective_scan(u, delta, A, B, C).shape
+    grads = torch.autograd.grad(out.sum(), [u, delta, A, B, C])
+    assert all(g is not None and g.shape == t.shape for g, t in zip(grads, [u, delta, A, B, C]))
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--grid", "3", "--rounds", "1"])
+    finally:
+        torch.set_num_threads(threads)  # the script runs on one thread; the test worker goes on
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:22].strip(): line for line in lines[1:]}
+    assert list(rows) == ["attention", "ssm", "ssm, scans stood in", "two scans alone"]
+    assert rows["attention"].endswith("1.00x attention")
