@@ -5,6 +5,7 @@
     .venv/bin/python bench/hybridbench.py proxies                # params, FLOPs, every zero-cost proxy
     .venv/bin/python bench/hybridbench.py latency                # CPU latency at batch 1 and 64 (run alone)
     .venv/bin/python bench/hybridbench.py supernet               # one supernet, inherited accuracy of each
+    .venv/bin/python bench/hybridbench.py fewshot --variant fewshot4   # few-shot sub-supernets split from it
     .venv/bin/python bench/hybridbench.py table                  # bench/data/hybridbench_c10_v1.csv
     .venv/bin/python bench/hybridbench.py summary                # what is done, spread, seed-to-seed tau
 
@@ -527,6 +528,93 @@ def cmd_supernet(args: argparse.Namespace) -> None:
     atomic_write(res_path, lambda fh: fh.write(json.dumps(res).encode()), durable=False)
 
 
+def first_token_mixer(spec: ArchSpec) -> str:
+    """The token mixer of stage 0's first block: the choice the few-shot sub-supernets split on."""
+    return spec.stages[0].mixers()[0][0]
+
+
+def fewshot_one(token_mixer: str, frame_dict: dict[str, Any], cfg_dict: dict[str, Any], epochs: int,
+                base: str, out: str, data_path: str, spec_dicts: list[dict[str, Any]],
+                finetune_steps: int) -> dict[str, float]:
+    """One few-shot sub-supernet (Zhao et al. 2021): the one-shot supernet in ``base`` trained
+    ``epochs`` more on the subnets with ``token_mixer`` in stage 0's first block (resumable from
+    its own checkpoint in ``out``), then the inherited accuracy of each of ``spec_dicts`` (those
+    subnets of the benchmark), kept in ``out`` as they come."""
+    from predictors._io import atomic_write
+    from predictors.supernet import TrainConfig, evaluate_subnet, load_checkpoint, train_supernet
+    from search_spaces._runtime import retain_freed_memory
+    from workers.evaluate import Split
+
+    torch.set_num_threads(1)
+    retain_freed_memory()
+    frame = SupernetFrame.from_dict(frame_dict)
+    d = _data(data_path)
+    train, test = Split(d["train_x"], d["train_y"]), Split(d["test_x"], d["test_y"])
+    init, _ = load_checkpoint(base)
+    t0 = time.perf_counter()
+    def show(st: Any, loss: float) -> None:
+        if st.step % st.steps_per_epoch == 0:
+            print(f"  sub-supernet {token_mixer}: epoch {st.step // st.steps_per_epoch}/{epochs}, loss {loss:.3f}",
+                  flush=True)
+    net = train_supernet(frame, train, epochs, config=TrainConfig.from_dict(cfg_dict), out=out, init=init,
+                         meta={"few_shot_from": base}, progress=show)
+    print(f"  sub-supernet {token_mixer}: trained ({time.perf_counter() - t0:.0f} s this call)", flush=True)
+    net.eval()
+    res_path = Path(out) / f"inherited_ft{finetune_steps}.json"
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    for s in map(ArchSpec.from_dict, spec_dicts):
+        if s.hash not in res:
+            res[s.hash] = evaluate_subnet(net, s, test, calib=train, batch_size=256, finetune_steps=finetune_steps,
+                                          finetune_data=train if finetune_steps else None, seed=0)
+            atomic_write(res_path, lambda fh: fh.write(json.dumps(res).encode()), durable=False)
+    return res
+
+
+def cmd_fewshot(args: argparse.Namespace) -> None:
+    """Few-shot NAS (Zhao et al. 2021, "Few-shot Neural Architecture Search"): split the trained
+    one-shot supernet ``--few-shot-from`` on stage 0's first token mixer, one sub-supernet per choice,
+    each trained ``--few-shot-epochs`` more on its part of the space only; each benchmark architecture
+    is read from the sub-supernet of its own first token mixer. Sub-supernets in ``<variant>/split_<mixer>``,
+    the combined inherited accuracies in ``<variant>/inherited_ft<N>.json``; ``--workers`` processes."""
+    from predictors._io import atomic_write
+
+    frame, specs, _ = load_archs(Path(args.archs))
+    if args.only:
+        specs = specs[:args.only]
+    cache = Path(args.cache)
+    r = recipe_of(args, frame)
+    base = supernet_dir(cache, r, args.few_shot_from)
+    if not (base / "supernet.pt").is_file():
+        raise SystemExit(f"no supernet {args.few_shot_from!r} at {base}; train it first: "
+                         f"hybridbench.py supernet --variant {args.few_shot_from}")
+    dpath = str(prepare_data(cache, r))
+    d = torch.load(dpath, weights_only=False)
+    cfg = supernet_recipe(args, len(d["train_y"]), frame.in_chans)
+    del d
+    out = supernet_dir(cache, r, args.variant)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "variant.json").write_text(json.dumps({"config": cfg.__dict__, "few_shot_from": args.few_shot_from,
+                                                  "epochs_per_split": args.few_shot_epochs,
+                                                  "finetune_steps": args.finetune_steps}, indent=1))
+    groups = {t: [s.to_dict() for s in specs if first_token_mixer(s) == t] for t in frame.stages[0].token_mixers}
+    groups = {t: g for t, g in groups.items() if g}  # a choice no architecture takes needs no sub-supernet
+    print(f"few-shot from {args.few_shot_from}: {len(groups)} sub-supernets of {args.few_shot_epochs} epochs; "
+          + ", ".join(f"{t} {len(g)}" for t, g in groups.items()), flush=True)
+    jobs_ = {t: (t, frame.to_dict(), {**cfg.__dict__, "split_token_mixer": t}, args.few_shot_epochs, str(base),
+                 str(out / f"split_{t}"), dpath, g, args.finetune_steps) for t, g in groups.items()}
+    res: dict[str, float] = {}
+    if args.workers == 1:
+        for job in jobs_.values():
+            res.update(fewshot_one(*job))
+    else:
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+            for part in pool.map(fewshot_one, *zip(*jobs_.values())):
+                res.update(part)
+    atomic_write(out / f"inherited_ft{args.finetune_steps}.json", lambda fh: fh.write(json.dumps(res).encode()),
+                 durable=False)
+    print(f"few-shot {args.variant}: inherited accuracy of {len(res)} architectures", flush=True)
+
+
 def _progress(epochs: int):  # type: ignore[no-untyped-def]
     def show(st: Any, loss: float) -> None:
         if st.step % st.steps_per_epoch == 0:
@@ -666,7 +754,8 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("sample", "train", "proxies", "latency", "supernet", "table", "summary"))
+    ap.add_argument("command", choices=("sample", "train", "proxies", "latency", "supernet", "fewshot", "table",
+                                        "summary"))
     ap.add_argument("--archs", default=str(DEFAULT_ARCHS), help="the architecture list (JSON)")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE), help="per-architecture results, weights, checkpoints")
     ap.add_argument("--frame", default="small", help="sample: the supernet frame to draw from")
@@ -691,6 +780,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n-random", type=int, default=2, help="supernet: random subnets per sandwich step")
     ap.add_argument("--sampling", default="uniform", choices=("uniform", "fair"), help="supernet: subnet sampling")
     ap.add_argument("--finetune-steps", type=int, default=0, help="supernet: fine-tuning steps before evaluation")
+    ap.add_argument("--few-shot-from", default="base", help="fewshot: the trained supernet variant to split")
+    ap.add_argument("--few-shot-epochs", type=int, default=4, help="fewshot: epochs per sub-supernet")
     ap.add_argument("--no-distill", action="store_true")
     ap.add_argument("--no-augment", action="store_true", help="supernet: no crop or flip, as the standalone recipe")
     ap.add_argument("--threads", type=int, default=2, help="supernet: torch threads")
@@ -699,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     random.seed(0)
     {"sample": cmd_sample, "train": cmd_train, "proxies": cmd_proxies, "latency": cmd_latency,
-     "supernet": cmd_supernet, "table": cmd_table, "summary": cmd_summary}[args.command](args)
+     "supernet": cmd_supernet, "fewshot": cmd_fewshot, "table": cmd_table, "summary": cmd_summary}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,10 @@ class TrainConfig:
     # how the subnets besides the largest and the smallest are drawn: "uniform" (``n_random`` random
     # ones) or "fair" (FairNAS strict fairness of the mixers, ``n_random`` unused; see fair_paths)
     sampling: str = "uniform"
+    # few-shot NAS (Zhao et al. 2021): a sub-supernet that trains only the subnets with this token
+    # mixer in stage 0's first block (every subnet drawn is moved there: SupernetFrame.split_subnet);
+    # None trains the whole space
+    split_token_mixer: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.lr <= 0 or self.n_random < 0 or self.warmup_epochs < 0:
@@ -434,6 +438,8 @@ def sandwich(frame: SupernetFrame, cfg: TrainConfig, step: int) -> list[ArchSpec
         specs += fair_paths(frame, rng)
     else:
         specs += [frame.random(rng.randrange(2**31)) for _ in range(cfg.n_random)]
+    if cfg.split_token_mixer is not None:  # a few-shot sub-supernet: its part of the space only
+        specs = [frame.split_subnet(s, cfg.split_token_mixer) for s in specs]
     return [s.with_precision(frame.precisions[0]) for s in specs]
 
 
@@ -745,6 +751,7 @@ def train_supernet(
     device: str | torch.device = "cpu",
     total_steps: int | None = None,
     max_seconds: float | None = None,
+    init: Supernet | None = None,
 ) -> Supernet:
     """Train a supernet of ``frame`` on ``data`` for ``epochs`` with the sandwich rule (the subnets
     of each step by :func:`sandwich`: uniform or, with ``cfg.sampling="fair"``, FairNAS paths).
@@ -757,6 +764,9 @@ def train_supernet(
     warm-up included, fits in it). ``max_seconds`` is this call's allowance: before each step the
     loop stops if the step (timed as the slowest of the last ones) would end past it, checkpoints
     there and sets ``train_state.stopped``; calling again with the same settings continues.
+    ``init``: start from a copy of these weights instead of a fresh initialisation (few-shot NAS
+    starts each sub-supernet from the trained one-shot supernet; a checkpoint in ``out`` still comes
+    first); a fresh optimizer and schedule either way.
 
     Under ``torch.distributed`` (world size W > 1; ``device`` is this rank's) each rank trains on
     its slice of every global batch of ``cfg.batch_size`` images, the ranks' gradients are summed
@@ -768,6 +778,11 @@ def train_supernet(
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise SupernetError(f"epochs must be a positive integer, got {epochs!r}")
     _check_frame_data(frame, data)
+    if cfg.split_token_mixer is not None and cfg.split_token_mixer not in frame.stages[0].token_mixers:
+        raise SupernetError(f"split_token_mixer {cfg.split_token_mixer!r} is not one of stage 0's token mixers "
+                            f"{list(frame.stages[0].token_mixers)}")
+    if init is not None and init.frame.to_dict() != frame.to_dict():
+        raise SupernetError("init is a supernet of another frame; pass one trained on this frame")
     rank, world = _dist()
     n = _size(data)
     bs = min(cfg.batch_size, n)
@@ -781,6 +796,9 @@ def train_supernet(
     ckpt_path = Path(out) / CKPT_NAME if out is not None else None
     dev = torch.device(device)
     loaded, ckpt = _resume_from(ckpt_path, frame, cfg, epochs, spe, total, rank, world)
+    if loaded is None and init is not None:
+        loaded = Supernet(frame, seed=cfg.seed)
+        loaded.load_state_dict(init.state_dict())
     net = (loaded if loaded is not None else Supernet(frame, seed=cfg.seed)).to(dev)  # ranks > 0: rank 0's next
     if world > 1:  # DDP's start: every rank holds rank 0's tensors (the same init, or the same checkpoint)
         import torch.distributed as dist

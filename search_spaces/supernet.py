@@ -256,6 +256,28 @@ class SupernetFrame:
             stages.append(self._stage_spec(i, sf, depth, width, heads, sf.mlp_ratios[pick], mix))
         return self._spec(stages, self.precisions[0])
 
+    def split_subnet(self, spec: ArchSpec, token_mixer: str) -> ArchSpec:
+        """``spec`` with ``token_mixer`` in the first block of stage 0 (in all of stage 0's blocks
+        when the frame does not mix per block): the subnet's counterpart in the part of the space
+        that a few-shot sub-supernet trains (Zhao et al. 2021, "Few-shot Neural Architecture
+        Search", split on that block's token mixer). Its heads stay when the stage already uses them,
+        else they are the middle of the width's choices (as ``largest`` draws them); a subnet already
+        in that part is returned as it is."""
+        st, sf = spec.stages[0], self.stages[0]
+        if token_mixer not in sf.token_mixers:
+            raise ValueError(f"token mixer {token_mixer!r} is not one of stage 0's {list(sf.token_mixers)}")
+        mixers = st.mixers()
+        if mixers[0][0] == token_mixer:
+            return spec
+        first = (token_mixer, mixers[0][1])
+        mixers = [first, *mixers[1:]] if self.per_block else [first] * st.depth
+        heads = 1
+        if any(get_token_mixer(t).uses_heads for t, _ in mixers):
+            hs = sf.heads_for(st.width) or (1,)
+            heads = st.heads if st.heads in hs else hs[len(hs) // 2]
+        stage = self._stage_spec(0, sf, st.depth, st.width, heads, st.mlp_ratio, mixers)
+        return replace(spec, stages=(stage, *spec.stages[1:]))
+
     def largest(self, rng: random.Random | None = None) -> ArchSpec:
         """Maximum depth, width and MLP ratio everywhere; mixers drawn from ``rng`` (first choice without)."""
         return self._corner(-1, rng or random.Random(0), "random" if rng else "first")

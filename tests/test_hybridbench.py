@@ -42,6 +42,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | list[str]
     hb.main(["proxies", *common])
     hb.main(["latency", *common, "--repeats", "3"])
     hb.main(["supernet", *common, "--supernet-epochs", "1", "--threads", "1"])
+    hb.main(["fewshot", *common, "--supernet-epochs", "1", "--variant", "fewshot1", "--few-shot-epochs", "1"])
     hb.main(["table", *common, "--out", str(table)])
     return {"archs": archs, "cache": cache, "table": table, "common": common}
 
@@ -94,7 +95,7 @@ def test_tiny_benchmark_continues_from_the_committed_runs_in_a_fresh_cache(
     runs = [json.loads(line) for line in (tiny["table"].parent / "table_runs.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["seed"]) for r in runs) == [(0, 0), (0, 1), (1, 0), (2, 0)]
     sup = json.loads((tiny["table"].parent / "table_supernet.json").read_text())
-    assert list(sup) == ["base/ft0"] and len(sup["base/ft0"]) == 3
+    assert list(sup) == ["base/ft0", "fewshot1/ft0"] and len(sup["base/ft0"]) == len(sup["fewshot1/ft0"]) == 3
     common = list(tiny["common"])
     common[common.index("--cache") + 1] = str(tmp_path / "fresh")
     capsys.readouterr()
@@ -133,6 +134,31 @@ def test_tiny_benchmark_supernet_accuracy_is_the_inherited_one(tiny: dict) -> No
     want = evaluate_subnet(net.eval(), s, Split(d["test_x"], d["test_y"]), calib=Split(d["train_x"], d["train_y"]),
                            batch_size=256)
     assert got[s.hash] == want
+
+
+def test_tiny_benchmark_few_shot_reads_each_architecture_from_its_own_sub_supernet(tiny: dict) -> None:
+    """fewshot: one sub-supernet per first token mixer the architectures take, each started from the
+    base supernet and trained on its part only; each architecture's value is its own sub-supernet's
+    inherited accuracy, and the table keeps the variant."""
+    frame, specs, _ = hb.load_archs(tiny["archs"])
+    r = hb.recipe_of(_args(tiny), frame)
+    d = torch.load(hb.data_file(tiny["cache"], r), weights_only=False)
+    out = hb.supernet_dir(tiny["cache"], r, "fewshot1")
+    got = json.loads((out / "inherited_ft0.json").read_text())
+    assert set(got) == {s.hash for s in specs}
+    firsts = {hb.first_token_mixer(s) for s in specs}
+    assert {p.name for p in out.glob("split_*")} == {f"split_{t}" for t in firsts}
+    base, _ = load_checkpoint(hb.supernet_dir(tiny["cache"], r, "base"))
+    for s in specs:
+        net, ckpt = load_checkpoint(out / f"split_{hb.first_token_mixer(s)}")
+        assert ckpt["config"]["split_token_mixer"] == hb.first_token_mixer(s) and ckpt["epochs"] == 1
+        assert ckpt["meta"]["few_shot_from"] == str(hb.supernet_dir(tiny["cache"], r, "base"))
+        assert not all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), base.state_dict().values()))
+        want = evaluate_subnet(net.eval(), s, Split(d["test_x"], d["test_y"]),
+                               calib=Split(d["train_x"], d["train_y"]), batch_size=256)
+        assert got[s.hash] == want
+    sup = json.loads((tiny["table"].parent / "table_supernet.json").read_text())
+    assert sup["fewshot1/ft0"] == got
 
 
 def test_tiny_benchmark_table_has_one_complete_row_per_architecture(tiny: dict) -> None:

@@ -320,3 +320,61 @@ def test_finetuning_arguments_are_checked(net_and_data: tuple) -> None:
         evaluate_subnet(net, TINY.largest(), test, calib=train, finetune_steps=-1, finetune_data=train)
     with pytest.raises(SupernetError, match="fine-tuning data"):
         evaluate_subnet(net, TINY.largest(), test, calib=train, finetune_steps=1, finetune_data=object())
+
+
+# --------------------------------------------------------------------------------------------
+# few-shot sub-supernets (Zhao et al. 2021): split on stage 0's first token mixer
+# --------------------------------------------------------------------------------------------
+
+
+def test_split_subnet_moves_a_subnet_into_the_part_and_nothing_else() -> None:
+    per_stage = replace(TINY, per_block=False)
+    for seed in range(40):
+        spec = TINY.random(seed)
+        for mixer in ("attention", "ssm", "pool"):
+            moved = TINY.split_subnet(spec, mixer)
+            TINY.check(moved)  # still a subnet of the frame
+            got, was = moved.stages[0].mixers(), spec.stages[0].mixers()
+            assert got[0] == (mixer, was[0][1]) and got[1:] == was[1:]
+            assert moved.stages[1:] == spec.stages[1:] and moved.precision == spec.precision
+            assert (moved.stages[0].depth, moved.stages[0].width, moved.stages[0].mlp_ratio) == \
+                (spec.stages[0].depth, spec.stages[0].width, spec.stages[0].mlp_ratio)
+            assert TINY.split_subnet(moved, mixer) is moved  # already in the part: as it is
+        # a frame without per-block mixers moves the whole stage
+        whole = per_stage.random(seed)
+        moved = per_stage.split_subnet(whole, "sepconv")
+        per_stage.check(moved)
+        assert {t for t, _ in moved.stages[0].mixers()} == {"sepconv"}
+    with pytest.raises(ValueError, match="not one of stage 0"):
+        TINY.split_subnet(TINY.random(0), "ssd")  # not in this frame
+
+
+def test_a_split_sandwich_draws_the_same_subnets_moved_into_the_part() -> None:
+    for step in (0, 1, 9):
+        plain = sandwich(TINY, TrainConfig(seed=3), step)
+        split = sandwich(TINY, TrainConfig(seed=3, split_token_mixer="linear"), step)
+        assert split == [TINY.split_subnet(s, "linear") for s in plain]
+        assert {s.stages[0].mixers()[0][0] for s in split} == {"linear"}
+
+
+def test_a_sub_supernet_starts_from_init_and_trains_only_its_first_mixer(small_train: object,
+                                                                         tmp_path: Path) -> None:
+    init = train_supernet(TINY, small_train, 1, config=TrainConfig(batch_size=64, seed=4))
+    cfg = TrainConfig(batch_size=64, seed=4, split_token_mixer="sepconv")
+    start = train_supernet(TINY, small_train, 1, config=cfg, init=init, max_steps=0)
+    assert _same_weights(start, init) and start is not init
+    sub = train_supernet(TINY, small_train, 1, config=cfg, out=tmp_path, init=init)
+    before, after = init.state_dict(), sub.state_dict()
+    first = "stages.0.blocks.0.token_mixers."
+    moved = {k.removeprefix(first).split(".")[0] for k in after
+             if k.startswith(first) and not torch.equal(after[k], before[k])}
+    assert moved == {"sepconv"}  # the other mixers of that block were never drawn there
+    assert not torch.equal(after["stages.0.blocks.1.norm1.weight"], before["stages.0.blocks.1.norm1.weight"])
+    _, ckpt = load_checkpoint(tmp_path)
+    assert ckpt["config"]["split_token_mixer"] == "sepconv"
+    with pytest.raises(SupernetError, match="another recipe"):  # the whole space is another recipe
+        train_supernet(TINY, small_train, 1, config=replace(cfg, split_token_mixer=None), out=tmp_path)
+    with pytest.raises(SupernetError, match="split_token_mixer 'ssd' is not one of stage 0"):
+        train_supernet(TINY, small_train, 1, config=replace(cfg, split_token_mixer="ssd"))
+    with pytest.raises(SupernetError, match="init is a supernet of another frame"):
+        train_supernet(TINY, small_train, 1, config=cfg, init=Supernet(get_frame("tiny"), seed=0))
