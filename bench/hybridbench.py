@@ -488,8 +488,7 @@ def cmd_supernet(args: argparse.Namespace) -> None:
     its checkpoint), then read every benchmark architecture's accuracy with inherited weights on
     the test split at the spec's precision (BatchNorm recalibrated on training images, after
     ``--finetune-steps`` steps of fine-tuning when asked)."""
-    from predictors._io import atomic_write
-    from predictors.supernet import evaluate_subnet, load_checkpoint, train_supernet
+    from predictors.supernet import load_checkpoint, train_supernet
     from search_spaces._runtime import retain_freed_memory
     from workers.evaluate import Split
 
@@ -514,18 +513,29 @@ def cmd_supernet(args: argparse.Namespace) -> None:
     net.eval()
     if args.only:  # evaluate only the first N architectures (the trained prefix)
         specs = specs[:args.only]
-    res_path = out / f"inherited_ft{args.finetune_steps}.json"
+    inherited(net, specs, out / f"inherited_ft{args.finetune_steps}.json", train, test, args.finetune_steps)
+
+
+def inherited(net: Any, specs: Sequence[ArchSpec], res_path: Path, train: Any, test: Any, finetune_steps: int,
+              every: int = 20) -> dict[str, float]:
+    """The inherited test accuracy of each of ``specs`` in the supernet ``net`` (BatchNorm recalibrated
+    on ``train``, after ``finetune_steps`` of fine-tuning), by spec hash, continuing the results
+    already in ``res_path`` and saving them there every ``every`` architectures and at the end."""
+    from predictors._io import atomic_write
+    from predictors.supernet import evaluate_subnet
+
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
     t0 = time.perf_counter()
     for n, s in enumerate(specs, 1):
         if s.hash in res:
             continue
-        res[s.hash] = evaluate_subnet(net, s, test, calib=train, batch_size=256, finetune_steps=args.finetune_steps,
-                                      finetune_data=train if args.finetune_steps else None, seed=0)
-        if n % 20 == 0 or n == len(specs):
+        res[s.hash] = evaluate_subnet(net, s, test, calib=train, batch_size=256, finetune_steps=finetune_steps,
+                                      finetune_data=train if finetune_steps else None, seed=0)
+        if n % every == 0 or n == len(specs):
             atomic_write(res_path, lambda fh: fh.write(json.dumps(res).encode()), durable=False)
             print(f"  inherited accuracy {n}/{len(specs)} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
     atomic_write(res_path, lambda fh: fh.write(json.dumps(res).encode()), durable=False)
+    return res
 
 
 def first_token_mixer(spec: ArchSpec) -> str:
@@ -540,8 +550,7 @@ def fewshot_one(token_mixer: str, frame_dict: dict[str, Any], cfg_dict: dict[str
     ``epochs`` more on the subnets with ``token_mixer`` in stage 0's first block (resumable from
     its own checkpoint in ``out``), then the inherited accuracy of each of ``spec_dicts`` (those
     subnets of the benchmark), kept in ``out`` as they come."""
-    from predictors._io import atomic_write
-    from predictors.supernet import TrainConfig, evaluate_subnet, load_checkpoint, train_supernet
+    from predictors.supernet import TrainConfig, load_checkpoint, train_supernet
     from search_spaces._runtime import retain_freed_memory
     from workers.evaluate import Split
 
@@ -552,22 +561,12 @@ def fewshot_one(token_mixer: str, frame_dict: dict[str, Any], cfg_dict: dict[str
     train, test = Split(d["train_x"], d["train_y"]), Split(d["test_x"], d["test_y"])
     init, _ = load_checkpoint(base)
     t0 = time.perf_counter()
-    def show(st: Any, loss: float) -> None:
-        if st.step % st.steps_per_epoch == 0:
-            print(f"  sub-supernet {token_mixer}: epoch {st.step // st.steps_per_epoch}/{epochs}, loss {loss:.3f}",
-                  flush=True)
     net = train_supernet(frame, train, epochs, config=TrainConfig.from_dict(cfg_dict), out=out, init=init,
-                         meta={"few_shot_from": base}, progress=show)
+                         meta={"few_shot_from": base}, progress=_progress(epochs, f"sub-supernet {token_mixer}"))
     print(f"  sub-supernet {token_mixer}: trained ({time.perf_counter() - t0:.0f} s this call)", flush=True)
     net.eval()
-    res_path = Path(out) / f"inherited_ft{finetune_steps}.json"
-    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    for s in map(ArchSpec.from_dict, spec_dicts):
-        if s.hash not in res:
-            res[s.hash] = evaluate_subnet(net, s, test, calib=train, batch_size=256, finetune_steps=finetune_steps,
-                                          finetune_data=train if finetune_steps else None, seed=0)
-            atomic_write(res_path, lambda fh: fh.write(json.dumps(res).encode()), durable=False)
-    return res
+    return inherited(net, [ArchSpec.from_dict(s) for s in spec_dicts], Path(out) / f"inherited_ft{finetune_steps}.json",
+                     train, test, finetune_steps, every=1)
 
 
 def cmd_fewshot(args: argparse.Namespace) -> None:
@@ -615,10 +614,10 @@ def cmd_fewshot(args: argparse.Namespace) -> None:
     print(f"few-shot {args.variant}: inherited accuracy of {len(res)} architectures", flush=True)
 
 
-def _progress(epochs: int):  # type: ignore[no-untyped-def]
+def _progress(epochs: int, what: str = "supernet"):  # type: ignore[no-untyped-def]
     def show(st: Any, loss: float) -> None:
         if st.step % st.steps_per_epoch == 0:
-            print(f"  supernet epoch {st.step // st.steps_per_epoch}/{epochs}: loss {loss:.3f}, "
+            print(f"  {what} epoch {st.step // st.steps_per_epoch}/{epochs}: loss {loss:.3f}, "
                   f"{st.seconds:.0f} s", flush=True)
     return show
 
