@@ -478,7 +478,7 @@ def supernet_recipe(args: argparse.Namespace, n_train: int, in_chans: int) -> An
 
     base = study_recipe(n_train, in_chans, seed=0)
     cfg = replace(base, sampling=args.sampling, n_random=args.n_random, distill=not args.no_distill,
-                  lr=args.supernet_lr or base.lr)
+                  lr=args.supernet_lr or base.lr, seed=args.supernet_seed)
     # --no-augment matches the standalone recipe, which trains without crop or flip
     return replace(cfg, augment=False, flip=False) if args.no_augment else cfg
 
@@ -777,11 +777,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--supernet-epochs", type=int, default=40)
     ap.add_argument("--supernet-lr", type=float, default=None, help="supernet: learning rate (the search's)")
     ap.add_argument("--n-random", type=int, default=2, help="supernet: random subnets per sandwich step")
-    ap.add_argument("--sampling", default="uniform", choices=("uniform", "fair"), help="supernet: subnet sampling")
+    ap.add_argument("--sampling", default="uniform", choices=("uniform", "fair", "single_path"),
+                    help="supernet: subnet sampling (single_path: --n-random random subnets a step, no sandwich "
+                         "ends; needs --no-distill)")
     ap.add_argument("--finetune-steps", type=int, default=0, help="supernet: fine-tuning steps before evaluation")
     ap.add_argument("--few-shot-from", default="base", help="fewshot: the trained supernet variant to split")
     ap.add_argument("--few-shot-epochs", type=int, default=4, help="fewshot: epochs per sub-supernet")
     ap.add_argument("--no-distill", action="store_true")
+    ap.add_argument("--supernet-seed", type=int, default=0,
+                    help="supernet: seed of its initial weights, data order, augmentation and subnet draws")
     ap.add_argument("--no-augment", action="store_true", help="supernet: no crop or flip, as the standalone recipe")
     ap.add_argument("--threads", type=int, default=2, help="supernet: torch threads")
     ap.add_argument("--out", default=str(DEFAULT_TABLE), help="table: the CSV")

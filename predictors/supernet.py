@@ -8,7 +8,10 @@
   augmentation) derives from ``(seed, step)`` and the data order from ``(seed, epoch)``.
   ``TrainConfig(sampling="fair")`` replaces the random subnets by FairNAS's strictly fair paths
   (Chu et al. 2021, "FairNAS: Rethinking Evaluation Fairness of Weight Sharing Neural
-  Architecture Search"): see :func:`fair_paths`.
+  Architecture Search"): see :func:`fair_paths`. ``TrainConfig(sampling="single_path")`` drops the
+  sandwich's two ends and trains ``n_random`` uniformly random subnets per step (single-path
+  one-shot, Guo et al. 2020, "Single Path One-Shot Neural Architecture Search with Uniform
+  Sampling"), so no subnet size gets more updates than another.
 - :func:`evaluate_subnet`: extract the subnet, recalibrate its BatchNorm statistics on training
   images (shared statistics are wrong for any one subnet; OFA/BigNAS do the same), convert it
   to the precision its spec carries, and measure top-1 accuracy; optionally after a few
@@ -76,7 +79,7 @@ from search_spaces.supernet import Supernet, SupernetFrame
 
 CKPT_NAME = "supernet.pt"
 CKPT_FORMAT = 1
-SAMPLINGS = ("uniform", "fair")
+SAMPLINGS = ("uniform", "fair", "single_path")
 
 __all__ = [
     "CKPT_NAME",
@@ -142,7 +145,8 @@ class TrainConfig:
     distill_weight: float = 0.5  # student loss = w * KD + (1 - w) * CE on the labels
     seed: int = 0
     # how the subnets besides the largest and the smallest are drawn: "uniform" (``n_random`` random
-    # ones) or "fair" (FairNAS strict fairness of the mixers, ``n_random`` unused; see fair_paths)
+    # ones) or "fair" (FairNAS strict fairness of the mixers, ``n_random`` unused; see fair_paths);
+    # "single_path": ``n_random`` random ones and no largest or smallest (SPOS, Guo et al. 2020)
     sampling: str = "uniform"
     # few-shot NAS (Zhao et al. 2021): a sub-supernet that trains only the subnets with this token
     # mixer in stage 0's first block (every subnet drawn is moved there: SupernetFrame.split_subnet);
@@ -154,6 +158,9 @@ class TrainConfig:
             raise SupernetError("batch_size and lr must be positive, n_random and warmup_epochs >= 0")
         if self.sampling not in SAMPLINGS:
             raise SupernetError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.sampling == "single_path" and (self.distill or self.n_random < 1):
+            raise SupernetError("single_path sampling has no largest subnet to distill from and needs subnets: "
+                                "set distill=False and n_random >= 1")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -429,11 +436,12 @@ class TrainState:
 def sandwich(frame: SupernetFrame, cfg: TrainConfig, step: int) -> list[ArchSpec]:
     """The subnets of ``step``: largest, smallest and ``cfg.n_random`` random ones (mixers random);
     with ``cfg.sampling == "fair"`` the random ones are the FairNAS paths of :func:`fair_paths`
-    (``n_random`` unused). The two ends keep their random mixers, so fairness is strict among the
-    paths and holds in expectation over the whole step. Everything derives from ``(cfg.seed, step)``,
+    (``n_random`` unused); with ``"single_path"`` only the ``n_random`` random ones. The two ends
+    keep their random mixers, so fairness is strict among the paths and holds in expectation over
+    the whole step. Everything derives from ``(cfg.seed, step)``,
     so every rank of a distributed run draws the same."""
     rng = random.Random(f"{cfg.seed}:{step}")
-    specs = [frame.largest(rng), frame.smallest(rng)]
+    specs = [] if cfg.sampling == "single_path" else [frame.largest(rng), frame.smallest(rng)]
     if cfg.sampling == "fair":
         specs += fair_paths(frame, rng)
     else:

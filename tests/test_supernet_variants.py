@@ -1,11 +1,14 @@
-"""Supernet variants, both off by default: FairNAS strictly fair mixer sampling (Chu, Zhang, Xu 2021)
-and a few fine-tuning steps of an extracted subnet before it is evaluated."""
+"""Supernet variants, all off by default: FairNAS strictly fair mixer sampling (Chu, Zhang, Xu 2021),
+single-path uniform sampling without the sandwich's ends (SPOS, Guo et al. 2020) and a few
+fine-tuning steps of an extracted subnet before it is evaluated."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+import statistics
 from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -194,6 +197,40 @@ def test_one_fair_step_updates_every_token_mixer_at_block_0() -> None:
                 assert any(not torch.equal(before[k], after[k]) for k in names), (i, t)
 
 
+SPOS = TrainConfig(sampling="single_path", n_random=3, distill=False)
+
+
+def test_single_path_draws_only_the_random_subnets() -> None:
+    """SPOS (Guo et al. 2020): ``n_random`` uniform draws from (seed, step), no largest or smallest."""
+    for frame in (TINY, SMALL):
+        for seed in (0, 5):
+            cfg = replace(SPOS, seed=seed)
+            for step in range(40):
+                rng = random.Random(f"{seed}:{step}")
+                ref = [frame.random(rng.randrange(2**31)).with_precision(frame.precisions[0]) for _ in range(3)]
+                got = sandwich(frame, cfg, step)
+                assert [s.hash for s in got] == [s.hash for s in ref]
+    # the sandwich's first subnet is the largest every step; single-path draws are smaller on average
+    big = statistics.mean(_params(SMALL, sandwich(SMALL, TrainConfig(n_random=3), k)[0]) for k in range(20))
+    spos = [_params(SMALL, s) for k in range(20) for s in sandwich(SMALL, SPOS, k)]
+    assert statistics.mean(spos) < 0.8 * big
+
+
+def _params(frame: SupernetFrame, spec: ArchSpec) -> int:
+    from search_spaces.hybrid_vit import build
+
+    return sum(p.numel() for p in build(spec, num_classes=frame.num_classes, img_size=frame.img_size,
+                                         in_chans=frame.in_chans).parameters())
+
+
+def test_single_path_needs_subnets_and_no_distillation() -> None:
+    with pytest.raises(SupernetError, match="set distill=False and n_random >= 1"):
+        TrainConfig(sampling="single_path")  # distillation is on by default
+    with pytest.raises(SupernetError, match="set distill=False and n_random >= 1"):
+        TrainConfig(sampling="single_path", distill=False, n_random=0)
+    assert TrainConfig.from_dict(json.loads(json.dumps(asdict(SPOS)))) == SPOS
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
@@ -222,6 +259,18 @@ def test_fair_training_checkpoints_and_resumes_exactly(small_train: object, tmp_
     # uniform sampling on a fair run's directory is another recipe
     with pytest.raises(SupernetError, match="another recipe"):
         train_supernet(TINY, small_train, 2, config=replace(cfg, sampling="uniform"), out=tmp_path / "b")
+
+
+def test_single_path_training_checkpoints_and_resumes_exactly(small_train: object, tmp_path: Path) -> None:
+    cfg = replace(SPOS, batch_size=64, seed=1)
+    ref = train_supernet(TINY, small_train, 2, config=cfg, out=tmp_path / "a")
+    part = train_supernet(TINY, small_train, 2, config=cfg, out=tmp_path / "b", max_steps=3)
+    resumed = train_supernet(TINY, small_train, 2, config=cfg, out=tmp_path / "b")
+    assert (part.train_state.step, resumed.train_state.step) == (3, 4)
+    assert _same_weights(ref, resumed) and not _same_weights(ref, part)
+    assert all(math.isfinite(v) for v in ref.train_state.losses or [])
+    _, ckpt = load_checkpoint(tmp_path / "b")
+    assert ckpt["config"]["sampling"] == "single_path" and ckpt["config"]["distill"] is False
 
 
 def test_a_checkpoint_without_the_sampling_field_still_resumes(small_train: object, tmp_path: Path) -> None:
