@@ -15,9 +15,16 @@ Scores:
   expressivity, progressivity, trainability and FLOPs, sum of log relative ranks) and the same
   aggregation over params with nwot, synflow or DSS;
 - ParZC (Dong et al. 2024) fitted on 50 and 100 HybridBench labels, scored on the remaining rows
-  (mean of 5 random splits), and ParZC fitted on NAS-Bench-201 cells only (transfer: its labels
+  (mean of 5 random splits), also with the mixer fractions and log FLOPs below as architecture
+  columns (``ParZC.fit(arch=)``), and ParZC fitted on NAS-Bench-201 cells only (transfer: its labels
   from ../shared/data/nb201_cifar10.csv, its features from the same CIFAR-10 batch recipe);
-- the supernet's inherited accuracy (``supernet_acc``), when the table has it.
+- the supernet's inherited accuracy (``supernet_acc``), when the table has it, and every supernet
+  attempt's (the committed ``hybridbench_c10_v1_supernet.json``, and any in hybridbench.py's cache);
+- a predictor fitted on labels: the search's Gaussian process (``predictors.online.OnlineGP``, as
+  its guided train stage uses) on the architecture's mixer fractions (the share of blocks with each
+  token and channel mixer: ``ArchSpec.mixer_fractions``) and log FLOPs, alone and with one more
+  score (a supernet's inherited accuracy, nwot), fitted on 25, 50 and 100 labels and scored on the
+  remaining rows (mean of ``--gp-splits`` random splits; the first five are ParZC's splits).
 
 For each score also: the bootstrap standard error of tau over the rows, and Kendall's partial tau
 given FLOPs (how much the score knows beyond model size: the search screens by a score AND latency,
@@ -46,6 +53,7 @@ from predictors.metrics import kendall_tau, spearman  # noqa: E402
 from predictors.zero_cost import rank_aggregate  # noqa: E402
 
 DEFAULT_TABLE = ROOT / "bench" / "data" / "hybridbench_c10_v1.csv"
+DEFAULT_SUPERNETS = ROOT / "bench" / "data" / "hybridbench_c10_v1_supernet.json"
 SHARED = ROOT.parent / "shared" / "data"
 SCREEN_SCORE = "zc_nwot"  # workers.evaluate.EvalConfig.score's default, what staged screening ranks by
 
@@ -97,15 +105,18 @@ def partial_tau(t_xy: float, t_xz: float, t_yz: float) -> float:
     return (t_xy - t_xz * t_yz) / den if den > 0 else math.nan
 
 
-def parzc_splits(nodes: list[np.ndarray], acc: np.ndarray, n_train: int, splits: int) -> list[float]:
+def parzc_splits(nodes: list[np.ndarray], acc: np.ndarray, n_train: int, splits: int,
+                 arch: np.ndarray | None = None) -> list[float]:
+    """Kendall tau on the held-out rows of ParZC fitted on ``n_train`` labelled rows, per random
+    split; ``arch``: architecture-level columns added to its tokens (``ParZC.fit(arch=)``)."""
     from predictors.parzc import ParZC
 
     taus = []
     for seed in range(splits):
         order = np.random.default_rng(seed).permutation(len(acc))
         tr, te = order[:n_train], order[n_train:]
-        model = ParZC(seed=seed).fit([nodes[i] for i in tr], acc[tr])
-        mean, _ = model.predict([nodes[i] for i in te])
+        model = ParZC(seed=seed).fit([nodes[i] for i in tr], acc[tr], arch=None if arch is None else arch[tr])
+        mean, _ = model.predict([nodes[i] for i in te], arch=None if arch is None else arch[te])
         taus.append(kendall_tau(mean, acc[te]))
     return taus
 
@@ -158,14 +169,43 @@ def hybrid_nodes(rows: list[dict[str, Any]], cache: Path) -> list[np.ndarray] | 
     return [found[r["hash"]] for r in rows]
 
 
+def mixer_features(rows: list[dict[str, Any]]) -> np.ndarray:
+    """Per row: the share of its blocks with each token mixer, then each channel mixer (the mixers
+    any row uses, in sorted order), and log FLOPs."""
+    from search_spaces.spec import ArchSpec
+
+    specs = [ArchSpec.from_json(r["spec"]) for r in rows]
+    tms = sorted({t for s in specs for st in s.stages for t, _ in st.mixers()})
+    cms = sorted({c for s in specs for st in s.stages for _, c in st.mixers()})
+    return np.array([[*s.mixer_fractions(tms, cms), math.log(r["flops"])] for s, r in zip(specs, rows)])
+
+
+def gp_splits(x: np.ndarray, acc: np.ndarray, n_train: int, splits: int) -> list[float]:
+    """Kendall tau on the held-out rows of ``OnlineGP`` fitted on ``n_train`` labelled rows, per
+    random split (split k is ParZC's split k)."""
+    from predictors.online import OnlineGP
+
+    taus = []
+    for seed in range(splits):
+        order = np.random.default_rng(seed).permutation(len(acc))
+        tr, te = order[:n_train], order[n_train:]
+        mean, _ = OnlineGP().fit(x[tr], 100 * acc[tr]).predict(x[te])
+        taus.append(kendall_tau(mean, acc[te]))
+    return taus
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table", default=str(DEFAULT_TABLE))
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache" / "hybridbench"),
                     help="hybridbench.py's cache (ParZC's node-wise features)")
     ap.add_argument("--nb201-cache", default=str(ROOT / ".bench_cache"))
-    ap.add_argument("--nb201-n", type=int, default=500, help="NB201 cells ParZC's transfer model is fitted on")
-    ap.add_argument("--splits", type=int, default=5)
+    ap.add_argument("--nb201-n", type=int, default=500,
+                    help="NB201 cells ParZC's transfer model is fitted on (0: no transfer model)")
+    ap.add_argument("--splits", type=int, default=5, help="ParZC: random splits")
+    ap.add_argument("--gp-splits", type=int, default=20, help="the Gaussian process on labels: random splits")
+    ap.add_argument("--supernets", default=str(DEFAULT_SUPERNETS),
+                    help="every supernet attempt's inherited accuracies, by variant and spec hash")
     ap.add_argument("--no-parzc", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--bootstrap", type=int, default=200, help="resamples for the standard error of tau (0: none)")
@@ -185,13 +225,20 @@ def main() -> None:
         if k.startswith("zc_") or k in ("params", "flops", "supernet_acc"):
             if all(k in r for r in rows):
                 scores[k] = finite_last([r[k] for r in rows])
-    # every supernet variant hybridbench.py trained (each attempt's tau), read from its cache
+    # every supernet variant hybridbench.py trained (each attempt's tau): the committed ones, then its cache
+    committed = json.loads(Path(args.supernets).read_text()) if Path(args.supernets).is_file() else {}
+    for key, inherited in committed.items():
+        variant, ft = key.split("/ft")
+        if all(r["hash"] in inherited for r in rows):
+            scores[f"supernet {variant}" + (f", {ft} fine-tuning steps" if ft != "0" else "")] = \
+                np.array([inherited[r["hash"]] for r in rows])
     for f in sorted(Path(args.cache).glob("supernet_*/*/inherited_ft*.json")):
         inherited = json.loads(f.read_text())
-        if all(r["hash"] in inherited for r in rows):
-            ft = f.stem.split("_ft")[-1]
-            scores[f"supernet {f.parent.name}" + (f", {ft} fine-tuning steps" if ft != "0" else "")] = \
-                np.array([inherited[r["hash"]] for r in rows])
+        ft = f.stem.split("_ft")[-1]
+        name = f"supernet {f.parent.name}" + (f", {ft} fine-tuning steps" if ft != "0" else "")
+        # a committed attempt keeps its figures (the cache's "base" may have been retrained since)
+        if name not in scores and all(r["hash"] in inherited for r in rows):
+            scores[name] = np.array([inherited[r["hash"]] for r in rows])
     if SCREEN_SCORE in scores:
         scores[f"search screening today ({SCREEN_SCORE[3:]})"] = scores[SCREEN_SCORE]
     combos = {"rank agg: params+nwot": ("params", "zc_nwot"),
@@ -213,6 +260,20 @@ def main() -> None:
                          "partial_tau_given_flops": partial_tau(tau, kendall_tau(s, scores["flops"]), t_flops)
                          if "flops" in scores else math.nan}
 
+    feats = mixer_features(rows)
+    extra = {"": None, " + nwot": "zc_nwot", " + supernet_acc": "supernet_acc",
+             " + supernet nodistill": "supernet nodistill"}
+    for n_train in (25, 50, 100):
+        for suffix, col in extra.items():
+            if len(rows) - n_train < 10 or (col is not None and col not in scores):
+                continue
+            x = feats if col is None else np.column_stack([feats, scores[col]])
+            taus = gp_splits(x, acc, n_train, args.gp_splits)
+            t = statistics.fmean(taus)
+            results[f"GP on mixers + FLOPs{suffix}, {n_train} labels"] = {
+                "tau": t, "rho": math.nan, "of_ceiling": t / ceil_tau, "per_split": taus,
+                "tau_se": statistics.stdev(taus) / math.sqrt(len(taus)) if len(taus) > 1 else math.nan}
+
     if not args.no_parzc:
         nodes = hybrid_nodes(rows, Path(args.cache))
         if nodes is None:
@@ -221,24 +282,27 @@ def main() -> None:
             for n_train in (50, 100):
                 if len(rows) - n_train < 10:
                     continue
-                taus = parzc_splits(nodes, acc, n_train, args.splits)
-                t = statistics.fmean(taus)
-                results[f"ParZC, {n_train} HybridBench labels"] = {
-                    "tau": t, "rho": math.nan, "of_ceiling": t / ceil_tau, "per_split": taus}
-            model = nb201_parzc(args)
-            mean, _ = model.predict(nodes)
-            t = kendall_tau(mean, acc)
-            results[f"ParZC, NB201 only ({args.nb201_n} cells)"] = {
-                "tau": t, "rho": spearman(mean, acc), "of_ceiling": t / ceil_tau}
+                for suffix, arch in (("", None), (" + mixers + FLOPs", feats)):
+                    taus = parzc_splits(nodes, acc, n_train, args.splits, arch)
+                    t = statistics.fmean(taus)
+                    results[f"ParZC{suffix}, {n_train} HybridBench labels"] = {
+                        "tau": t, "rho": math.nan, "of_ceiling": t / ceil_tau, "per_split": taus}
+            if args.nb201_n > 0:
+                model = nb201_parzc(args)
+                mean, _ = model.predict(nodes)
+                t = kendall_tau(mean, acc)
+                results[f"ParZC, NB201 only ({args.nb201_n} cells)"] = {
+                    "tau": t, "rho": spearman(mean, acc), "of_ceiling": t / ceil_tau}
 
-    print(f"{'score':<40} {'Kendall tau':>11} {'(se)':>6} {'Spearman':>9} {'tau / ceiling':>14} {'tau | flops':>12}")
+    print(f"{'score':<52} {'Kendall tau':>11} {'(se)':>6} {'Spearman':>9} {'tau / ceiling':>14} {'tau | flops':>12}")
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["tau"]):
         rho = "" if math.isnan(r["rho"]) else f"{r['rho']:.3f}"
         se = "" if math.isnan(r.get("tau_se", math.nan)) else f"{r['tau_se']:.3f}"
         pt = "" if math.isnan(r.get("partial_tau_given_flops", math.nan)) else f"{r['partial_tau_given_flops']:.3f}"
-        print(f"{name:<40} {r['tau']:11.3f} {se:>6} {rho:>9} {r['of_ceiling']:14.2f} {pt:>12}")
-    print(f"\n(se): bootstrap standard error of tau over the rows ({args.bootstrap} resamples). tau | flops: "
-          "Kendall's partial tau given FLOPs, what a score knows beyond model size.")
+        print(f"{name:<52} {r['tau']:11.3f} {se:>6} {rho:>9} {r['of_ceiling']:14.2f} {pt:>12}")
+    print(f"\n(se): bootstrap standard error of tau over the rows ({args.bootstrap} resamples); for the GP rows the "
+          f"standard error of the mean over its {args.gp_splits} splits. tau | flops: Kendall's partial tau given "
+          "FLOPs, what a score knows beyond model size.")
     if args.json:
         ceiling = {"tau": ceil_tau, "tau_se": ceil_se, "rho": ceil_rho, "n": n_both}
         Path(args.json).write_text(json.dumps({"n": len(rows), "noise_ceiling": ceiling, "results": results}, indent=1))

@@ -20,7 +20,9 @@ Our version (not a port of the authors' code):
    nodes, a long one averages neighbours; relative depth is kept). Pooling loses the length
    and absolute scale, so five architecture-level columns are broadcast to every token: log10
    of the node count, log10 of each proxy's sum over layers (the classic global zero-cost
-   score) and log10 of the parameter total. A ``(K, 14)`` matrix (TOKEN_COLUMNS). Columns are
+   score) and log10 of the parameter total. A ``(K, 14)`` matrix (TOKEN_COLUMNS); ``fit(...,
+   arch=)`` broadcasts more architecture-level columns the same way (our addition, not the paper's:
+   an encoding of which operations the architecture uses, which node-wise proxies do not see). Columns are
    standardised over the training set; a non-finite global score (a degenerate network) is
    imputed as worse than every training architecture.
 3. **MABN** (mixer architecture with Bayesian network): a per-token linear embedding, MLP-Mixer
@@ -517,6 +519,17 @@ class ParZC:
             raise ValueError(f"features must be a 3-D array or a list of 2-D node matrices, got shape {features.shape}")
         return tokenize(list(features), k)
 
+    @staticmethod
+    def _with_arch(tokens: np.ndarray, arch: np.ndarray | Sequence[Sequence[float]] | None) -> np.ndarray:
+        """The tokens with ``arch`` (n_arch, e): architecture-level columns broadcast to every token,
+        as the five global columns are (an architecture encoding, or another score)."""
+        if arch is None:
+            return tokens
+        a = np.asarray(arch, dtype=np.float32)
+        if a.ndim != 2 or a.shape[0] != tokens.shape[0]:
+            raise ValueError(f"arch must be (n_arch, columns) for {tokens.shape[0]} architectures, got shape {a.shape}")
+        return np.concatenate([tokens, np.repeat(a[:, None, :], tokens.shape[1], axis=1)], axis=-1)
+
     def _normalised(self, tokens: np.ndarray) -> torch.Tensor:
         assert self.feature_mean is not None and self.feature_std is not None and self.feature_fill is not None
         x = np.where(np.isnan(tokens), self.feature_fill, tokens)
@@ -540,10 +553,13 @@ class ParZC:
 
     # -- training
 
-    def fit(self, features: Sequence[np.ndarray] | np.ndarray, accuracies: Sequence[float] | np.ndarray) -> ParZC:
-        """Train on labelled architectures (accuracy: higher is better). Returns self."""
+    def fit(self, features: Sequence[np.ndarray] | np.ndarray, accuracies: Sequence[float] | np.ndarray,
+            arch: np.ndarray | None = None) -> ParZC:
+        """Train on labelled architectures (accuracy: higher is better). Returns self. ``arch``
+        (n_arch, e): optional architecture-level columns added to every token (``predict`` then
+        needs the same columns)."""
         c = self.config
-        tokens = self._tokens(features)
+        tokens = self._with_arch(self._tokens(features), arch)
         y = np.asarray(accuracies, dtype=np.float64).ravel()
         if y.size != tokens.shape[0]:
             raise ValueError(f"got {tokens.shape[0]} architectures but {y.size} accuracies")
@@ -609,14 +625,20 @@ class ParZC:
     # -- prediction
 
     @torch.no_grad()
-    def predict(self, features: Sequence[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, features: Sequence[np.ndarray] | np.ndarray,
+                arch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, std)`` of the score over ``mc_samples`` Bayesian weight samples, one per architecture.
 
         Higher mean = predicted more accurate. Deterministic: the same model gives the same
-        numbers on every call (the weight samples are drawn from a generator seeded by ``seed``)."""
-        if self.net is None:
+        numbers on every call (the weight samples are drawn from a generator seeded by ``seed``).
+        ``arch``: the architecture-level columns the model was fitted with, if any."""
+        if self.net is None or self.feature_mean is None:
             raise RuntimeError("ParZC.predict called before fit (or load)")
-        tokens = self._tokens(features)
+        tokens = self._with_arch(self._tokens(features), arch)
+        fitted = int(self.feature_mean.shape[-1]) - len(TOKEN_COLUMNS)
+        if tokens.shape[-1] != self.feature_mean.shape[-1]:
+            raise ValueError(f"this ParZC was fitted with {fitted} architecture columns; pass arch with "
+                             f"{fitted} columns" if fitted else "this ParZC was fitted without architecture columns")
         if tokens.shape[0] == 0:
             return np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.float64)
         x = self._normalised(tokens)

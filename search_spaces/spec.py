@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any, ClassVar
@@ -325,6 +326,16 @@ class ArchSpec:
 
     def with_precision(self, precision: str) -> ArchSpec:
         return replace(self, precision=precision)
+
+    def mixer_fractions(self, token_mixers: Sequence[str], channel_mixers: Sequence[str]) -> list[float]:
+        """The share of the blocks that use each of ``token_mixers``, then each of ``channel_mixers``
+        (a mixer not listed counts in neither): the architecture encoding a predictor fitted on
+        labels uses (``bench/hybridbench_ranking.py``; counts of operations as encoding: White et
+        al., NeurIPS 2021, "How Powerful are Performance Predictors in Neural Architecture Search?")."""
+        blocks = [m for st in self.stages for m in st.mixers()]
+        n = len(blocks)
+        return ([sum(t == name for t, _ in blocks) / n for name in token_mixers]
+                + [sum(c == name for _, c in blocks) / n for name in channel_mixers])
 
 
 def _obj(where: str, value: Any) -> dict[str, Any]:

@@ -195,6 +195,29 @@ def test_learns_synthetic_ranking(fitted) -> None:
     assert kendall_tau(model.predict(mats)[0], y) > 0.5
 
 
+def test_architecture_columns_carry_what_the_proxies_miss(tmp_path: Path) -> None:
+    """Accuracy that depends on an architecture-level column the node-wise proxies know nothing of
+    (a mixer's share, say): ParZC learns it with ``arch``, and cannot without."""
+    rng = np.random.default_rng(7)
+    mats, _ = _synthetic(80, seed=7)
+    arch = rng.uniform(size=(80, 2))
+    y = 90.0 + 2.0 * arch[:, 0] + rng.normal(scale=0.05, size=80)
+    with_arch = ParZC(seed=0, **FAST).fit(mats[:50], y[:50], arch=arch[:50])
+    without = ParZC(seed=0, **FAST).fit(mats[:50], y[:50])
+    assert kendall_tau(with_arch.predict(mats[50:], arch=arch[50:])[0], y[50:]) > 0.6
+    assert abs(kendall_tau(without.predict(mats[50:])[0], y[50:])) < 0.3
+    # the same columns are needed to predict, and they survive save/load
+    with pytest.raises(ValueError, match="fitted with 2 architecture columns"):
+        with_arch.predict(mats[50:])
+    with pytest.raises(ValueError, match="fitted without architecture columns"):
+        without.predict(mats[50:], arch=arch[50:])
+    with pytest.raises(ValueError, match="arch must be"):
+        with_arch.predict(mats[50:], arch=arch[:3])
+    with_arch.save(tmp_path / "p.pt")
+    np.testing.assert_array_equal(ParZC.load(tmp_path / "p.pt").predict(mats[50:], arch=arch[50:])[0],
+                                  with_arch.predict(mats[50:], arch=arch[50:])[0])
+
+
 def test_nan_globals_are_imputed() -> None:
     mats, y = _synthetic(30, seed=6)
     k = NODE_COLUMNS.index("global_jacob_cov")

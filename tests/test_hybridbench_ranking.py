@@ -1,0 +1,61 @@
+"""HybridBench ranking (bench/hybridbench_ranking.py): the architecture encoding and the predictor
+fitted on labels, on the committed table."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import hybridbench_ranking as hr  # noqa: E402
+
+from predictors.metrics import kendall_tau  # noqa: E402
+from search_spaces.spec import ArchSpec  # noqa: E402
+
+TABLE = ROOT / "bench" / "data" / "hybridbench_c10_v1.csv"
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return hr.read_table(TABLE)
+
+
+def test_mixer_fractions_are_the_table_counts_over_the_blocks(rows: list[dict]) -> None:
+    tms = [k[2:] for k in rows[0] if k.startswith("n_")][:10]  # the 10 token mixers, then the 4 channel mixers
+    cms = [k[2:] for k in rows[0] if k.startswith("n_")][10:]
+    assert len(cms) == 4
+    for r in rows:
+        spec = ArchSpec.from_dict(json.loads(r["spec"]))
+        got = spec.mixer_fractions(tms, cms)
+        assert got == [r[f"n_{m}"] / r["blocks"] for m in (*tms, *cms)]
+        assert math.isclose(sum(got[:10]), 1.0) and math.isclose(sum(got[10:]), 1.0)
+    # a mixer the spec does not use counts 0, and one not listed counts in neither group
+    spec = ArchSpec.from_dict(json.loads(rows[0]["spec"]))
+    assert spec.mixer_fractions(["no_such_mixer"], []) == [0.0]
+
+
+def test_mixer_features_hold_every_mixer_and_log_flops(rows: list[dict]) -> None:
+    x = hr.mixer_features(rows)
+    assert x.shape == (200, 15)
+    assert np.allclose(x[:, :10].sum(1), 1.0) and np.allclose(x[:, 10:14].sum(1), 1.0)
+    assert np.allclose(x[:, 14], np.log([r["flops"] for r in rows]))
+
+
+def test_gp_on_labels_is_scored_on_held_out_rows_and_adds_to_the_supernet(rows: list[dict]) -> None:
+    """Split k holds out the same rows as ParZC's split k; the GP on mixers, FLOPs and the supernet's
+    accuracy ranks those rows better than the supernet's accuracy alone, in every split."""
+    acc = np.array([r["test_acc_mean"] for r in rows])
+    sup = np.array([r["supernet_acc"] for r in rows])
+    x = np.column_stack([hr.mixer_features(rows), sup])
+    taus = hr.gp_splits(x, acc, 100, 5)
+    assert taus == hr.gp_splits(x, acc, 100, 5)  # deterministic
+    for seed, t in enumerate(taus):
+        te = np.random.default_rng(seed).permutation(200)[100:]
+        assert t > kendall_tau(sup[te], acc[te]), seed
