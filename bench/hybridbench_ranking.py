@@ -194,6 +194,21 @@ def gp_splits(x: np.ndarray, acc: np.ndarray, n_train: int, splits: int) -> list
     return taus
 
 
+def mixer_bias(rows: list[dict[str, Any]], acc: np.ndarray,
+               scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per score and lead token mixer: the mean of (the score's rank - the truth's rank) / rows over
+    the rows that mixer leads; positive where the score places the family higher than it trained."""
+    from scipy.stats import rankdata
+
+    truth = rankdata(acc) / len(acc)
+    out: dict[str, dict[str, float]] = {}
+    for name, s in scores.items():
+        res = rankdata(s) / len(s) - truth
+        out[name] = {m: float(np.mean([d for d, r in zip(res, rows) if r["lead_token_mixer"] == m]))
+                     for m in sorted({r["lead_token_mixer"] for r in rows})}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table", default=str(DEFAULT_TABLE))
@@ -282,7 +297,10 @@ def main() -> None:
             for n_train in (50, 100):
                 if len(rows) - n_train < 10:
                     continue
-                for suffix, arch in (("", None), (" + mixers + FLOPs", feats)):
+                archs: dict[str, np.ndarray | None] = {"": None, " + mixers + FLOPs": feats}
+                if "supernet nodistill" in scores:
+                    archs[" + mixers + FLOPs + supernet nodistill"] = np.column_stack([feats, scores["supernet nodistill"]])
+                for suffix, arch in archs.items():
                     taus = parzc_splits(nodes, acc, n_train, args.splits, arch)
                     t = statistics.fmean(taus)
                     results[f"ParZC{suffix}, {n_train} HybridBench labels"] = {
@@ -303,6 +321,12 @@ def main() -> None:
     print(f"\n(se): bootstrap standard error of tau over the rows ({args.bootstrap} resamples); for the GP rows the "
           f"standard error of the mean over its {args.gp_splits} splits. tau | flops: Kendall's partial tau given "
           "FLOPs, what a score knows beyond model size.")
+    bias = mixer_bias(rows, acc, {k: scores[k] for k in ("supernet_acc", "supernet nodistill") if k in scores})
+    if bias:
+        print("\nwhere a score misplaces whole mixer families: mean of (its rank - the truth's rank) / rows, "
+              "by the row's lead token mixer")
+        for name, by in bias.items():
+            print(f"  {name}: " + ", ".join(f"{m} {v:+.2f}" for m, v in sorted(by.items(), key=lambda kv: -kv[1])))
     if args.json:
         ceiling = {"tau": ceil_tau, "tau_se": ceil_se, "rho": ceil_rho, "n": n_both}
         Path(args.json).write_text(json.dumps({"n": len(rows), "noise_ceiling": ceiling, "results": results}, indent=1))

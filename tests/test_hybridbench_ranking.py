@@ -59,3 +59,12 @@ def test_gp_on_labels_is_scored_on_held_out_rows_and_adds_to_the_supernet(rows: 
     for seed, t in enumerate(taus):
         te = np.random.default_rng(seed).permutation(200)[100:]
         assert t > kendall_tau(sup[te], acc[te]), seed
+
+
+def test_mixer_bias_finds_a_family_a_score_places_too_high(rows: list[dict]) -> None:
+    acc = np.array([r["test_acc_mean"] for r in rows])
+    lifted = acc + np.array([1.0 if r["lead_token_mixer"] == "ssm" else 0.0 for r in rows])
+    bias = hr.mixer_bias(rows, acc, {"truth": acc, "lifted": lifted})
+    assert set(bias["truth"]) == {r["lead_token_mixer"] for r in rows} and len(bias["truth"]) == 10
+    assert all(v == 0.0 for v in bias["truth"].values())
+    assert bias["lifted"]["ssm"] > 0.3 and all(v <= 0.0 for m, v in bias["lifted"].items() if m != "ssm")
