@@ -299,7 +299,8 @@ def main() -> None:
                     continue
                 archs: dict[str, np.ndarray | None] = {"": None, " + mixers + FLOPs": feats}
                 if "supernet nodistill" in scores:
-                    archs[" + mixers + FLOPs + supernet nodistill"] = np.column_stack([feats, scores["supernet nodistill"]])
+                    archs[" + mixers + FLOPs + supernet nodistill"] = np.column_stack(
+                        [feats, scores["supernet nodistill"]])
                 for suffix, arch in archs.items():
                     taus = parzc_splits(nodes, acc, n_train, args.splits, arch)
                     t = statistics.fmean(taus)
