@@ -92,6 +92,16 @@ def bootstrap_se(x: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> flo
     return float(np.std([kendall_tau(x[i], y[i]) for i in pick]))
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """tau(a, y) - tau(b, y), and its standard error over ``resamples`` resamplings of the rows with
+    replacement, both scores on the same rows each time (paired: the rows' shared difficulty cancels)."""
+    diff = kendall_tau(a, y) - kendall_tau(b, y)
+    if not resamples:
+        return diff, math.nan
+    pick = np.random.default_rng(seed).integers(0, len(y), size=(resamples, len(y)))
+    return diff, float(np.std([kendall_tau(a[i], y[i]) - kendall_tau(b[i], y[i]) for i in pick]))
+
+
 def noise_ceiling(rows: list[dict[str, Any]], resamples: int = 0) -> tuple[float, float, int, float]:
     """Tau, rho, count and tau's bootstrap standard error between the two seeds' accuracies."""
     both = [r for r in rows if "test_acc_s0" in r and "test_acc_s1" in r]
@@ -322,6 +332,13 @@ def main() -> None:
     print(f"\n(se): bootstrap standard error of tau over the rows ({args.bootstrap} resamples); for the GP rows the "
           f"standard error of the mean over its {args.gp_splits} splits. tau | flops: Kendall's partial tau given "
           "FLOPs, what a score knows beyond model size.")
+    attempts = [k for k in scores if k.startswith("supernet ") and k != "supernet base"]
+    if "supernet base" in scores and attempts:
+        print("\nsupernet attempts against base, paired on the same rows: tau difference (paired bootstrap se)")
+        for name in sorted(attempts, key=lambda k: -results[k]["tau"]):
+            d, se = paired_difference(scores[name], scores["supernet base"], acc, args.bootstrap, seed=0)
+            results[name]["tau_minus_base"], results[name]["tau_minus_base_se"] = d, se
+            print(f"  {name[9:]:<28} {d:+.3f} ({se:.3f})")
     bias = mixer_bias(rows, acc, {k: scores[k] for k in ("supernet_acc", "supernet nodistill") if k in scores})
     if bias:
         print("\nwhere a score misplaces whole mixer families: mean of (its rank - the truth's rank) / rows, "

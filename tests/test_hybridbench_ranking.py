@@ -68,3 +68,13 @@ def test_mixer_bias_finds_a_family_a_score_places_too_high(rows: list[dict]) -> 
     assert set(bias["truth"]) == {r["lead_token_mixer"] for r in rows} and len(bias["truth"]) == 10
     assert all(v == 0.0 for v in bias["truth"].values())
     assert bias["lifted"]["ssm"] > 0.3 and all(v <= 0.0 for m, v in bias["lifted"].items() if m != "ssm")
+
+
+def test_paired_difference_is_the_tau_difference_with_a_paired_se(rows: list[dict]) -> None:
+    acc = np.array([r["test_acc_mean"] for r in rows])
+    sup, flops = np.array([r["supernet_acc"] for r in rows]), np.array([r["flops"] for r in rows])
+    assert hr.paired_difference(sup, sup, acc, 50, seed=0) == (0.0, 0.0)
+    d, se = hr.paired_difference(sup, flops, acc, 50, seed=0)
+    assert d == pytest.approx(kendall_tau(sup, acc) - kendall_tau(flops, acc)) and 0.0 < se < 0.2
+    assert (d, se) == hr.paired_difference(sup, flops, acc, 50, seed=0)
+    assert math.isnan(hr.paired_difference(sup, flops, acc, 0, seed=0)[1])
