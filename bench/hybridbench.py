@@ -472,8 +472,10 @@ def supernet_dir(cache: Path, r: Recipe, variant: str) -> Path:
 
 
 def supernet_recipe(args: argparse.Namespace, n_train: int, in_chans: int) -> Any:
-    """The search's supernet recipe for this many images (``study_recipe``: AdamW, warm-up + cosine,
-    crop + flip, sandwich rule with in-place distillation), with the variant's changes."""
+    """The supernet recipe of the first HybridBench attempts for this many images (``study_recipe``:
+    AdamW, warm-up + cosine, crop + flip, sandwich rule) with in-place distillation, as the search
+    trained until this benchmark measured it worse (``--no-distill``: the search's recipe since),
+    with the variant's changes."""
     from predictors.supernet import study_recipe
 
     base = study_recipe(n_train, in_chans, seed=0)

@@ -273,6 +273,37 @@ def test_single_path_training_checkpoints_and_resumes_exactly(small_train: objec
     assert ckpt["config"]["sampling"] == "single_path" and ckpt["config"]["distill"] is False
 
 
+
+def test_a_study_trains_without_distillation_and_a_continued_one_keeps_its_recipe(small_train: object,
+                                                                                   tmp_path: Path) -> None:
+    """The study recipe has no in-place distillation (HybridBench: README); a study's supernet that
+    started under the recipe with it (a plan.json without the recipe) continues with it."""
+    from types import SimpleNamespace
+
+    from predictors.supernet import study_recipe, train_within
+
+    assert study_recipe(10_000, 3).distill is False and study_recipe(100, 1).distill is False
+    data = SimpleNamespace(train=small_train, in_chans=1)
+
+    def job(out: Path) -> SimpleNamespace:
+        return SimpleNamespace(frame=TINY.to_json(), out=str(out), epochs=2, max_epochs=2, plan_seconds=None,
+                               counted=0.0, seed=0)
+
+    res = train_within(job(tmp_path / "new"), data)
+    _, ckpt = load_checkpoint(tmp_path / "new")
+    plan = json.loads((tmp_path / "new" / "plan.json").read_text())
+    assert ckpt["config"]["distill"] is False and plan["config"] == ckpt["config"]
+    assert res["metrics"]["complete"] == 1.0
+    # an older study: its plan has no recipe, and its checkpoint was trained with distillation
+    old = replace(study_recipe(len(small_train), 1), distill=True)  # type: ignore[arg-type]
+    train_supernet(TINY, small_train, 2, config=old, out=tmp_path / "old", max_steps=1)
+    (tmp_path / "old" / "plan.json").write_text(json.dumps({"epochs": 2, "steps": None}))
+    res = train_within(job(tmp_path / "old"), data)
+    _, ckpt = load_checkpoint(tmp_path / "old")
+    assert res["metrics"]["complete"] == 1.0 and ckpt["step"] == res["metrics"]["total_steps"]
+    assert ckpt["config"] == asdict(old)
+    assert json.loads((tmp_path / "old" / "plan.json").read_text())["config"] == asdict(old)
+
 def test_a_checkpoint_without_the_sampling_field_still_resumes(small_train: object, tmp_path: Path) -> None:
     cfg = TrainConfig(batch_size=64, seed=2, n_random=1)
     ref = train_supernet(TINY, small_train, 1, config=cfg)  # 2 steps straight
