@@ -438,8 +438,8 @@ def sandwich(frame: SupernetFrame, cfg: TrainConfig, step: int) -> list[ArchSpec
     with ``cfg.sampling == "fair"`` the random ones are the FairNAS paths of :func:`fair_paths`
     (``n_random`` unused); with ``"single_path"`` only the ``n_random`` random ones. The two ends
     keep their random mixers, so fairness is strict among the paths and holds in expectation over
-    the whole step. Everything derives from ``(cfg.seed, step)``,
-    so every rank of a distributed run draws the same."""
+    the whole step. Everything derives from ``(cfg.seed, step)``, so every rank of a distributed run
+    draws the same."""
     rng = random.Random(f"{cfg.seed}:{step}")
     specs = [] if cfg.sampling == "single_path" else [frame.largest(rng), frame.smallest(rng)]
     if cfg.sampling == "fair":
