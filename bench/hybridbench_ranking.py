@@ -115,6 +115,13 @@ def partial_tau(t_xy: float, t_xz: float, t_yz: float) -> float:
     return (t_xy - t_xz * t_yz) / den if den > 0 else math.nan
 
 
+def held_out(n: int, n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random split ``seed`` of ``n`` rows: (the ``n_train`` labelled rows, the rest), the same
+    split for every predictor fitted on labels."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[:n_train], order[n_train:]
+
+
 def parzc_splits(nodes: list[np.ndarray], acc: np.ndarray, n_train: int, splits: int,
                  arch: np.ndarray | None = None) -> list[float]:
     """Kendall tau on the held-out rows of ParZC fitted on ``n_train`` labelled rows, per random
@@ -123,8 +130,7 @@ def parzc_splits(nodes: list[np.ndarray], acc: np.ndarray, n_train: int, splits:
 
     taus = []
     for seed in range(splits):
-        order = np.random.default_rng(seed).permutation(len(acc))
-        tr, te = order[:n_train], order[n_train:]
+        tr, te = held_out(len(acc), n_train, seed)
         model = ParZC(seed=seed).fit([nodes[i] for i in tr], acc[tr], arch=None if arch is None else arch[tr])
         mean, _ = model.predict([nodes[i] for i in te], arch=None if arch is None else arch[te])
         taus.append(kendall_tau(mean, acc[te]))
@@ -197,8 +203,7 @@ def gp_splits(x: np.ndarray, acc: np.ndarray, n_train: int, splits: int) -> list
 
     taus = []
     for seed in range(splits):
-        order = np.random.default_rng(seed).permutation(len(acc))
-        tr, te = order[:n_train], order[n_train:]
+        tr, te = held_out(len(acc), n_train, seed)
         mean, _ = OnlineGP().fit(x[tr], 100 * acc[tr]).predict(x[te])
         taus.append(kendall_tau(mean, acc[te]))
     return taus
