@@ -274,15 +274,19 @@ def test_single_path_training_checkpoints_and_resumes_exactly(small_train: objec
 
 
 
-def test_a_study_trains_without_distillation_and_a_continued_one_keeps_its_recipe(small_train: object,
-                                                                                   tmp_path: Path) -> None:
-    """The study recipe has no in-place distillation (HybridBench: README); a study's supernet that
-    started under the recipe with it (a plan.json without the recipe) continues with it."""
+def test_a_study_trains_single_path_and_a_continued_one_keeps_its_recipe(small_train: object,
+                                                                          tmp_path: Path) -> None:
+    """The study recipe is single path without distillation (HybridBench: README); a study's
+    supernet keeps the recipe its plan.json records (the sandwich without distillation of the ninth
+    session), and one whose plan predates the record (the sandwich with distillation) continues
+    with that."""
     from types import SimpleNamespace
 
-    from predictors.supernet import study_recipe, train_within
+    from predictors.supernet import legacy_study_recipe, study_recipe, train_within
 
-    assert study_recipe(10_000, 3).distill is False and study_recipe(100, 1).distill is False
+    for n, chans in ((10_000, 3), (100, 1)):
+        cfg = study_recipe(n, chans)
+        assert (cfg.sampling, cfg.n_random, cfg.distill) == ("single_path", 4, False)
     data = SimpleNamespace(train=small_train, in_chans=1)
 
     def job(out: Path) -> SimpleNamespace:
@@ -292,10 +296,18 @@ def test_a_study_trains_without_distillation_and_a_continued_one_keeps_its_recip
     res = train_within(job(tmp_path / "new"), data)
     _, ckpt = load_checkpoint(tmp_path / "new")
     plan = json.loads((tmp_path / "new" / "plan.json").read_text())
-    assert ckpt["config"]["distill"] is False and plan["config"] == ckpt["config"]
-    assert res["metrics"]["complete"] == 1.0
+    assert ckpt["config"] == asdict(study_recipe(len(small_train), 1)) and plan["config"] == ckpt["config"]  # type: ignore[arg-type]
+    assert ckpt["config"]["sampling"] == "single_path" and res["metrics"]["complete"] == 1.0
+    # a study of the ninth session: its plan records the sandwich without distillation
+    mid = replace(study_recipe(len(small_train), 1), sampling="uniform", n_random=2)  # type: ignore[arg-type]
+    train_supernet(TINY, small_train, 2, config=mid, out=tmp_path / "mid", max_steps=1)
+    (tmp_path / "mid" / "plan.json").write_text(json.dumps({"epochs": 2, "steps": None, "config": asdict(mid)}))
+    res = train_within(job(tmp_path / "mid"), data)
+    _, ckpt = load_checkpoint(tmp_path / "mid")
+    assert res["metrics"]["complete"] == 1.0 and ckpt["config"] == asdict(mid)
     # an older study: its plan has no recipe, and its checkpoint was trained with distillation
-    old = replace(study_recipe(len(small_train), 1), distill=True)  # type: ignore[arg-type]
+    old = legacy_study_recipe(study_recipe(len(small_train), 1))  # type: ignore[arg-type]
+    assert (old.sampling, old.n_random, old.distill) == ("uniform", 2, True)
     train_supernet(TINY, small_train, 2, config=old, out=tmp_path / "old", max_steps=1)
     (tmp_path / "old" / "plan.json").write_text(json.dumps({"epochs": 2, "steps": None}))
     res = train_within(job(tmp_path / "old"), data)

@@ -7,8 +7,8 @@ device's fingerprint. The stages (``STAGES``):
 - ``screen``: zero-cost proxies on one class-balanced training batch (Abdelfattah et al. 2021,
   Mellor et al. 2021; ``predictors.zero_cost``), a ParZC score when a trained ParZC is given
   (Dong et al. 2024), parameters, FLOPs and a quick latency measurement;
-- ``supernet``: validation accuracy with weights inherited from a trained supernet (sandwich rule,
-  Yu et al. 2020 "BigNAS", without in-place distillation; ``predictors.supernet.study_recipe``);
+- ``supernet``: validation accuracy with weights inherited from a trained supernet (single-path
+  one-shot, Guo et al. 2020, 4 random subnets a step; ``predictors.supernet.study_recipe``);
 - ``latency``: a careful latency measurement on the target device (``predictors.latency``);
 - ``train``: short training from scratch, validation accuracy after every epoch through ``report``
   (which can stop it: ASHA, Li et al. 2020); with ``train_workers`` > 1 data parallel on that many

@@ -109,7 +109,7 @@ class _CostModel:
             return 0.5 + 0.5 * step * math.ceil((self.n_val + 1024) / TRAIN_BATCH)
         if stage == "latency":  # 50 repeats and 10 warm-up runs at batch 1
             return 0.3 + 1.5 * 60 * self.latency_ms.get(arch or "", 1000 * step) / 1000
-        if stage == "supernet_train":  # a few sandwich steps (4 subnets each) at least
+        if stage == "supernet_train":  # a few steps of 4 subnets each, at least
             return 4 * 4 * 1.5 * self.probe_s
         return 0.0
 
