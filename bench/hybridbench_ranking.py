@@ -19,7 +19,8 @@ Scores:
   columns (``ParZC.fit(arch=)``), and ParZC fitted on NAS-Bench-201 cells only (transfer: its labels
   from ../shared/data/nb201_cifar10.csv, its features from the same CIFAR-10 batch recipe);
 - the supernet's inherited accuracy (``supernet_acc``), when the table has it, and every supernet
-  attempt's (the committed ``hybridbench_c10_v1_supernet.json``, and any in hybridbench.py's cache);
+  attempt's (the committed ``hybridbench_c10_v1_supernet.json``, and any in hybridbench.py's cache),
+  and each recipe trained with two seeds (``X`` and ``X_s1``) at the mean of its two ranks;
 - a predictor fitted on labels: the search's Gaussian process (``predictors.online.OnlineGP``, as
   its guided train stage uses) on the architecture's mixer fractions (the share of blocks with each
   token and channel mixer: ``ArchSpec.mixer_fractions``) and log FLOPs, alone and with one more
@@ -209,6 +210,14 @@ def gp_splits(x: np.ndarray, acc: np.ndarray, n_train: int, splits: int) -> list
     return taus
 
 
+def seed_ensembles(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each supernet recipe trained with two seeds (``supernet X`` and ``supernet X_s1``), every
+    architecture at the mean of its two ranks: how much tau the one seed's noise costs."""
+    return {f"{name} + {name[9:]}_s1 (mean rank)":
+            np.array(rank_aggregate({"s0": scores[name], "s1": scores[f"{name}_s1"]}, how="mean"))
+            for name in scores if name.startswith("supernet ") and f"{name}_s1" in scores}
+
+
 def mixer_bias(rows: list[dict[str, Any]], acc: np.ndarray,
                scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Per score and lead token mixer: the mean of (the score's rank - the truth's rank) / rows over
@@ -269,6 +278,7 @@ def main() -> None:
         # a committed attempt keeps its figures (the cache's "base" may have been retrained since)
         if name not in scores and all(r["hash"] in inherited for r in rows):
             scores[name] = np.array([inherited[r["hash"]] for r in rows])
+    scores.update(seed_ensembles(scores))
     if SCREEN_SCORE in scores:
         scores[f"search screening today ({SCREEN_SCORE[3:]})"] = scores[SCREEN_SCORE]
     combos = {"rank agg: params+nwot": ("params", "zc_nwot"),
@@ -292,7 +302,7 @@ def main() -> None:
 
     feats = mixer_features(rows)
     extra = {"": None, " + nwot": "zc_nwot", " + supernet_acc": "supernet_acc",
-             " + supernet nodistill": "supernet nodistill"}
+             " + supernet nodistill": "supernet nodistill", " + supernet spos4": "supernet spos4"}
     for n_train in (25, 50, 100):
         for suffix, col in extra.items():
             if len(rows) - n_train < 10 or (col is not None and col not in scores):
@@ -343,8 +353,9 @@ def main() -> None:
         for name in sorted(attempts, key=lambda k: -results[k]["tau"]):
             d, se = paired_difference(scores[name], scores["supernet base"], acc, args.bootstrap, seed=0)
             results[name]["tau_minus_base"], results[name]["tau_minus_base_se"] = d, se
-            print(f"  {name[9:]:<28} {d:+.3f} ({se:.3f})")
-    bias = mixer_bias(rows, acc, {k: scores[k] for k in ("supernet_acc", "supernet nodistill") if k in scores})
+            print(f"  {name[9:]:<38} {d:+.3f} ({se:.3f})")
+    bias = mixer_bias(rows, acc, {k: scores[k] for k in ("supernet_acc", "supernet nodistill", "supernet spos4")
+                                  if k in scores})
     if bias:
         print("\nwhere a score misplaces whole mixer families: mean of (its rank - the truth's rank) / rows, "
               "by the row's lead token mixer")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import rankdata
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -78,3 +79,15 @@ def test_paired_difference_is_the_tau_difference_with_a_paired_se(rows: list[dic
     assert d == pytest.approx(kendall_tau(sup, acc) - kendall_tau(flops, acc)) and 0.0 < se < 0.2
     assert (d, se) == hr.paired_difference(sup, flops, acc, 50, seed=0)
     assert math.isnan(hr.paired_difference(sup, flops, acc, 0, seed=0)[1])
+
+
+def test_seed_ensembles_pair_each_recipe_with_its_second_seed(rows: list[dict]) -> None:
+    """Only recipes with an ``_s1`` twin are paired; each row gets the mean of its two ranks."""
+    acc = np.array([r["test_acc_mean"] for r in rows])
+    sup, flops = np.array([r["supernet_acc"] for r in rows]), np.array([r["flops"] for r in rows])
+    got = hr.seed_ensembles({"supernet a": sup, "supernet a_s1": flops, "supernet b": sup, "flops": flops})
+    assert list(got) == ["supernet a + a_s1 (mean rank)"]
+    assert np.allclose(got["supernet a + a_s1 (mean rank)"], (rankdata(sup) + rankdata(flops)) / 2)
+    # a seed paired with itself ranks exactly as it does alone
+    same = hr.seed_ensembles({"supernet a": sup, "supernet a_s1": sup})["supernet a + a_s1 (mean rank)"]
+    assert kendall_tau(same, acc) == pytest.approx(kendall_tau(sup, acc))
