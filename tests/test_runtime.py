@@ -14,18 +14,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# allocate, touch and free a float32 tensor of argv[2] MiB 20 times; the minor page faults per round
+# allocate, touch and free a float32 tensor of argv[2] MiB 20 times; the median of the minor page
+# faults per round. The median, because the first few rounds with the heap kept can still fault the
+# whole block in (seen in 0-4 of 20 rounds of one process) before it settles at none: what the test
+# asserts is the steady state a training process runs in.
 _CHILD = """
-import json, resource, sys
+import json, resource, statistics, sys
 import torch
 from search_spaces._runtime import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else False
 n = int(sys.argv[2]) << 18
 torch.empty(n).fill_(1.0)  # the first block faults in either way
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+per_round = []
 for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(n).fill_(1.0)
-print(json.dumps({"applied": applied, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20}))
+    per_round.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": statistics.median(per_round)}))
 """
 
 
