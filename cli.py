@@ -339,12 +339,15 @@ def supernet_train(
     lr: float = _opt(2e-3, "--lr", "Peak AdamW learning rate."), threads: int = _THREADS, target: str = _TARGET,
     n_random: int = _opt(2, "--n-random", "Random subnets a step besides the largest and smallest."),
     no_distill: bool = _opt(False, "--no-distill", "Train every subnet on the labels only."), json_out: bool = _JSON,
+    sampling: str = _opt("uniform", "--sampling", "How a step's subnets are drawn: uniform (the sandwich rule), fair "
+                         "(FairNAS) or single_path (SPOS: --n-random subnets and no largest or smallest; with "
+                         "--no-distill). A study trains single_path, --n-random 4, --no-distill."),
     no_augment: bool = _opt(False, "--no-augment", "No random crops or flips."),
     no_flip: bool = _opt(False, "--no-flip", "Random crops but no horizontal flips (e.g. digits)."),
     seed: int = _opt(0, "--seed", "Seed of the weights, the data order and the subnets."),
     ckpt_every: int = _opt(100, "--ckpt-every", "Steps between checkpoints (also each epoch end)."),
 ) -> None:
-    """Train a supernet with the sandwich rule; run the same command again to resume."""
+    """Train a supernet (the sandwich rule, or --sampling); run the same command again to resume."""
     from rich.progress import MofNCompleteColumn
 
     with _bar(json_out, MofNCompleteColumn()) as update:
@@ -362,7 +365,8 @@ def supernet_train(
         res = jobs.train_supernet(frame, data, epochs, out, space=space, data_limit=data_limit, img_size=img_size,
                                        target=target, threads=threads, ckpt_every=ckpt_every, progress=progress,
                                        started=started, lr=lr, batch_size=batch_size, n_random=n_random, seed=seed,
-                                       distill=not no_distill, augment=not no_augment, flip=not no_flip)
+                                       distill=not no_distill, augment=not no_augment, flip=not no_flip,
+                                       sampling=sampling)
     if _emit(json_out, res):
         return
     console.print(f"done: {res['steps']} steps, {res['seconds']:.0f} s of training, last epoch loss {res['loss']:.3f}; "

@@ -284,7 +284,7 @@ def train_supernet(frame: str, data: str, epochs: int, out: str, *, space: str =
 
     import torch
 
-    from predictors.supernet import SupernetError, TrainConfig, train_supernet
+    from predictors.supernet import SAMPLINGS, SupernetError, TrainConfig, train_supernet
     from search_spaces._runtime import retain_freed_memory
 
     if space != "hybrid_vit":
@@ -294,6 +294,17 @@ def train_supernet(frame: str, data: str, epochs: int, out: str, *, space: str =
     lr = recipe.get("lr", 2e-3)
     if not isinstance(lr, (int, float)) or not 0 < lr <= 10 or lr != lr:
         raise SearchError(f"--lr must be positive, finite and at most 10, got {lr}")
+    sampling = recipe.get("sampling", "uniform")
+    if sampling not in SAMPLINGS:
+        raise SearchError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {_short(str(sampling), 40)}")
+    if sampling == "single_path" and recipe.get("distill", True):
+        raise SearchError("--sampling single_path trains no largest subnet to distill from: add --no-distill")
+    if sampling == "single_path" and recipe.get("n_random", 2) < 1:
+        raise SearchError("--sampling single_path trains --n-random subnets a step: give --n-random 1 or more")
+    try:
+        config = TrainConfig(**recipe)
+    except SupernetError as e:
+        raise SearchError(str(e)) from None
     out_path = Path(out)
     if out_path.exists() and not out_path.is_dir():
         raise SearchError(f"--out {_short(out)} is a file; pass a directory")
@@ -309,7 +320,7 @@ def train_supernet(frame: str, data: str, epochs: int, out: str, *, space: str =
     if started is not None:
         started(fr, ds)
     try:
-        net = train_supernet(fr, ds, epochs, config=TrainConfig(**recipe), out=out_path, ckpt_every=ckpt_every,
+        net = train_supernet(fr, ds, epochs, config=config, out=out_path, ckpt_every=ckpt_every,
                              meta={"data": data, "limit": data_limit, "img_size": fr.img_size}, progress=progress,
                              device=dev)
     except SupernetError as e:

@@ -234,6 +234,22 @@ def test_latency_bad_input_is_one_line_exit_2(args: list[str], message: str,
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
 
 
+def test_supernet_train_single_path_records_its_recipe(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--sampling single_path trains the study's recipe from the command line, and the checkpoint says so."""
+    from predictors.supernet import load_checkpoint
+
+    out = tmp_path / "sp"
+    args = ["supernet", "train", "--frame", "tiny", "--data", "digits", "--epochs", "1", "--data-limit", "128",
+            "--batch-size", "64", "--out", str(out), "--no-augment", "--target", "cpu", "--sampling", "single_path",
+            "--n-random", "4", "--no-distill", "--json"]
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["steps"] == 2
+    _, ckpt = load_checkpoint(out)
+    assert (ckpt["config"]["sampling"], ckpt["config"]["n_random"], ckpt["config"]["distill"]) == \
+        ("single_path", 4, False)
+
+
 def test_supernet_train_resume_and_eval(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "sn"
     args = ["supernet", "train", "--frame", "tiny", "--data", "digits", "--epochs", "1", "--data-limit", "128",
@@ -271,6 +287,10 @@ def test_supernet_train_resume_and_eval(capsys: pytest.CaptureFixture[str], tmp_
     (["supernet", "eval", "--ckpt", "X"], "exactly one of"),
     (["supernet", "train", "--epochs", "1", "--out", "X", "--target", "tpu"], "use cpu or cuda"),
     (["supernet", "train", "--epochs", "1", "--out", "X", "--lr", "0"], "--lr must be positive"),
+    (["supernet", "train", "--epochs", "1", "--out", "X", "--sampling", "greedy"], "--sampling must be one of"),
+    (["supernet", "train", "--epochs", "1", "--out", "X", "--sampling", "single_path"], "add --no-distill"),
+    (["supernet", "train", "--epochs", "1", "--out", "X", "--sampling", "single_path", "--no-distill", "--n-random",
+      "0"], "--n-random 1 or more"),
 ])
 def test_supernet_bad_input_is_one_line_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str],
                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
