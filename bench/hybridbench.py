@@ -472,10 +472,11 @@ def supernet_dir(cache: Path, r: Recipe, variant: str) -> Path:
 
 
 def supernet_recipe(args: argparse.Namespace, n_train: int, in_chans: int) -> Any:
-    """The supernet recipe of the first HybridBench attempts for this many images (``study_recipe``:
-    AdamW, warm-up + cosine, crop + flip, sandwich rule) with in-place distillation, as the search
-    trained until this benchmark measured it worse (``--no-distill``: the search's recipe since),
-    with the variant's changes."""
+    """A variant's supernet recipe for this many images: ``study_recipe``'s optimiser, batch, lr and
+    augmentation, with the sampling, subnets a step and distillation of the variant's flags. The
+    flags' defaults are the first HybridBench attempts' recipe, the search's until session 9: the
+    sandwich rule, 2 random subnets, in-place distillation (the search's recipe now is
+    ``--sampling single_path --n-random 4 --no-distill``)."""
     from predictors.supernet import study_recipe
 
     base = study_recipe(n_train, in_chans, seed=0)

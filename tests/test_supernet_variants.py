@@ -273,7 +273,6 @@ def test_single_path_training_checkpoints_and_resumes_exactly(small_train: objec
     assert ckpt["config"]["sampling"] == "single_path" and ckpt["config"]["distill"] is False
 
 
-
 def test_a_study_trains_single_path_and_a_continued_one_keeps_its_recipe(small_train: object,
                                                                           tmp_path: Path) -> None:
     """The study recipe is single path without distillation (HybridBench: README); a study's
@@ -315,6 +314,7 @@ def test_a_study_trains_single_path_and_a_continued_one_keeps_its_recipe(small_t
     assert res["metrics"]["complete"] == 1.0 and ckpt["step"] == res["metrics"]["total_steps"]
     assert ckpt["config"] == asdict(old)
     assert json.loads((tmp_path / "old" / "plan.json").read_text())["config"] == asdict(old)
+
 
 def test_a_checkpoint_without_the_sampling_field_still_resumes(small_train: object, tmp_path: Path) -> None:
     cfg = TrainConfig(batch_size=64, seed=2, n_random=1)
