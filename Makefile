@@ -21,6 +21,7 @@ $(PY):
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install -q $(PIP_C) -e ".[dev]"
+	$(PY) -c "from search_spaces.layers._native_scan import main; main()"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -10,7 +10,7 @@ this prints, as ratios to `attention`:
 - ``ssm``: the block as registered;
 - ``ssm, scans stood in``: the same block with both selective scans swapped for an elementwise
   stand-in that keeps every scan input in the graph (``u * delta`` plus B's and C's sums): the
-  projections, convs, softplus, flips and gate, the part no scan can remove;
+  projections, convs, softplus and gate, the part no scan can remove;
 - ``two scans alone``: both directions' ``selective_scan`` forward+backward on inputs of the
   block's shapes (d_inner = 256, d_state = 16).
 """
@@ -34,8 +34,9 @@ from bench.mixer_speed import make_mixer  # noqa: E402
 from search_spaces._runtime import retain_freed_memory  # noqa: E402
 
 
-def stand_in(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """Shapes and graph of ``selective_scan`` without the scan: every input reaches the output."""
+def stand_in(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, reverse: bool = False) -> Tensor:
+    """Shapes and graph of ``selective_scan`` without the scan: every input reaches the output
+    (``reverse``, the scan's direction, changes nothing here)."""
     return u * delta + (B.sum(-1, keepdim=True) + C.sum(-1, keepdim=True)) + A.sum() * 0
 
 
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "attention":
             att(x, (g, g)).sum().backward()
         elif name == "two scans alone":
-            for _ in range(2):
-                real(u, delta, A, B, C).sum().backward()
+            for reverse in (False, True):  # the block's two directions
+                real(u, delta, A, B, C, reverse=reverse).sum().backward()
         else:
             ssm_module.selective_scan = real if name == "ssm" else stand_in
             try:

@@ -5,6 +5,7 @@ Python loop over time. Shape/gradient/bf16/grid tests for every mixer live in th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -325,6 +326,8 @@ def test_bf16_autocast_close_to_fp32(name: str) -> None:
 
 
 # ---- the fused, cache-blocked selective scan (search_spaces/layers/_selective_scan.py) ------------
+# (float32 on a CPU goes to the native kernel by default: these tests ask for the fused form; the
+# native kernel's tests are in test_native_scan.py)
 
 
 def _scan_inputs(bsz: int, n: int, d: int, s: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -346,6 +349,19 @@ def _scan_loop(u, delta, a, b, c):  # type: ignore[no-untyped-def]
     return torch.stack(ys, 1)
 
 
+def _saved_for_backward(fn: Callable[[], object], key: Callable[[torch.Tensor], int]) -> list[int]:
+    """``key`` of every tensor autograd saves for the backward pass while ``fn()`` runs."""
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(key(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
 def _small_blocks(monkeypatch: pytest.MonkeyPatch, samples: int, steps: int, state: int) -> None:
     """Blocks of ``samples`` samples by ``steps`` time steps for a state of ``state`` = S * D elements."""
     import search_spaces.layers._selective_scan as ss
@@ -364,7 +380,7 @@ def test_fused_selective_scan_equals_the_float64_loop(bsz: int, n: int, monkeypa
     assert ss._plan(bsz, n, 8 * 4) == (min(bsz, 2), min(n, 10 // min(bsz, 2)))
     ins = _scan_inputs(bsz, n, 8, 4, torch.float32)
     ref = [t.detach().double().requires_grad_() for t in ins]
-    y, y_ref = ss.selective_scan(*ins), _scan_loop(*ref)
+    y, y_ref = ss.selective_scan(*ins, native=False), _scan_loop(*ref)
     torch.testing.assert_close(y.double(), y_ref.detach(), atol=1e-5, rtol=1e-5)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad(y, ins, gy)
@@ -413,7 +429,7 @@ def test_fused_selective_scan_equals_the_plain_form_at_default_blocks() -> None:
     assert per < 12 and steps < 100 and 100 % steps  # several slices, several blocks, a short tail
     ins = _scan_inputs(12, 100, 256, 16, torch.float32, seed=5)
     ref = [t.detach().clone().requires_grad_() for t in ins]
-    y, y_ref = selective_scan(*ins), selective_scan_reference(*ref)
+    y, y_ref = selective_scan(*ins, native=False), selective_scan_reference(*ref)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
     for g, gr in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(y_ref, ref, gy)):
@@ -427,14 +443,7 @@ def test_fused_selective_scan_keeps_only_block_entry_states(monkeypatch: pytest.
 
     _small_blocks(monkeypatch, 2, 8, 8 * 4)
     ins = _scan_inputs(4, 40, 8, 4, torch.float32)
-    saved: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ss.selective_scan(*ins)
+    saved = _saved_for_backward(lambda: ss.selective_scan(*ins, native=False), torch.Tensor.numel)
     assert max(saved) == 4 * 40 * 8  # u, delta; the states: 4 samples x 5 blocks x (4 x 8)
     assert sorted(saved)[-3] == 4 * 5 * 4 * 8
     keeps: list[bool] = []
@@ -446,8 +455,8 @@ def test_fused_selective_scan_keeps_only_block_entry_states(monkeypatch: pytest.
 
     monkeypatch.setattr(ss, "_forward", spy)
     with torch.no_grad():  # A is a leaf that requires grad: still nothing to keep
-        ss.selective_scan(*ins)
-    ss.selective_scan(*ins)
+        ss.selective_scan(*ins, native=False)
+    ss.selective_scan(*ins, native=False)
     assert keeps == [False, True]
 
 

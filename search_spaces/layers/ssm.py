@@ -64,9 +64,11 @@ class SelectiveScanBranch(nn.Module):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, N, d_inner) -> y (B, N, d_inner) in the compute dtype (at least float32)."""
-        u = F.silu(depthwise_conv_tokens(x, self.conv1d, "causal"))
+    def forward(self, x: Tensor, reverse: bool = False) -> Tensor:
+        """(B, N, d_inner) -> y (B, N, d_inner) in the compute dtype (at least float32). ``reverse``:
+        the branch reads the tokens from the last to the first, as it would ``x.flip(1)`` (its
+        output in the tokens' own order), without flipping anything."""
+        u = F.silu(depthwise_conv_tokens(x, self.conv1d, "anticausal" if reverse else "causal"))
         dt, b, c = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
@@ -75,7 +77,7 @@ class SelectiveScanBranch(nn.Module):
             a = -torch.exp(self.A_log.to(dtype))  # (d_inner, d_state)
             # h_t = exp(delta_t a) h_{t-1} + delta_t u_t b_t, y_t = c_t . h_t, without keeping the
             # (B, N, d_inner, d_state) states in memory (see _selective_scan)
-            return selective_scan(u, delta, a, b, c) + self.D.to(dtype) * u
+            return selective_scan(u, delta, a, b, c, reverse=reverse) + self.D.to(dtype) * u
 
 
 @token_mixer("ssm")
@@ -118,7 +120,7 @@ class BidirectionalMamba(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         xi, z = self.in_proj(x).chunk(2, dim=-1)
-        y = self.fwd(xi) + self.bwd(xi.flip(1)).flip(1)
+        y = self.fwd(xi) + self.bwd(xi, reverse=True)  # = flip(bwd(flip(xi))), with no copies
         with torch.autocast(x.device.type, enabled=False):
             y = (y * F.silu(z.to(y.dtype))).to(z.dtype)
         return self.out_proj(y)

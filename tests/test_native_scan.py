@@ -1,0 +1,180 @@
+"""The native selective scan (search_spaces/layers/_native_scan.py, _selective_scan.c): equal to the
+paper's recurrence in float64, forward and backward, in both directions; what it keeps; threads;
+the fallback to the PyTorch scan when it cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from test_layers_ssm import _saved_for_backward, _scan_inputs, _scan_loop
+
+import search_spaces.layers._native_scan as ns
+import search_spaces.layers._selective_scan as ss
+from search_spaces.layers.ssm import BidirectionalMamba
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the native scan cannot be built here")
+
+
+def _grads(y: torch.Tensor, ins: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, ...]:
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)  # the same values for both
+    return torch.autograd.grad(y, ins, gy)
+
+
+def _flipped(ins: list[torch.Tensor]) -> list[torch.Tensor]:
+    """u, delta, B, C read from the last token to the first (A has no time axis)."""
+    return [t if i == 2 else t.flip(1) for i, t in enumerate(ins)]
+
+
+def test_the_native_scan_builds_here() -> None:
+    assert ns.available(), "a C compiler is on PATH, so the native scan must build"
+    assert ns.library_path().exists()
+    u, a = torch.zeros(1, 1, 1), torch.zeros(1, 16)
+    assert ns.supports(u, a)
+    assert not ns.supports(u.double(), a) and not ns.supports(u, torch.zeros(1, ns.MAX_STATE + 1))
+
+
+# (batch, tokens, channels, state, reverse): a single token; channels a multiple of the 16-channel
+# tile, not one (a 40 = 16 + 16 + 8 tail), fewer than a tile; Mamba's state of 16 and smaller ones;
+# 197 tokens (a class token and 14x14)
+@pytest.mark.parametrize("bsz,n,d,s,reverse", [
+    (1, 1, 16, 16, False), (3, 17, 40, 16, False), (2, 23, 7, 3, True), (5, 64, 48, 16, True),
+    (1, 197, 32, 16, False), (4, 9, 24, 5, True),
+])
+def test_native_scan_equals_the_float64_loop(bsz: int, n: int, d: int, s: int, reverse: bool) -> None:
+    """Within 1e-5 of the recurrence written step by step in float64: y and the gradients of all
+    five inputs (those relative to the largest gradient entry)."""
+    ins = _scan_inputs(bsz, n, d, s, torch.float32, seed=n)
+    ref = [t.detach().double().requires_grad_() for t in ins]
+    y = ss.selective_scan(*ins, reverse=reverse)
+    y_ref = _scan_loop(*_flipped(ref)).flip(1) if reverse else _scan_loop(*ref)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_NativeSelectiveScanBackward"
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=1e-5, rtol=1e-5)
+    for g, gr in zip(_grads(y, ins, 1), _grads(y_ref, ref, 1)):
+        torch.testing.assert_close(g.double(), gr, atol=1e-5 * max(float(gr.abs().max()), 1e-30), rtol=1e-5)
+
+
+def test_native_scan_equals_the_fused_scan_at_mambas_size() -> None:
+    """Mamba's state at width 128 (S = 16, D = 256) over 64 tokens: the native and the fused
+    PyTorch scan agree to 1e-5, forward and backward."""
+    ins = _scan_inputs(6, 64, 256, 16, torch.float32, seed=7)
+    ref = [t.detach().clone().requires_grad_() for t in ins]
+    y, y_ref = ss.selective_scan(*ins), ss.selective_scan(*ref, native=False)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for g, gr in zip(_grads(y, ins, 8), _grads(y_ref, ref, 8)):
+        torch.testing.assert_close(g, gr, atol=1e-5 * float(gr.abs().max()), rtol=1e-5)
+
+
+def test_native_scan_keeps_only_its_inputs() -> None:
+    """Between the passes autograd holds u, delta, A, B, C and nothing else: no state of any kind."""
+    ins = _scan_inputs(4, 40, 24, 16, torch.float32)
+    saved = _saved_for_backward(lambda: ss.selective_scan(*ins), torch.Tensor.data_ptr)
+    assert sorted(saved) == sorted(t.data_ptr() for t in ins)
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (3,), (4,), (0, 4)])
+def test_native_scan_some_inputs_need_no_gradient(which: tuple[int, ...]) -> None:
+    ins = [t.detach().requires_grad_(i in which) for i, t in enumerate(_scan_inputs(3, 11, 20, 16, torch.float32))]
+    ref = [t.detach().double().requires_grad_(t.requires_grad) for t in ins]
+    gy = torch.randn(3, 11, 20, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad(ss.selective_scan(*ins, reverse=True), [ins[i] for i in which], gy)
+    want = torch.autograd.grad(_scan_loop(*_flipped(ref)).flip(1), [ref[i] for i in which], gy.double())
+    for g, gr in zip(got, want):
+        torch.testing.assert_close(g.double(), gr, atol=1e-5 * float(gr.abs().max()), rtol=1e-5)
+
+
+def test_native_scan_second_derivative_equals_the_plain_one() -> None:
+    """With create_graph (GraSP) the backward differentiates the plain formulation, reversed too."""
+    ins = _scan_inputs(2, 6, 20, 16, torch.float32)
+    ref = [t.detach().double().requires_grad_() for t in ins]
+    hvp = []
+    for xs, fn in ((ins, lambda *a: ss.selective_scan(*a, reverse=True)),
+                   (ref, lambda *a: _scan_loop(*_flipped(list(a))).flip(1))):
+        g = torch.autograd.grad(fn(*xs).pow(2).sum(), xs, create_graph=True)
+        hvp.append(torch.autograd.grad(sum((gi * gi).sum() for gi in g), xs))
+    for a, b in zip(*hvp):
+        torch.testing.assert_close(a.double(), b, atol=1e-4 * float(b.abs().max()), rtol=1e-4)
+
+
+def test_native_scan_threads_split_the_batch_to_the_same_result() -> None:
+    """With several torch threads the samples are split over threads: each sample's outputs are
+    the same bits; dL/dA, summed per thread and then added, to float rounding."""
+    ins = _scan_inputs(5, 30, 40, 16, torch.float32, seed=3)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for k in (1, 3):
+            torch.set_num_threads(k)
+            assert len(ns._parts(5)) == k
+            y = ss.selective_scan(*ins)
+            out.append((y, *_grads(y, ins, 2)))
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(*out)):
+        if i == 3:  # dL/dA
+            torch.testing.assert_close(a, b, atol=1e-6 * float(b.abs().max()), rtol=1e-6)
+        else:
+            assert torch.equal(a, b), i
+
+
+def test_ssm_block_is_the_same_with_and_without_the_native_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Vision Mamba's block (its backward branch scans in reverse, with no flips) gives the same
+    output and parameter gradients through the native scan as through the fused PyTorch scan."""
+    torch.manual_seed(0)
+    m = BidirectionalMamba(24)
+    x = torch.randn(3, 1 + 25, 24)
+    got = []
+    for native in (True, False):
+        monkeypatch.setattr(ns, "available", lambda native=native: native)
+        m.zero_grad()
+        y = m(x, (5, 5))
+        y.pow(2).sum().backward()
+        got.append((y.detach(), *(p.grad.clone() for p in m.parameters())))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_without_a_working_compiler_the_pytorch_scan_runs(compiler: str, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No compiler, or one that fails (``false``), with an empty cache: one warning that says why,
+    no file left in the cache, and the scan still runs (the fused form) and is right."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(ns.CACHE_ENV, str(cache))
+    if compiler == "missing":
+        monkeypatch.setattr(ns.shutil, "which", lambda name: None)
+        why = "no C compiler found"
+    else:
+        monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+        why = "failed"
+    monkeypatch.setattr(ns, "_tried", False)
+    monkeypatch.setattr(ns, "_lib", None)
+    with pytest.warns(UserWarning, match=f"native selective scan unavailable.*{why}"):
+        assert not ns.available()
+    assert not cache.exists() or not any(cache.iterdir())
+    ins = _scan_inputs(2, 9, 20, 16, torch.float32)
+    y = ss.selective_scan(*ins)
+    assert type(y.grad_fn).__name__ == "_SelectiveScanBackward"
+    torch.testing.assert_close(y.double(), _scan_loop(*[t.detach().double() for t in ins]), atol=1e-5, rtol=1e-5)
+
+
+def test_native_scan_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ns.ENV, "0")
+    monkeypatch.setattr(ns, "_tried", False)
+    monkeypatch.setattr(ns, "_lib", None)
+    assert not ns.available()
+    ins = _scan_inputs(2, 5, 16, 16, torch.float32)
+    assert type(ss.selective_scan(*ins).grad_fn).__name__ == "_SelectiveScanBackward"
+
+
+def test_a_fresh_cache_gets_one_library_and_no_partial_files(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The library is compiled under a temporary name and renamed: after two builds the cache
+    holds exactly the one library, and the second build reuses it."""
+    monkeypatch.setenv(ns.CACHE_ENV, str(tmp_path))
+    path = ns.build()
+    assert path.parent == tmp_path and path.exists()
+    mtime = path.stat().st_mtime_ns
+    assert ns.build() == path and path.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
