@@ -1,6 +1,7 @@
-"""The native selective scan (search_spaces/layers/_native_scan.py, _selective_scan.c): equal to the
-paper's recurrence in float64, forward and backward, in both directions; what it keeps; threads;
-the fallback to the PyTorch scan when it cannot be built."""
+"""The native scans (search_spaces/layers/_native_scan.py, _selective_scan.c), Mamba's selective scan
+and Mamba-2's SSD: equal to the papers' recurrences in float64, forward and backward, in both
+directions (and shifted, with skip and acc, for SSD); what they keep; threads; the fallback to the
+PyTorch scans when they cannot be built."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from test_layers_ssm import _saved_for_backward, _scan_inputs, _scan_loop
 
 import search_spaces.layers._native_scan as ns
 import search_spaces.layers._selective_scan as ss
-from search_spaces.layers.ssm import BidirectionalMamba
+from search_spaces.layers._ssd import ssd_chunked, ssd_recurrence, ssd_scan
+from search_spaces.registry import get_token_mixer
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: the native scan cannot be built here")
@@ -20,7 +22,8 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 def _grads(y: torch.Tensor, ins: list[torch.Tensor], seed: int) -> tuple[torch.Tensor, ...]:
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)  # the same values for both
-    return torch.autograd.grad(y, ins, gy)
+    got = torch.autograd.grad(y, ins, gy, allow_unused=True)  # (a shifted scan of one token reads no B or C)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(got, ins))
 
 
 def _flipped(ins: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -119,12 +122,14 @@ def test_native_scan_threads_split_the_batch_to_the_same_result() -> None:
             assert torch.equal(a, b), i
 
 
-def test_ssm_block_is_the_same_with_and_without_the_native_scan(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Vision Mamba's block (its backward branch scans in reverse, with no flips) gives the same
-    output and parameter gradients through the native scan as through the fused PyTorch scan."""
+@pytest.mark.parametrize("mixer", ["ssm", "ssd", "hydra"])
+def test_blocks_are_the_same_with_and_without_the_native_scans(mixer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Vision Mamba's block (its backward branch scans in reverse, with no flips), Mamba-2's and
+    Hydra's (shifted scans, the input-dependent diagonal as skip) give the same output and parameter
+    gradients through the native scans as through the PyTorch ones (fused, chunked)."""
     torch.manual_seed(0)
-    m = BidirectionalMamba(24)
-    x = torch.randn(3, 1 + 25, 24)
+    m = get_token_mixer(mixer)(32, heads=2, grid=(5, 5))
+    x = torch.randn(3, 1 + 25, 32)
     got = []
     for native in (True, False):
         monkeypatch.setattr(ns, "available", lambda native=native: native)
@@ -178,3 +183,107 @@ def test_a_fresh_cache_gets_one_library_and_no_partial_files(monkeypatch: pytest
     mtime = path.stat().st_mtime_ns
     assert ns.build() == path and path.stat().st_mtime_ns == mtime
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# ---- Mamba-2's scan (SSD) -------------------------------------------------------------------------
+
+
+def _ssd_inputs(b: int, n: int, h: int, p: int, s: int, skip: str | None, acc: bool, decay: float = 1.0,
+                seed: int = 0) -> list[torch.Tensor | None]:
+    """x, dt, A, B, C, skip ((h,) as Mamba-2's D or (b, n, h) as Hydra's diagonal), acc; ``decay``
+    scales dt (50: a head's decay over one step reaches e^-100, past what the chunked form factorises)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, h, p, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(b, n, h, generator=g) - 1) * decay
+    a = -torch.exp(torch.randn(h, generator=g))
+    bm, cm = torch.randn(b, n, s, generator=g), torch.randn(b, n, s, generator=g)
+    sk = None if skip is None else torch.randn(h if skip == "h" else (b, n, h), generator=g)
+    ac = torch.randn(b, n, h, p, generator=g) if acc else None
+    return [None if t is None else t.requires_grad_() for t in (x, dt, a, bm, cm, sk, ac)]
+
+
+def _ssd_reference(x, dt, a, bm, cm, sk, ac, shift: bool, reverse: bool):  # type: ignore[no-untyped-def]
+    """Mamba-2's recurrence step by step (``ssd_recurrence``), plus x * skip and acc."""
+    y = ssd_recurrence(x, dt, a, bm, cm, shift=shift, reverse=reverse)
+    if sk is not None:
+        y = y + x * sk[..., None]
+    return y if ac is None else y + ac
+
+
+def _check_ssd_against_the_recurrence(ins: list[torch.Tensor | None], shift: bool, reverse: bool) -> None:
+    """ssd_scan through the native path equals the float64 recurrence to 1e-5: y and the gradient
+    of every given input, each relative to its largest entry."""
+    ref = [None if t is None else t.detach().double().requires_grad_() for t in ins]
+    y = ssd_scan(*ins[:5], shift=shift, reverse=reverse, skip=ins[5], acc=ins[6])
+    assert type(y.grad_fn).__name__ == "_NativeSSDBackward"
+    y_ref = _ssd_reference(*ref, shift=shift, reverse=reverse)
+    torch.testing.assert_close(y.double(), y_ref.detach(), atol=1e-5 * float(y_ref.detach().abs().max()), rtol=1e-5)
+    given = [t for t in ins if t is not None]
+    for g, gr in zip(_grads(y, given, 1), _grads(y_ref, [t for t in ref if t is not None], 1)):
+        torch.testing.assert_close(g.double(), gr, atol=1e-5 * max(float(gr.abs().max()), 1e-30), rtol=1e-5)
+
+
+# (batch, tokens, heads, headdim, state): ssd's and hydra's heads of 16 channels; a headdim of 20 (a
+# tile and a 4-channel tail) and of 8 (a tail alone); a single token; states of 16 and 5
+@pytest.mark.parametrize("shape,shift,reverse,skip,acc", [
+    ((2, 23, 3, 16, 16), False, False, "h", False), ((2, 23, 3, 16, 16), False, True, "h", True),
+    ((1, 50, 2, 20, 5), True, False, "bnh", False), ((1, 50, 2, 20, 5), True, True, None, True),
+    ((3, 7, 4, 8, 16), True, True, "bnh", True), ((3, 7, 4, 8, 16), False, False, None, False),
+    ((2, 1, 2, 16, 16), True, False, "h", True), ((2, 1, 2, 16, 16), False, True, "bnh", False),
+])
+def test_native_ssd_equals_the_float64_recurrence(shape: tuple[int, ...], shift: bool, reverse: bool,
+                                                  skip: str | None, acc: bool) -> None:
+    """Within 1e-5 of Mamba-2's recurrence in float64: y and the gradients of every input (x, dt,
+    A, B, C, skip, acc), relative to the largest entry of each."""
+    _check_ssd_against_the_recurrence(_ssd_inputs(*shape, skip, acc, seed=shape[1]), shift, reverse)
+
+
+def test_native_ssd_needs_no_factorising_for_strong_decays() -> None:
+    """Heads that decay by up to e^-100 in one step (the chunked form takes its per-head path for
+    them) are exact step by step: within 1e-5 of the float64 recurrence, with their gradients."""
+    ins = _ssd_inputs(2, 40, 4, 16, 16, "h", False, decay=50.0, seed=9)
+    assert float((ins[1] * ins[2]).detach().min()) < -60  # past the factorised form's span in one step
+    _check_ssd_against_the_recurrence(ins, shift=True, reverse=False)
+
+
+def test_native_ssd_keeps_only_its_inputs_and_agrees_with_the_chunked_form() -> None:
+    """Autograd holds x, dt, A, B, C and skip between the passes, no state and no (q, q) scores;
+    the chunked form gives the same y and gradients (and takes the place of the native one on
+    float64, where it still runs)."""
+    ins = _ssd_inputs(3, 60, 4, 16, 16, "bnh", True, seed=4)
+    saved = _saved_for_backward(lambda: ssd_scan(*ins[:5], shift=True, reverse=True, skip=ins[5], acc=ins[6]),
+                                torch.Tensor.data_ptr)
+    assert sorted(saved) == sorted(t.data_ptr() for t in ins[:6])
+    y = ssd_scan(*ins[:5], shift=True, reverse=True, skip=ins[5], acc=ins[6])
+    y_ref = ssd_chunked(*ins[:5], shift=True, reverse=True, skip=ins[5], acc=ins[6])
+    torch.testing.assert_close(y, y_ref, atol=1e-5 * float(y_ref.detach().abs().max()), rtol=1e-5)
+    for g, gr in zip(_grads(y, ins, 3), _grads(y_ref, ins, 3)):
+        torch.testing.assert_close(g, gr, atol=1e-5 * float(gr.abs().max()), rtol=1e-5)
+    assert ssd_scan(*(t.detach().double() for t in ins[:5])).grad_fn is None  # float64: the chunked form
+
+
+def test_native_ssd_second_derivative_equals_the_chunked_one() -> None:
+    """With create_graph (GraSP) the backward differentiates the chunked form."""
+    ins = _ssd_inputs(2, 9, 2, 16, 16, "h", True, seed=5)
+    hvp = []
+    for fn in (ssd_scan, ssd_chunked):
+        xs = [t.detach().clone().requires_grad_() for t in ins]
+        g = torch.autograd.grad(fn(*xs[:5], shift=True, skip=xs[5], acc=xs[6]).pow(2).sum(), xs, create_graph=True)
+        hvp.append(torch.autograd.grad(sum((gi * gi).sum() for gi in g), xs, allow_unused=True))
+    for a, b in zip(*hvp):
+        torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=1e-4)
+
+
+def test_native_ssd_threads_split_the_batch_to_the_same_result() -> None:
+    ins = _ssd_inputs(5, 30, 2, 16, 16, "bnh", False, seed=6)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for k in (1, 3):
+            torch.set_num_threads(k)
+            y = ssd_scan(*ins[:5], shift=True, skip=ins[5])
+            out.append((y, *_grads(y, ins[:6], 2)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

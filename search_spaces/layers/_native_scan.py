@@ -1,8 +1,10 @@
-"""Mamba's selective scan as native code on a CPU (``_selective_scan.c``), built on first use.
+"""Mamba's selective scan and Mamba-2's SSD scan as native code on a CPU (``_selective_scan.c``),
+built on first use.
 
 Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces": their CUDA
 kernel keeps each channel's state in registers and recomputes the states in the backward pass.
-The C file does the same on a CPU, by tiles of 16 channels of one sample (see its header). It
+The C file does the same on a CPU, by tiles of 16 channels of one sample (see its header), for
+Mamba's scan and for Mamba-2's (Dao & Gu 2024, "Transformers are SSMs"), step by step. It
 needs only a C compiler: no PyTorch headers, no ninja; it is called through ``ctypes`` on the
 tensors' memory, which releases the GIL, so several threads can scan parts of a batch at once.
 
@@ -11,7 +13,7 @@ The library is compiled once per source, flags and CPU (``-march=native``) into
 so processes that build it at the same time do not see each other's half-written file.
 ``make install`` builds it; a process that finds none builds it then (about a second).
 Without a compiler, or with ``HYBRID_NAS_NATIVE_SCAN=0`` in the environment, ``available()``
-is False and ``_selective_scan.py``'s pure-PyTorch scan runs instead.
+is False and the pure-PyTorch scans (``_selective_scan.py``, ``_ssd.py``) run instead.
 """
 
 from __future__ import annotations
@@ -104,7 +106,10 @@ def _load() -> ctypes.CDLL | None:
             return None
         lib.scan_forward.argtypes = [_i, _i, _i, _i, _i, _i, _f, _f, _f, _f, _f, _f]
         lib.scan_backward.argtypes = [_i, _i, _i, _i, _i, _i, _f, _f, _f, _f, _f, _f, _f, _f, _f, _f, _f, _f]
-        lib.scan_forward.restype = lib.scan_backward.restype = None
+        lib.ssd_forward.argtypes = [_i] * 8 + [_f] * 8
+        lib.ssd_backward.argtypes = [_i] * 8 + [_f] * 13
+        for fn in (lib.scan_forward, lib.scan_backward, lib.ssd_forward, lib.ssd_backward):
+            fn.restype = None
         _lib = lib
         return lib
 
@@ -114,9 +119,11 @@ def available() -> bool:
     return _load() is not None
 
 
-def supports(u: Tensor, A: Tensor) -> bool:
-    """Whether these inputs go to the native scan: float32 on a CPU, a state of at most 64."""
-    return u.device.type == "cpu" and u.dtype == torch.float32 and A.shape[1] <= MAX_STATE and available()
+def supports(u: Tensor, A: Tensor, state: int | None = None) -> bool:
+    """Whether these inputs go to the native scan: float32 on a CPU, a state of at most 64
+    (Mamba's A is (D, S); for SSD give ``state``, B's last size)."""
+    s = A.shape[1] if state is None else state
+    return u.device.type == "cpu" and u.dtype == torch.float32 and s <= MAX_STATE and available()
 
 
 def _ptr(t: Tensor) -> ctypes._Pointer:
@@ -189,6 +196,44 @@ def backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, gy: Tens
 
     _run(part, parts)
     return gu, gdelta, gA.sum(0).T.contiguous(), gB, gC
+
+
+def _opt(t: Tensor | None) -> ctypes._Pointer | None:
+    return None if t is None else _ptr(t)
+
+
+def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, skip: Tensor | None, acc: Tensor | None,
+                shift: bool, reverse: bool) -> Tensor:
+    """Mamba-2's scan step by step (the C file's second half): x (b, n, h, p), dt (b, n, h), A (b, h),
+    B, C (b, n, s), skip (b, n, h) or None, acc (b, n, h, p) or None, all float32, contiguous, on a
+    CPU -> y (b, n, h, p), as ``_ssd.ssd_chunked``."""
+    lib = _load()
+    assert lib is not None
+    bsz, n, h, p = x.shape
+    y = torch.empty_like(x)
+    args = (n, h, p, B.shape[-1], int(reverse), int(shift), _ptr(x), _ptr(dt), _ptr(A), _ptr(B), _ptr(C),
+            _opt(skip), _opt(acc), _ptr(y))
+    _run(lambda b0, b1: lib.ssd_forward(b0, b1, *args), _parts(bsz))
+    return y
+
+
+def ssd_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, skip: Tensor | None, gy: Tensor,
+                 shift: bool, reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """(dx, ddt, dA (b, h), dB, dC, dskip (b, n, h) or None) of ``ssd_forward``'s y for ``gy``
+    (the gradient of acc is gy itself)."""
+    lib = _load()
+    assert lib is not None
+    bsz, n, h, p = x.shape
+    s = B.shape[-1]
+    gy = gy.contiguous()
+    gx, gB, gC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
+    gdt, gA = torch.zeros_like(dt), torch.zeros_like(A)
+    gskip = None if skip is None else torch.zeros_like(skip)
+    args = (n, h, p, s, int(reverse), int(shift), _ptr(x), _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _opt(skip),
+            _ptr(gy), _ptr(gx), _ptr(gdt), _ptr(gA), _opt(gskip), _ptr(gB), _ptr(gC))
+    work = (3 * n + 1) * s * TILE + n
+    _run(lambda b0, b1: lib.ssd_backward(b0, b1, *args, _ptr(_scratch(work))), _parts(bsz))
+    return gx, gdt, gA, gB, gC, gskip
 
 
 def main() -> None:

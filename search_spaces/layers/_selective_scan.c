@@ -11,12 +11,16 @@
  *
  * The work is tiled by W channels of one sample: the tile's state (S, W) lives in the L1 cache
  * (16 x 16 floats: one AVX-512 register per state index) and every time step is S vector
- * operations over the W channels, with one vector exp each (glibc's libmvec, which GCC calls for
- * `expf` in a simd loop under -ffast-math). No (batch, N, D, S) tensor exists: the backward pass
- * keeps one tile's states and decays (N, S, W) at a time.
+ * operations over the W channels, with one vector exp each (exp_decay, inlined so GCC vectorises
+ * it; glibc's libmvec expf, a call per vector, made the forward pass 1.7x slower). No
+ * (batch, N, D, S) tensor exists: the backward pass keeps one tile's states and decays (N, S, W)
+ * at a time.
  *
- * Built and loaded by _native_scan.py (gcc -O3 -ffast-math -fopenmp-simd -march=native);
- * without a C compiler the pure-PyTorch scan in _selective_scan.py runs instead.
+ * The second half of the file is Mamba-2's scan (SSD) done the same way, for the ssd and hydra
+ * mixers.
+ *
+ * Built and loaded by _native_scan.py (gcc -O3 -ffast-math -fopenmp-simd -march=native); without
+ * a C compiler the pure-PyTorch scans (_selective_scan.py, _ssd.py) run instead.
  */
 #include <stddef.h>
 #include <string.h>
@@ -146,6 +150,26 @@ static inline __attribute__((always_inline)) void bwd_tile(
         for (int k = 0; k < w; ++k) gA[(size_t)n * D + d0 + k] += gAl[n * W + k];
 }
 
+/* dL/dB and dL/dC of one sample: the per-lane parts (laid out by step, (N, S, W)) summed over the
+ * lanes, written by token (lanes past a narrow tail stayed zero). */
+static void lanes_to_rows(int N, int S, int rev, const float *gBw, const float *gCw, float *gB, float *gC)
+{
+    for (int t = 0; t < N; ++t) {
+        const size_t i = rev ? (size_t)(N - 1 - t) : (size_t)t;
+        for (int n = 0; n < S; ++n) {
+            const size_t o = ((size_t)t * S + n) * W;
+            float sb = 0.0f, sc = 0.0f;
+#pragma omp simd reduction(+ : sb, sc)
+            for (int k = 0; k < W; ++k) {
+                sb += gBw[o + k];
+                sc += gCw[o + k];
+            }
+            gB[i * S + n] = sb;
+            gC[i * S + n] = sc;
+        }
+    }
+}
+
 /* y for samples [b0, b1). */
 void scan_forward(int b0, int b1, int N, int D, int S, int rev, const float *u, const float *dl,
                   const float *At, const float *Bm, const float *Cm, float *y)
@@ -186,20 +210,164 @@ void scan_backward(int b0, int b1, int N, int D, int S, int rev, const float *u,
                          gu + ox, gdl + ox, gA, gBw, gCw);
             }
         }
-        /* dL/dB and dL/dC: the lanes' parts summed (lanes past a narrow tail stayed zero) */
-        for (int t = 0; t < N; ++t) {
-            const size_t i = rev ? (size_t)(N - 1 - t) : (size_t)t;  /* the token at step t */
-            for (int n = 0; n < S; ++n) {
-                const size_t o = ((size_t)t * S + n) * W;
-                float sb = 0.0f, sc = 0.0f;
-#pragma omp simd reduction(+ : sb, sc)
-                for (int k = 0; k < W; ++k) {
-                    sb += gBw[o + k];
-                    sc += gCw[o + k];
-                }
-                gB[os + i * S + n] = sb;
-                gC[os + i * S + n] = sc;
+        lanes_to_rows(N, S, rev, gBw, gCw, gB + os, gC + os);
+    }
+}
+
+/* ---- Mamba-2's scan (SSD), step by step -------------------------------------------------------
+ * Dao & Gu 2024, "Transformers are SSMs" (Mamba-2): with the state matrix a scalar per head,
+ *
+ *   h_t = exp(dt_t a) h_{t-1} + dt_t B_t x_t^T     (per head: h is (S, P))
+ *   y_t = C_t . h_t  (+ skip_t x_t + acc_t)
+ *
+ * x, acc, y: (batch, N, H, P); dt, skip: (batch, N, H); a: (batch, H); B, C: (batch, N, S), shared
+ * by the heads. With shift, y_t = C_{t-1} . h_{t-1} (zero at the first step: Hydra's shifted
+ * scans); with rev the steps run from the last token to the first. This is the recurrence itself,
+ * not the chunked matmul form of _ssd.py: on a CPU, with the state of one head's tile in L1, the
+ * step costs three multiply-adds per state element and one exp per head, and no decay needs
+ * factorising. Tiles are W channels of one head. */
+
+static inline __attribute__((always_inline)) void ssd_fwd_tile(
+    int N, int H, int P, int S, int h, int k0, const int w, int rev, const int shift, const float *x,
+    const float *dt, float A, const float *Bm, const float *Cm, const float *skip, const float *acc,
+    float *y, const int keep, float *hs, float *as)
+{
+    float st[SMAX * W];
+    static const float zeros[SMAX] = {0};
+    memset(st, 0, sizeof(float) * (size_t)S * W);
+    for (int t = 0; t < N; ++t) {
+        const size_t i = rev ? (size_t)(N - 1 - t) : (size_t)t;  /* the token at step t */
+        const size_t o = (i * H + h) * P + k0;
+        const float d = dt[i * H + h], a = exp_decay(d * A);
+        const float *restrict xt = x + o, *Bt = Bm + i * S;
+        /* the C this step's output reads: its own, or (shift) the step before's, after that step */
+        const float *Cq = shift ? (t > 0 ? Cm + (rev ? i + 1 : i - 1) * S : zeros) : Cm + i * S;
+        float xd[W], out[W];
+#pragma omp simd
+        for (int k = 0; k < w; ++k) {
+            xd[k] = d * xt[k];
+            out[k] = 0.0f;
+        }
+        for (int n = 0; n < S; ++n) {
+            const float bn = Bt[n], cn = Cq[n];
+            float *restrict sn = st + n * W;
+#pragma omp simd
+            for (int k = 0; k < w; ++k) {
+                if (shift) out[k] += cn * sn[k];  /* h_{t-1} (shift is a constant once inlined) */
+                sn[k] = a * sn[k] + xd[k] * bn;
+                if (!shift) out[k] += cn * sn[k];
+            }
+            if (keep) memcpy(hs + ((size_t)(t + 1) * S + n) * W, sn, sizeof(float) * w);
+        }
+        if (keep) {
+            as[t] = a;
+            continue;  /* the backward pass's recomputation: it needs the states, not y */
+        }
+        const float sk = skip ? skip[i * H + h] : 0.0f;
+        float *restrict yt = y + o;
+#pragma omp simd
+        for (int k = 0; k < w; ++k) yt[k] = out[k] + sk * xt[k] + (acc ? acc[o + k] : 0.0f);
+    }
+}
+
+static inline __attribute__((always_inline)) void ssd_bwd_tile(
+    int N, int H, int P, int S, int h, int k0, const int w, int rev, const int shift, const float *x,
+    const float *dt, float A, const float *Bm, const float *Cm, const float *skip, const float *gy,
+    const float *hs, const float *as, float *gx, float *gdt, float *gA, float *gskip, float *gBw, float *gCw)
+{
+    float G[SMAX * W];  /* a_{t+1} G_{t+1}: what reaches h_t from later steps */
+    static const float zeros[W] = {0};
+    memset(G, 0, sizeof(float) * (size_t)S * W);
+    for (int t = N - 1; t >= 0; --t) {
+        const size_t i = rev ? (size_t)(N - 1 - t) : (size_t)t;
+        const size_t o = (i * H + h) * P + k0;
+        const float d = dt[i * H + h], a = as[t];
+        const float *restrict xt = x + o, *restrict gyt = gy + o;
+        /* the output gradient that reads h_t: this step's, or (shift) the next step's */
+        const float *restrict gq = shift ? (t < N - 1 ? gy + ((rev ? i - 1 : i + 1) * H + h) * P + k0 : zeros) : gyt;
+        const float *Bt = Bm + i * S, *Ct = Cm + i * S;
+        float xd[W], gxd[W], gav[W];
+#pragma omp simd
+        for (int k = 0; k < w; ++k) {
+            xd[k] = d * xt[k];
+            gxd[k] = 0.0f;
+            gav[k] = 0.0f;
+        }
+        for (int n = 0; n < S; ++n) {
+            const float bn = Bt[n], cn = Ct[n];
+            const size_t q = ((size_t)t * S + n) * W;
+            const float *restrict hp = hs + q, *restrict hk = hp + (size_t)S * W;  /* h_{t-1}, h_t */
+            float *restrict Gn = G + n * W, *restrict gb = gBw + q, *restrict gc = gCw + q;
+#pragma omp simd
+            for (int k = 0; k < w; ++k) {
+                const float gt = Gn[k] + cn * gq[k];  /* dL/dh_t */
+                gc[k] += gq[k] * hk[k];               /* dL/dC_t, this lane's part */
+                gb[k] += gt * xd[k];                  /* dL/dB_t, this lane's part */
+                gxd[k] += gt * bn;                    /* dL/d(dt_t x_t) */
+                gav[k] += gt * hp[k];                 /* dL/da_t, over n then lanes */
+                Gn[k] = a * gt;
             }
         }
+        const float sk = skip ? skip[i * H + h] : 0.0f;
+        float sa = 0.0f, sd = 0.0f, ss = 0.0f;
+        float *restrict gxt = gx + o;
+#pragma omp simd reduction(+ : sa, sd, ss)
+        for (int k = 0; k < w; ++k) {
+            gxt[k] = gxd[k] * d + sk * gyt[k];
+            sa += gav[k];
+            sd += gxd[k] * xt[k];
+            ss += gyt[k] * xt[k];
+        }
+        const float ga = sa * a;  /* dL/d(dt_t a) */
+        gdt[i * H + h] += sd + ga * A;
+        gA[h] += ga * d;
+        if (gskip) gskip[i * H + h] += ss;
+    }
+}
+
+#define SSD_TILES(CALL)                                            \
+    for (int h = 0; h < H; ++h)                                    \
+        for (int k0 = 0; k0 < P; k0 += W) {                        \
+            const int w = P - k0 < W ? P - k0 : W;                 \
+            if (w == W) { if (shift) CALL(W, 1) else CALL(W, 0) }  \
+            else { if (shift) CALL(w, 1) else CALL(w, 0) }         \
+        }
+
+/* y for samples [b0, b1); skip and acc may be NULL. */
+void ssd_forward(int b0, int b1, int N, int H, int P, int S, int rev, int shift, const float *x,
+                 const float *dt, const float *A, const float *Bm, const float *Cm, const float *skip,
+                 const float *acc, float *y)
+{
+    for (int b = b0; b < b1; ++b) {
+        const size_t ox = (size_t)b * N * H * P, oh = (size_t)b * N * H, os = (size_t)b * N * S;
+#define FWD(WW, SH) ssd_fwd_tile(N, H, P, S, h, k0, WW, rev, SH, x + ox, dt + oh, A[(size_t)b * H + h], Bm + os, \
+                                 Cm + os, skip ? skip + oh : NULL, acc ? acc + ox : NULL, y + ox, 0, NULL, NULL);
+        SSD_TILES(FWD)
+#undef FWD
+    }
+}
+
+/* Gradients for samples [b0, b1): gx, gB, gC written; gdt, gA (batch, H) and gskip (if not NULL)
+ * added into (the caller zeroes them). work holds (3 N + 1) S W + N floats. */
+void ssd_backward(int b0, int b1, int N, int H, int P, int S, int rev, int shift, const float *x,
+                  const float *dt, const float *A, const float *Bm, const float *Cm, const float *skip,
+                  const float *gy, float *gx, float *gdt, float *gA, float *gskip, float *gB, float *gC,
+                  float *work)
+{
+    const size_t tile = (size_t)N * S * W;
+    float *hs = work, *gBw = hs + tile + (size_t)S * W, *gCw = gBw + tile, *as = gCw + tile;
+    memset(hs, 0, sizeof(float) * (size_t)S * W);  /* the zero state before the first step */
+    for (int b = b0; b < b1; ++b) {
+        const size_t ox = (size_t)b * N * H * P, oh = (size_t)b * N * H, os = (size_t)b * N * S;
+        memset(gBw, 0, sizeof(float) * 2 * tile);
+#define BWD(WW, SH) {                                                                                            \
+            ssd_fwd_tile(N, H, P, S, h, k0, WW, rev, SH, x + ox, dt + oh, A[(size_t)b * H + h], Bm + os, Cm + os, \
+                         NULL, NULL, NULL, 1, hs, as);                                                            \
+            ssd_bwd_tile(N, H, P, S, h, k0, WW, rev, SH, x + ox, dt + oh, A[(size_t)b * H + h], Bm + os, Cm + os, \
+                         skip ? skip + oh : NULL, gy + ox, hs, as, gx + ox, gdt + oh, gA + (size_t)b * H,         \
+                         gskip ? gskip + oh : NULL, gBw, gCw); }
+        SSD_TILES(BWD)
+#undef BWD
+        lanes_to_rows(N, S, rev, gBw, gCw, gB + os, gC + os);
     }
 }

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search_spaces.layers._ssd import GatedRMSNorm, SSDMixer, ssd_chunked
+from search_spaces.layers._ssd import GatedRMSNorm, SSDMixer, ssd_scan
 from search_spaces.layers.common import depthwise_conv_tokens, inverse_softplus_dt
 from search_spaces.registry import FusedSlices, token_mixer
 
@@ -76,6 +76,6 @@ class Hydra(SSDMixer):
             bf, cf, bb, cb = (t.to(dtype) for t in (bf, cf, bb, cb))
             # shifted by one token, the forward scan sees the tokens strictly before t, the backward
             # (reverse) scan those strictly after; the diagonal is x * D(x)
-            y = ssd_chunked(xh, dt[:, :, 0], A, bf, cf, shift=True, skip=diag)
-            y = ssd_chunked(xh, dt[:, :, 1], A, bb, cb, shift=True, reverse=True, acc=y)
+            y = ssd_scan(xh, dt[:, :, 0], A, bf, cf, shift=True, skip=diag)
+            y = ssd_scan(xh, dt[:, :, 1], A, bb, cb, shift=True, reverse=True, acc=y)
         return self.norm.project(y.flatten(-2), self.z_proj(u), self.out_proj)

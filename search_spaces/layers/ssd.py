@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from search_spaces.layers._ssd import GatedRMSNorm, SSDMixer, ssd_chunked
+from search_spaces.layers._ssd import GatedRMSNorm, SSDMixer, ssd_scan
 from search_spaces.layers.common import depthwise_conv_tokens, inverse_softplus_dt, stacked_linears
 from search_spaces.registry import FusedSlices, token_mixer
 
@@ -52,7 +52,8 @@ class SSDBranch(nn.Module):
     def forward(self, x: Tensor, bc: Tensor, dt: Tensor, acc: Tensor | None = None) -> Tensor:
         """x (B, N, d_inner), bc (B, N, 2 d_state) and dt (B, N, heads), the block input's projections
         -> y (B, N, d_inner), at least float32, plus ``acc`` (B, N, d_inner) when given (the other
-        branch's y: added as the scan writes its output, see ``ssd_chunked``)."""
+        branch's y: added as the scan writes its output, see ``ssd_chunked``; ``ssd_scan`` takes the
+        native scan where it runs, that elsewhere)."""
         mode = "anticausal" if self.reverse else "causal"
         x = F.silu(depthwise_conv_tokens(x, self.conv_x, mode))
         b, c = F.silu(depthwise_conv_tokens(bc, self.conv_bc, mode)).chunk(2, dim=-1)
@@ -62,8 +63,8 @@ class SSDBranch(nn.Module):
             dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))  # (B, N, heads)
             xh = x.unflatten(-1, (self.nheads, self.headdim))
             acc = None if acc is None else acc.unflatten(-1, (self.nheads, self.headdim))
-            return ssd_chunked(xh, dt, -torch.exp(self.A_log.to(dtype)), b, c, reverse=self.reverse,
-                               skip=self.D.to(dtype), acc=acc).flatten(-2)
+            return ssd_scan(xh, dt, -torch.exp(self.A_log.to(dtype)), b, c, reverse=self.reverse,
+                            skip=self.D.to(dtype), acc=acc).flatten(-2)
 
 
 @token_mixer("ssd")
