@@ -69,3 +69,27 @@ def test_ssm_floor_stand_in_keeps_the_scans_inputs_and_a_tiny_run_prints_every_f
     rows = {line[:22].strip(): line for line in lines[1:]}
     assert list(rows) == ["attention", "ssm", "ssm, scans stood in", "two scans alone"]
     assert rows["attention"].endswith("1.00x attention")
+
+
+def test_native_scan_bench_checks_each_pair_equal_and_prints_both_scans(capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """bench/native_scan.py: a tiny run (2x2 tokens, one round) prints a row per scan and writes
+    its JSON; each pair was checked equal before it was timed (the run would raise otherwise)."""
+    spec = importlib.util.spec_from_file_location("native_scan_bench", ROOT / "bench" / "native_scan.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    from search_spaces.layers import _native_scan
+
+    if not _native_scan.available():
+        import pytest
+
+        pytest.skip("no native scan here")
+    threads = torch.get_num_threads()
+    try:
+        out = mod.main(["--grids", "2", "--rounds", "1", "--json", str(tmp_path / "n.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert list(out["results"]["2"]) == ["selective scan (ssm)", "SSD, Mamba-2 (ssd, hydra)"]
+    assert all(r["torch_ms"] > 0 and r["native_ms"] > 0 for r in out["results"]["2"].values())
+    assert json.loads((tmp_path / "n.json").read_text())["results"] == out["results"]
+    printed = capsys.readouterr().out
+    assert "selective scan (ssm)" in printed and "SSD, Mamba-2" in printed
