@@ -287,3 +287,23 @@ def test_native_ssd_threads_split_the_batch_to_the_same_result() -> None:
         torch.set_num_threads(threads)
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("home_is", ["a file", "not writable"])
+def test_a_home_that_cannot_be_written_gets_a_cache_in_the_temporary_directory(
+        home_is: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No ``$HYBRID_NAS_CACHE``, and a home whose cache folder cannot be made (the home is a file)
+    or written (``os.access`` says no: these tests run as root, which writes anywhere): the
+    library goes to a per-user folder in the temporary directory. With a usable home, there."""
+    home = tmp_path / "home"
+    monkeypatch.delenv(ns.CACHE_ENV, raising=False)
+    monkeypatch.setattr(ns.Path, "home", lambda: home)
+    monkeypatch.setattr(ns.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    home.mkdir()
+    assert ns.library_path().parent == home / ".cache" / "hybrid_nas"
+    if home_is == "a file":
+        shutil.rmtree(home)
+        home.write_text("")
+    else:
+        monkeypatch.setattr(ns.os, "access", lambda path, mode: False)
+    assert ns.library_path().parent == tmp_path / "tmp" / f"hybrid_nas-{ns.os.getuid()}"

@@ -9,7 +9,8 @@ needs only a C compiler: no PyTorch headers, no ninja; it is called through ``ct
 tensors' memory, which releases the GIL, so several threads can scan parts of a batch at once.
 
 The library is compiled once per source, flags and CPU (``-march=native``) into
-``$HYBRID_NAS_CACHE`` (default ``~/.cache/hybrid_nas``), written to a temporary name and renamed,
+``$HYBRID_NAS_CACHE`` (default ``~/.cache/hybrid_nas``, or a folder in the temporary directory
+where the home cannot be written), written to a temporary name and renamed,
 so processes that build it at the same time do not see each other's half-written file.
 ``make install`` builds it; a process that finds none builds it then (about a second).
 Without a compiler, or with ``HYBRID_NAS_NATIVE_SCAN=0`` in the environment, ``available()``
@@ -64,8 +65,22 @@ def _cpu_key() -> str:
 def library_path() -> Path:
     """Where the library for this source, these flags and this CPU lives (built or not)."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hybrid_nas")
-    return root / f"selective_scan_{key}.so"
+    return _cache_root() / f"selective_scan_{key}.so"
+
+
+def _cache_root() -> Path:
+    """``$HYBRID_NAS_CACHE``, else ``~/.cache/hybrid_nas``, else (a home that cannot be written) a
+    per-user folder in the temporary directory."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    home = Path.home() / ".cache" / "hybrid_nas"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"hybrid_nas-{os.getuid()}"
 
 
 def build() -> Path:
