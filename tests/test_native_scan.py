@@ -307,3 +307,31 @@ def test_a_home_that_cannot_be_written_gets_a_cache_in_the_temporary_directory(
     else:
         monkeypatch.setattr(ns.os, "access", lambda path, mode: False)
     assert ns.library_path().parent == tmp_path / "tmp" / f"hybrid_nas-{ns.os.getuid()}"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
+def test_a_forked_child_scans_with_threads_after_its_parent_did() -> None:
+    """The parent scans on 2 threads (its pool starts), then forks: the child's scan on 2 threads
+    must run (a pool inherited as it was would never run the work) and give the parent's result."""
+    import os
+
+    ins = [t.detach() for t in _scan_inputs(4, 12, 32, 16, torch.float32)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = ss.selective_scan(*ins)
+        assert ns._pool is not None
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if the scan ran and agreed
+            import signal
+
+            signal.alarm(120)  # a hung scan (the bug this guards against) ends the child, not the suite
+            ok = False
+            try:
+                ok = torch.equal(ss.selective_scan(*ins), want)
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -47,6 +47,18 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _work = threading.local()
 
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's pool threads (a pool inherited as it is would take
+    work and never run it) and may inherit the lock held: both start afresh. The loaded library
+    stays valid."""
+    global _lock, _pool, _pool_size
+    _lock, _pool, _pool_size = threading.Lock(), None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 _f = ctypes.POINTER(ctypes.c_float)
 _i = ctypes.c_int
 
