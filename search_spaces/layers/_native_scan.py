@@ -129,7 +129,7 @@ def _load() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(build()))
         except (OSError, RuntimeError) as exc:
-            warnings.warn(f"native selective scan unavailable, using the PyTorch scan: {exc}", stacklevel=3)
+            warnings.warn(f"native scans unavailable, using the PyTorch scans: {exc}", stacklevel=3)
             return None
         lib.scan_forward.argtypes = [_i, _i, _i, _i, _i, _i, _f, _f, _f, _f, _f, _f]
         lib.scan_backward.argtypes = [_i, _i, _i, _i, _i, _i, _f, _f, _f, _f, _f, _f, _f, _f, _f, _f, _f, _f]
@@ -267,6 +267,6 @@ def main() -> None:
     """``make install``: build the library now rather than in the first process that scans. Not an
     install error if it cannot be built: the PyTorch scan runs instead."""
     try:
-        print(f"native selective scan: {build()}")
+        print(f"native scans (ssm, ssd, hydra on CPU): {build()}")
     except (OSError, RuntimeError) as exc:
-        print(f"native selective scan not built ({exc}); the PyTorch scan will run")
+        print(f"native scans not built ({exc}); the PyTorch scans will run")

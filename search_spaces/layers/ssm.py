@@ -5,8 +5,10 @@ Bidirectional ("bimamba v2"): Zhu et al. 2024, "Vision Mamba: Efficient Visual R
 Learning with Bidirectional State Space Model". Related: Hwang et al. 2024, "Hydra:
 Bidirectional State Space Models Through Generalized Matrix Mixers".
 
-Pure PyTorch: the selective scan runs through the O(N) parallel scan in ``_scan.py`` in float32
-(float64 stays float64) whatever the input or autocast dtype.
+The selective scan runs in float32 (float64 stays float64) whatever the input or autocast dtype:
+in native code on a CPU in float32 where it could be built (``_native_scan``), else the fused
+PyTorch scan (CPU) or the O(N) parallel scan of ``_scan.py`` (other devices, tracing); see
+``_selective_scan.py``.
 """
 
 from __future__ import annotations
