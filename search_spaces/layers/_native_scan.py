@@ -33,8 +33,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from search_spaces.layers.common import thread_buffer
-
 SOURCE = Path(__file__).with_name("_selective_scan.c")
 FLAGS = ("-O3", "-ffast-math", "-fopenmp-simd", "-march=native", "-fPIC", "-shared", "-std=c11")
 #: channels per tile and the largest state size the C file holds (its W and SMAX)
@@ -47,6 +45,7 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_work = threading.local()
 
 
 def _after_fork_in_child() -> None:
@@ -178,6 +177,15 @@ def _run(fn, parts: list[tuple[int, int]]) -> None:
         f.result()
 
 
+def _scratch(numel: int) -> Tensor:
+    """A float32 work buffer of at least ``numel`` elements, kept per thread between calls (a fresh
+    one would come as new memory pages, and their faults, every call)."""
+    buf = getattr(_work, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _work.buf = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
 def forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, reverse: bool = False) -> Tensor:
     """``y`` (batch, N, D) for float32 CPU inputs u, delta (batch, N, D), A (D, S), B, C (batch, N, S);
     ``reverse``: scanned from the last token to the first."""
@@ -211,7 +219,7 @@ def backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, gy: Tens
 
     def part(b0: int, b1: int) -> None:
         i = parts.index((b0, b1))
-        lib.scan_backward(b0, b1, *args, _ptr(gA[i]), _ptr(gB), _ptr(gC), _ptr(thread_buffer(work, torch.float32)))
+        lib.scan_backward(b0, b1, *args, _ptr(gA[i]), _ptr(gB), _ptr(gC), _ptr(_scratch(work)))
 
     _run(part, parts)
     return gu, gdelta, gA.sum(0).T.contiguous(), gB, gC
@@ -251,7 +259,7 @@ def ssd_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, skip: T
     args = (n, h, p, s, int(reverse), int(shift), _ptr(x), _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _opt(skip),
             _ptr(gy), _ptr(gx), _ptr(gdt), _ptr(gA), _opt(gskip), _ptr(gB), _ptr(gC))
     work = (3 * n + 1) * s * TILE + n
-    _run(lambda b0, b1: lib.ssd_backward(b0, b1, *args, _ptr(thread_buffer(work, torch.float32))), _parts(bsz))
+    _run(lambda b0, b1: lib.ssd_backward(b0, b1, *args, _ptr(_scratch(work))), _parts(bsz))
     return gx, gdt, gA, gB, gC, gskip
 
 

@@ -44,13 +44,14 @@ to compile per shape and ran no faster than the eager block, so there is none.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
 
 from search_spaces.layers import _native_scan
 from search_spaces.layers._scan import linear_recurrence
-from search_spaces.layers.common import plain_grads, thread_buffer
+from search_spaces.layers.common import plain_grads
 
 # Elements of one time step of a block, b * S * D (a (8, 16, 256) slice in float32: 128 kB), and of
 # one block's (b, T, S, D) buffer (2 MB in float32). Measured on one CPU thread at batch 64,
@@ -58,6 +59,7 @@ from search_spaces.layers.common import plain_grads, thread_buffer
 STEP_ELEMENTS = 1 << 15
 BLOCK_ELEMENTS = 1 << 19
 _LOG2E = 1.0 / math.log(2.0)
+_scratch_cache = threading.local()
 
 
 def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
@@ -75,9 +77,16 @@ def _plan(bsz: int, n: int, state: int) -> tuple[int, int]:
 
 
 def _scratch(count: int, numel: int, like: Tensor) -> list[Tensor]:
-    """``count`` work buffers of ``numel`` elements, views of this thread's kept buffer
-    (``common.thread_buffer``; 8 MB at most at the default sizes in float32)."""
-    buf = thread_buffer(count * numel, like.dtype)
+    """``count`` work buffers of ``numel`` elements, kept between calls (per thread and dtype, 8 MB
+    at most at the default sizes in float32): allocated afresh, buffers of this size came as new
+    memory pages on every call, whose page faults made the batch-1 forward pass 3x slower. One
+    call of a pass uses them at a time, from start to end, and passes do not nest."""
+    cache = getattr(_scratch_cache, "buffers", None)
+    if cache is None:
+        cache = _scratch_cache.buffers = {}
+    buf = cache.get(like.dtype)
+    if buf is None or buf.numel() < count * numel:
+        buf = cache[like.dtype] = torch.empty(count * numel, dtype=like.dtype)
     return [buf[i * numel:(i + 1) * numel] for i in range(count)]
 
 

@@ -4,7 +4,6 @@ the double-backward path every hand-written mixer backward takes (:func:`plain_g
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -196,20 +195,3 @@ def inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floo
     [dt_min, dt_max], so that ``softplus(bias)`` starts in that range."""
     dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
     return dt + torch.log(-torch.expm1(-dt))
-
-
-_thread_buffers = threading.local()
-
-
-def thread_buffer(numel: int, dtype: torch.dtype) -> Tensor:
-    """A flat work buffer of at least ``numel`` elements of ``dtype``, kept per thread and dtype
-    between calls: allocated afresh, buffers of a few MB came as new memory pages on every call,
-    whose page faults made the selective scan's batch-1 forward pass 3x slower. The scans'
-    passes (fused, native) use it from start to end and never nest, so they share it."""
-    cache = getattr(_thread_buffers, "buffers", None)
-    if cache is None:
-        cache = _thread_buffers.buffers = {}
-    buf = cache.get(dtype)
-    if buf is None or buf.numel() < numel:
-        buf = cache[dtype] = torch.empty(numel, dtype=dtype)
-    return buf
