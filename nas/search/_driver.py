@@ -688,9 +688,14 @@ def _recover_optuna(store: Store, storage: Any, name: str, d: Driver, sample_met
                                     key=f"{stage}:{t.number}:interrupted", count_seconds=False)
 
 
+REFILL = 8  # candidates a refill round measures and trains
+
+
 def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = False) -> list[tuple[str, str]]:
     """The architectures ``stage`` evaluates next, best first, minus those already evaluated
-    (``refill``: the next 8 after those, once the planned pass is over)."""
+    (``refill``: the next 8 after those, once the planned pass is over: in the supernet's order,
+    or once ``guided.GUIDE_AFTER`` candidates are trained, as :func:`nas.search.guided.refill_order`
+    picks them)."""
     name = d.name
     cfg = d.cfg
     screened = store.done(name, "screen")
@@ -721,7 +726,14 @@ def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = 
         arch = store.architecture(h)
         if arch is not None:
             out.append((h, arch["spec"] if isinstance(arch["spec"], str) else json.dumps(arch["spec"])))
-    return out[:8] if refill else out
+    if refill and sup:  # past GUIDE_AFTER trainings, a GP of what trained picks the next ones
+        from nas.search.guided import refill_order
+
+        picked = refill_order(d, store, [h for h, _ in out], latency, REFILL)
+        if picked is not None:
+            specs = dict(out)
+            return [(h, specs[h]) for h in picked]
+    return out[:REFILL] if refill else out
 
 
 class _OneShot(_Gate):
