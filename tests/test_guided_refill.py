@@ -16,7 +16,7 @@ import numpy as np
 from nas.budget import parse_budget
 from nas.search import SearchConfig, create_study
 from nas.search._driver import REFILL, _candidates, _nd_order
-from nas.search.guided import GUIDE_AFTER, hybrid_features
+from nas.search.guided import GP_MAX, GUIDE_AFTER, guided_order, hybrid_features
 from nas.store import Store
 from search_spaces import ArchSpec
 from search_spaces.supernet import get_frame
@@ -84,6 +84,19 @@ def test_refill_follows_the_supernet_until_enough_are_trained_then_what_trained(
     untrained = order[GUIDE_AFTER:]
     assert np.mean([good[h] for h in got]) > np.mean([good[h] for h in untrained]) + 0.15
     assert np.mean([good[h] for h in got]) > np.mean([good[h] for h in supernet_next]) + 0.15
+
+
+def test_guided_order_fits_a_fixed_subset_past_gp_max() -> None:
+    """Past GP_MAX trained rows the GP sees a fixed subset: the picks are deterministic, distinct,
+    and still follow what the labels say (accuracy rises with the first feature)."""
+    rng = np.random.default_rng(0)
+    n = GP_MAX + 200
+    x, xt = rng.random((n, 3)), rng.random((50, 3))
+    acc = 50 + 20 * x[:, 0] + rng.normal(0, 0.5, n)
+    lat, latt = np.full(n, 5.0), np.full(50, 5.0)  # equal latencies: the picks are by accuracy alone
+    a = guided_order(x, acc, lat, xt, latt, 10.0, 8)
+    assert a == guided_order(x, acc, lat, xt, latt, 10.0, 8) and len(set(a)) == 8
+    assert a[0] == int(np.argmax(xt[:, 0]))  # the best predicted first
 
 
 def test_hybrid_features_are_mixer_shares_log_flops_and_inherited_accuracy() -> None:
