@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from nas.budget import parse_budget
 from nas.search import SearchConfig, create_study
@@ -84,6 +85,19 @@ def test_refill_follows_the_supernet_until_enough_are_trained_then_what_trained(
     untrained = order[GUIDE_AFTER:]
     assert np.mean([good[h] for h in got]) > np.mean([good[h] for h in untrained]) + 0.15
     assert np.mean([good[h] for h in got]) > np.mean([good[h] for h in supernet_next]) + 0.15
+
+
+def test_a_fit_that_fails_keeps_the_supernets_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nas.search.guided as guided
+
+    def fails(*args: object, **kwargs: object) -> list[int]:
+        raise np.linalg.LinAlgError("not positive definite")
+
+    monkeypatch.setattr(guided, "guided_order", fails)
+    store, _, order = _study(tmp_path / "s", GUIDE_AFTER + 5)
+    d = types.SimpleNamespace(name="g", cfg=SearchConfig())
+    got = [h for h, _ in _candidates(d, store, "latency", None, refill=True)]  # type: ignore[arg-type]
+    assert got == order[GUIDE_AFTER + 5:GUIDE_AFTER + 5 + REFILL]
 
 
 def test_guided_order_fits_a_fixed_subset_past_gp_max() -> None:

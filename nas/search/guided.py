@@ -208,13 +208,15 @@ def refill_order(d: Any, store: Any, todo: list[str], latency: Any, k: int) -> l
     ``GUIDE_AFTER`` trained candidates with an inherited accuracy and FLOPs exist.
     ``latency(h)``: the careful latency where measured, else the screening one."""
     name = d.name
-    sup = {h: m["accuracy"] for h, m in store.done(name, "supernet").items() if "accuracy" in m}
+    sup = {h: m["accuracy"] for h, m in store.done(name, "supernet").items()
+           if math.isfinite(m.get("accuracy", math.nan))}
     screened = store.done(name, "screen")
 
     def usable(h: str) -> bool:
         return h in sup and screened.get(h, {}).get("flops", 0.0) > 0 and math.isfinite(latency(h))
 
-    trained = {h: m["accuracy"] for h, m in store.done(name, "train").items() if "accuracy" in m and usable(h)}
+    trained = {h: m["accuracy"] for h, m in store.done(name, "train").items()
+               if math.isfinite(m.get("accuracy", math.nan)) and usable(h)}
     todo = [h for h in todo if usable(h)]
     if len(trained) < GUIDE_AFTER or not todo:
         return None
@@ -232,5 +234,8 @@ def refill_order(d: Any, store: Any, todo: list[str], latency: Any, k: int) -> l
     if d.cfg.max_latency_ms is not None:  # a latency limit: nothing slower counts
         ref_lat = min(ref_lat, float(d.cfg.max_latency_ms))
     acc = 100.0 * np.array(list(trained.values()), dtype=float)  # the GP models accuracy in percent
-    picks = guided_order(x[:n], acc, lat[:n], x[n:], lat[n:], ref_lat, k)
+    try:
+        picks = guided_order(x[:n], acc, lat[:n], x[n:], lat[n:], ref_lat, k)
+    except (np.linalg.LinAlgError, ValueError):  # a fit that fails never stops the study: the supernet's order
+        return None
     return [todo[i] for i in picks]
