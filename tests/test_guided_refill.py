@@ -17,7 +17,7 @@ import pytest
 from nas.budget import parse_budget
 from nas.search import SearchConfig, create_study
 from nas.search._driver import REFILL, _candidates, _nd_order
-from nas.search.guided import GP_MAX, GUIDE_AFTER, guided_order, hybrid_features
+from nas.search.guided import GP_MAX, GUIDE_AFTER, fit_gp, guided_order, hybrid_features
 from nas.store import Store
 from search_spaces import ArchSpec
 from search_spaces.supernet import get_frame
@@ -108,6 +108,7 @@ def test_guided_order_fits_a_fixed_subset_past_gp_max() -> None:
     x, xt = rng.random((n, 3)), rng.random((50, 3))
     acc = 50 + 20 * x[:, 0] + rng.normal(0, 0.5, n)
     lat, latt = np.full(n, 5.0), np.full(50, 5.0)  # equal latencies: the picks are by accuracy alone
+    assert fit_gp(x, acc).z.shape[0] == GP_MAX and fit_gp(x[:GP_MAX - 1], acc[:GP_MAX - 1]).z.shape[0] == GP_MAX - 1
     a = guided_order(x, acc, lat, xt, latt, 10.0, 8)
     assert a == guided_order(x, acc, lat, xt, latt, 10.0, 8) and len(set(a)) == 8
     assert a[0] == int(np.argmax(xt[:, 0]))  # the best predicted first

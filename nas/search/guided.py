@@ -2,10 +2,11 @@
 
 :class:`GuidedTrain` is the train stage of the ``staged`` strategy on a tabular benchmark, where
 every screened candidate's latency is known (a table lookup) and only its accuracy is not. Before
-each training it fits :class:`predictors.online.OnlineGP` on the trained candidates (features:
-the cell's one-hot encoding, its zero-cost proxies and FLOPs) and trains the screened candidate with the
-largest expected hypervolume improvement (:func:`predictors.online.expected_hvi`) over the front
-trained so far (Emmerich et al. 2006; predictor-guided NAS as in BANANAS, White et al. 2021).
+each training it fits :class:`predictors.online.OnlineGP` on the trained candidates (at most
+``GP_MAX`` of them; features: the cell's one-hot encoding, its zero-cost proxies and FLOPs) and
+trains the screened candidate with the largest expected hypervolume improvement
+(:func:`predictors.online.expected_hvi`) over the front trained so far (Emmerich et al. 2006;
+predictor-guided NAS as in BANANAS, White et al. 2021).
 The first few picks, before there is anything to fit, are the best zero-cost score in each
 latency quantile of the screened candidates (zero-cost warm-up, Abdelfattah et al. 2021).
 
@@ -35,10 +36,10 @@ from workers.request import Candidate, TrialRequest
 if TYPE_CHECKING:
     from nas.search.plan import Plan
 
-__all__ = ["GUIDE_AFTER", "GuidedTrain", "features", "guided_order", "hybrid_features", "refill_order"]
+__all__ = ["GUIDE_AFTER", "GuidedTrain", "features", "fit_gp", "guided_order", "hybrid_features", "refill_order"]
 
 GUIDE_AFTER = 40  # hybrid_vit: trained candidates before the GP orders the refill rounds (bench/hybridbench_guided.py)
-GP_MAX = 300  # hybrid_vit: trained candidates the refill GP is fitted on at most (1,000 took 14 s here, beside a study)
+GP_MAX = 300  # trained candidates a GP is fitted on at most (1,000 took 14 s here, beside a study)
 WARM = 4  # trainings picked by zero-cost score alone, one per latency quantile, before the GP is fitted
 REF_QUANTILES = (10.0, 90.0)  # the reference point: this accuracy percentile of the predictions, latency of the pool
 
@@ -123,9 +124,9 @@ class GuidedTrain(Stage):
         xs = np.where(np.isfinite(xs), xs, np.nan_to_num(col_min, nan=0.0)[None, :])  # a score not finite: the lowest
         n = len(trained)
         acc = np.array([trained[h]["accuracy"] for h in trained], dtype=float)
-        from predictors.online import OnlineGP, expected_hvi
+        from predictors.online import expected_hvi
 
-        gp = OnlineGP().fit(xs[:n], acc)
+        gp = fit_gp(xs[:n], acc)
         mean, std = gp.predict(xs[n:])
         believed = {h: a for h, a in self.running.items() if math.isfinite(a)}  # running: at their prediction
         front_acc = list(acc) + list(believed.values())
@@ -160,6 +161,17 @@ class GuidedTrain(Stage):
         return plan.request(cand.key, self.name, self.stages, (cand,))
 
 
+def fit_gp(x: np.ndarray, acc: np.ndarray) -> Any:
+    """:class:`OnlineGP` fitted on the rows, or past ``GP_MAX`` rows on a fixed random ``GP_MAX``
+    of them: the fit is cubic in its rows."""
+    from predictors.online import OnlineGP
+
+    rows = np.arange(len(acc))
+    if len(rows) > GP_MAX:
+        rows = np.sort(np.random.default_rng(len(rows)).choice(len(rows), GP_MAX, replace=False))
+    return OnlineGP().fit(np.asarray(x)[rows], np.asarray(acc)[rows])
+
+
 def hybrid_features(specs: list[str | dict[str, Any]], inherited: list[float], flops: list[float]) -> np.ndarray:
     """Per hybrid_vit architecture: the share of its blocks with each token mixer, then each channel
     mixer (the mixers any of ``specs`` uses, sorted), log FLOPs and its inherited (supernet)
@@ -182,12 +194,9 @@ def guided_order(x_trained: np.ndarray, acc_trained: np.ndarray, lat_trained: np
     believer) so that a batch spreads along the front. Reference point: the 10th percentile of
     the accuracies (predicted and trained), and ``ref_lat``. Past ``GP_MAX`` trained rows the GP
     is fitted on a fixed random ``GP_MAX`` of them."""
-    from predictors.online import OnlineGP, expected_hvi
+    from predictors.online import expected_hvi
 
-    fit = np.arange(len(acc_trained))
-    if len(fit) > GP_MAX:  # the fit is cubic in its rows: a fixed random subset (the front below still has every one)
-        fit = np.sort(np.random.default_rng(len(fit)).choice(len(fit), GP_MAX, replace=False))
-    mean, std = OnlineGP().fit(x_trained[fit], acc_trained[fit]).predict(x_todo)
+    mean, std = fit_gp(x_trained, acc_trained).predict(x_todo)
     ref_acc = float(np.percentile(np.concatenate([mean, acc_trained]), REF_QUANTILES[0]))
     front_acc, front_lat = list(acc_trained), list(lat_trained)
     left = list(range(len(mean)))
