@@ -50,7 +50,7 @@ POLICIES = ("supernet", "guided", "control")
 
 
 def replay(pool: list[int], policy: str, sup: np.ndarray, acc: np.ndarray, lat: np.ndarray, x: np.ndarray,
-           budget: int) -> dict[int, tuple[float, float]]:
+           budget: int, guide_after: int = GUIDE_AFTER) -> dict[int, tuple[float, float]]:
     """Train ``pool``'s rows as ``policy`` picks them, FIRST then rounds of REFILL, up to ``budget``;
     per round (trained count): (hypervolume share, share of the true front trained)."""
     order = _nd_order([(i, [sup[i], lat[i]]) for i in pool], [False, True])
@@ -61,7 +61,7 @@ def replay(pool: list[int], policy: str, sup: np.ndarray, acc: np.ndarray, lat: 
     out: dict[int, tuple[float, float]] = {}
     while len(trained) < min(budget, len(pool)):
         todo = [i for i in order if i not in trained]
-        if policy == "supernet" or len(trained) < GUIDE_AFTER:
+        if policy == "supernet" or len(trained) < guide_after:
             picks = todo[:REFILL]
         else:
             ref_lat = float(np.percentile(lat[trained + todo], REF_QUANTILES[1]))
@@ -81,18 +81,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--pool", type=int, default=120, help="rows in each seed's pool")
     ap.add_argument("--budget", type=int, default=80, help="trainings per replay")
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--guide-after", type=int, default=GUIDE_AFTER,
+                    help="trainings before the GP picks (the search's nas.search.guided.GUIDE_AFTER)")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
     rows = read_table(Path(args.table))
     if args.pool > len(rows) or args.pool <= FIRST:
         ap.error(f"--pool must be between {FIRST + 1} and the table's {len(rows)} rows")
+    if args.guide_after < 2:
+        ap.error(f"--guide-after must be at least 2 (a GP needs labels), got {args.guide_after}")
     supernets = json.loads(Path(args.supernets).read_text())
     acc = np.array([r["test_acc_mean"] for r in rows], dtype=float)
     lat = np.array([r["lat_cpu_b1_ms"] for r in rows], dtype=float)
     specs = [r["spec"] for r in rows]
     flops = [r["flops"] for r in rows]
     result: dict[str, Any] = {"pool": args.pool, "budget": args.budget, "seeds": args.seeds, "first": FIRST,
-                              "refill": REFILL, "guide_after": GUIDE_AFTER, "variants": {}}
+                              "refill": REFILL, "guide_after": args.guide_after, "variants": {}}
     for variant in args.variants.split(","):
         key = variant if "/" in variant else f"{variant}/ft0"
         if key not in supernets:
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pool = sorted(np.random.default_rng(seed).choice(len(rows), args.pool, replace=False).tolist())
             for p in POLICIES:
                 curves[p].append(replay(pool, p, sup, acc, lat, feats[p] if feats[p] is not None else feats["guided"],
-                                        args.budget))
+                                        args.budget, args.guide_after))
         counts = sorted(curves["supernet"][0])
         res: dict[str, Any] = {}
         for p in POLICIES:

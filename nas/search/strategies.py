@@ -2,7 +2,7 @@
 
 - ``staged``: screen (NSGA-II, Deb et al. 2002, or TPE for one objective) -> supernet training and
   ranking (BigNAS) -> careful latency -> short training with ASHA; then, while budget is left,
-  rounds of latency + training of the next candidates (from 40 trainings on, picked by a GP of
+  rounds of latency + training of the next candidates (from 32 trainings on, picked by a GP of
   the trained accuracies: :func:`nas.search.guided.refill_order`), and when those run out, a
   round that screens more (its share of what is left), ranks, measures and trains them.
   On a tabular benchmark (``--benchmark``): screen, then predictor-guided training
