@@ -150,8 +150,9 @@ def test_the_replay_on_hybridbench(tmp_path: Path) -> None:
             assert r["guided_hv_diff"][n] == [0.0, 0.0] and r["control_front_diff"][n] == [0.0, 0.0]
 
 
-def test_the_replay_refuses_a_bad_pool_and_an_unknown_supernet() -> None:
-    for args, says in ((["--pool", "10"], "--pool must be between"), (["--variants", "nope"], "no supernet 'nope'")):
+def test_the_replay_refuses_bad_arguments() -> None:
+    for args, says in ((["--pool", "10"], "--pool must be between"), (["--variants", "nope"], "no supernet 'nope'"),
+                       (["--guide-after", "1"], "--guide-after must be at least 2")):
         p = subprocess.run([sys.executable, str(REPO / "bench" / "hybridbench_guided.py"), *args],
                            capture_output=True, text=True)
         assert p.returncode == 2 and says in p.stderr, p.stderr
