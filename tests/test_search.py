@@ -67,6 +67,13 @@ def _overrun_bound(store: Store, name: str) -> float:
     return budget + max(max(screens, default=0.0), 0.02 * budget)
 
 
+def _costliest(store: Store, name: str, n: int = 6) -> str:
+    """The study's costliest evaluations, for a failed budget assertion: which trial overran."""
+    evs = sorted(store.evaluations(name), key=lambda e: -e.seconds)[:n]
+    return "; ".join(f"{e.stage} {e.seconds:.2f}s {e.error or ''} {dict(sorted(e.metrics.items()))}".strip()
+                     for e in evs)
+
+
 def _check_optuna(store: Store, name: str) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=name, storage=store.url)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -167,7 +174,7 @@ def test_small_budget_is_spent_by_screening_more(ray_session: Any, tmp_path: Pat
     evs = [e for e in store.evaluations("small", errors=False)]
     # the budget holds within one screening trial (or 2%), at any speed; what is left unspent is
     # less than the slowest screening trial per worker (screening more fills the rest)
-    assert info.used_seconds <= _overrun_bound(store, "small")
+    assert info.used_seconds <= _overrun_bound(store, "small"), _costliest(store, "small")
     slowest = max(e.seconds for e in evs if e.stage == "screen")
     assert info.used_seconds >= 15 - 2 * slowest - 0.02 * 15
     later = [e.id for e in evs if e.stage in ("supernet", "latency", "train")]
@@ -191,7 +198,7 @@ def test_budget_holds_when_training_costs_more_than_is_left(ray_session: Any, tm
     info = store.study("long")
     assert info.status == "completed"
     _check_accounting(store, "long")
-    assert info.used_seconds <= _overrun_bound(store, "long")
+    assert info.used_seconds <= _overrun_bound(store, "long"), _costliest(store, "long")
     for e in store.evaluations("long", errors=False):
         if e.stage == "train" and e.metrics.get("budget_stop"):  # stopped by its allowance: what it did
             assert e.metrics["steps"] < 40 * (len(load_data_for(info)) // 64)
