@@ -41,11 +41,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from hybridbench_ranking import DEFAULT_SUPERNETS, DEFAULT_TABLE, read_table  # noqa: E402
 
-from nas.search._driver import REFILL, _nd_order  # noqa: E402
+from nas.search._driver import FIRST_TRAIN, REFILL, _nd_order  # noqa: E402
 from nas.search.guided import GUIDE_AFTER, REF_QUANTILES, guided_order, hybrid_features  # noqa: E402
 from predictors.metrics import hypervolume, pareto_front  # noqa: E402
 
-FIRST = 24  # the planned pass's training: the top 24 of the supernet's order (nas.search._driver._candidates)
+FIRST = FIRST_TRAIN  # the planned pass's training: the top of the supernet's order
 POLICIES = ("supernet", "guided", "control")
 
 
@@ -103,14 +103,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ap.error(f"no supernet {variant!r} in {args.supernets}; it has: "
                      f"{', '.join(sorted({k.split('/')[0] for k in supernets}))}")
         sup = np.array([supernets[key][r["hash"]] for r in rows], dtype=float)
-        feats = {"guided": hybrid_features(specs, list(sup), flops), "supernet": None}
-        feats["control"] = feats["guided"][:, -2:]  # log FLOPs and inherited accuracy only
+        guided = hybrid_features(specs, list(sup), flops)
+        feats = {"supernet": guided, "guided": guided, "control": guided[:, -2:]}  # control: log FLOPs, inherited
         curves: dict[str, list[dict[int, tuple[float, float]]]] = {p: [] for p in POLICIES}
         for seed in range(args.seeds):
             pool = sorted(np.random.default_rng(seed).choice(len(rows), args.pool, replace=False).tolist())
             for p in POLICIES:
-                curves[p].append(replay(pool, p, sup, acc, lat, feats[p] if feats[p] is not None else feats["guided"],
-                                        args.budget, args.guide_after))
+                curves[p].append(replay(pool, p, sup, acc, lat, feats[p], args.budget, args.guide_after))
         counts = sorted(curves["supernet"][0])
         res: dict[str, Any] = {}
         for p in POLICIES:

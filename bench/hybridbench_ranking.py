@@ -188,13 +188,11 @@ def hybrid_nodes(rows: list[dict[str, Any]], cache: Path) -> list[np.ndarray] | 
 
 def mixer_features(rows: list[dict[str, Any]]) -> np.ndarray:
     """Per row: the share of its blocks with each token mixer, then each channel mixer (the mixers
-    any row uses, in sorted order), and log FLOPs."""
-    from search_spaces.spec import ArchSpec
+    any row uses, in sorted order), and log FLOPs: the search's own encoding
+    (``nas.search.guided.mixer_encoding``)."""
+    from nas.search.guided import mixer_encoding
 
-    specs = [ArchSpec.from_json(r["spec"]) for r in rows]
-    tms = sorted({t for s in specs for st in s.stages for t, _ in st.mixers()})
-    cms = sorted({c for s in specs for st in s.stages for _, c in st.mixers()})
-    return np.array([[*s.mixer_fractions(tms, cms), math.log(r["flops"])] for s, r in zip(specs, rows)])
+    return mixer_encoding([r["spec"] for r in rows], [r["flops"] for r in rows])
 
 
 def gp_splits(x: np.ndarray, acc: np.ndarray, n_train: int, splits: int) -> list[float]:

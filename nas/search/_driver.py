@@ -688,6 +688,7 @@ def _recover_optuna(store: Store, storage: Any, name: str, d: Driver, sample_met
                                     key=f"{stage}:{t.number}:interrupted", count_seconds=False)
 
 
+FIRST_TRAIN = 24  # candidates the planned pass trains (the top of the supernet's order)
 REFILL = 8  # candidates a refill round measures and trains
 
 
@@ -714,7 +715,7 @@ def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = 
     pts = [(h, [m[key], latency(h)]) for h, m in src.items() if key in m]
     ordered = _nd_order(pts, [False, True])
     if not refill:
-        ordered = ordered[:24] if train else ordered[: max(8, len(ordered) // 2)]
+        ordered = ordered[:FIRST_TRAIN] if train else ordered[: max(8, len(ordered) // 2)]
     if cfg.max_latency_ms is not None:
         ordered = [h for h in ordered if latency(h) <= cfg.max_latency_ms]
     if cfg.max_params is not None:
@@ -729,10 +730,9 @@ def _candidates(d: Driver, store: Store, stage: str, frame: Any, refill: bool = 
     if refill and sup:  # past GUIDE_AFTER trainings, a GP of what trained picks the next ones
         from nas.search.guided import refill_order
 
-        picked = refill_order(d, store, [h for h, _ in out], latency, REFILL)
+        picked = refill_order(d, store, out, sup, screened, latency, REFILL)
         if picked is not None:
-            specs = dict(out)
-            return [(h, specs[h]) for h in picked]
+            return picked
     return out[:REFILL] if refill else out
 
 

@@ -36,7 +36,8 @@ from workers.request import Candidate, TrialRequest
 if TYPE_CHECKING:
     from nas.search.plan import Plan
 
-__all__ = ["GUIDE_AFTER", "GuidedTrain", "features", "fit_gp", "guided_order", "hybrid_features", "refill_order"]
+__all__ = ["GUIDE_AFTER", "GuidedTrain", "features", "fit_gp", "guided_order", "hybrid_features",
+           "mixer_encoding", "refill_order"]
 
 # hybrid_vit: trained candidates before the GP orders the refill rounds. On HybridBench a GP on 25
 # labels already ranks better than the supernet alone (tau 0.410 against 0.391), and in the replay
@@ -175,18 +176,23 @@ def fit_gp(x: np.ndarray, acc: np.ndarray) -> Any:
     return OnlineGP().fit(np.asarray(x)[rows], np.asarray(acc)[rows])
 
 
-def hybrid_features(specs: list[str | dict[str, Any]], inherited: list[float], flops: list[float]) -> np.ndarray:
+def mixer_encoding(specs: list[str | dict[str, Any]], flops: list[float]) -> np.ndarray:
     """Per hybrid_vit architecture: the share of its blocks with each token mixer, then each channel
-    mixer (the mixers any of ``specs`` uses, sorted), log FLOPs and its inherited (supernet)
-    accuracy. On HybridBench a GP on these fitted on 100 labels ranks the other 100 at Kendall tau
-    0.494, against 0.391 for the inherited accuracy alone (``bench/hybridbench_ranking.py``)."""
+    mixer (the mixers any of ``specs`` uses, sorted), and log FLOPs."""
     from search_spaces.spec import ArchSpec
 
     archs = [ArchSpec.from_json(s if isinstance(s, str) else json.dumps(s)) for s in specs]
     tms = sorted({t for a in archs for st in a.stages for t, _ in st.mixers()})
     cms = sorted({c for a in archs for st in a.stages for _, c in st.mixers()})
-    return np.array([[*a.mixer_fractions(tms, cms), math.log(max(f, 1.0)), acc]
-                     for a, f, acc in zip(archs, flops, inherited)], dtype=float).reshape(len(archs), -1)
+    return np.array([[*a.mixer_fractions(tms, cms), math.log(max(f, 1.0))] for a, f in zip(archs, flops)],
+                    dtype=float).reshape(len(archs), -1)
+
+
+def hybrid_features(specs: list[str | dict[str, Any]], inherited: list[float], flops: list[float]) -> np.ndarray:
+    """:func:`mixer_encoding` and the inherited (supernet) accuracy. On HybridBench a GP on these
+    fitted on 100 labels ranks the other 100 at Kendall tau 0.494, against 0.391 for the inherited
+    accuracy alone (``bench/hybridbench_ranking.py``)."""
+    return np.column_stack([mixer_encoding(specs, flops), np.asarray(inherited, dtype=float)])
 
 
 def guided_order(x_trained: np.ndarray, acc_trained: np.ndarray, lat_trained: np.ndarray, x_todo: np.ndarray,
@@ -214,32 +220,31 @@ def guided_order(x_trained: np.ndarray, acc_trained: np.ndarray, lat_trained: np
     return out
 
 
-def refill_order(d: Any, store: Any, todo: list[str], latency: Any, k: int) -> list[str] | None:
-    """hybrid_vit's refill rounds: the ``k`` of ``todo`` (hashes the supernet ranked, not yet
-    evaluated by the stage) that :func:`guided_order` picks, in order; None (keep the supernet's order) before
-    ``GUIDE_AFTER`` trained candidates with an inherited accuracy and FLOPs exist.
-    ``latency(h)``: the careful latency where measured, else the screening one."""
-    name = d.name
-    sup = {h: m["accuracy"] for h, m in store.done(name, "supernet").items()
-           if math.isfinite(m.get("accuracy", math.nan))}
-    screened = store.done(name, "screen")
-
+def refill_order(d: Any, store: Any, todo: list[tuple[str, str]], sup: dict[str, dict[str, float]],
+                 screened: dict[str, dict[str, float]], latency: Any, k: int) -> list[tuple[str, str]] | None:
+    """hybrid_vit's refill rounds: the ``k`` of ``todo`` ((hash, spec) the supernet ranked, not yet
+    evaluated by the stage) that :func:`guided_order` picks, in order; None (keep the supernet's
+    order) before ``GUIDE_AFTER`` trained candidates with an inherited accuracy and FLOPs exist.
+    ``sup`` and ``screened``: the study's supernet and screening metrics by hash, as the caller
+    read them; ``latency(h)``: the careful latency where measured, else the screening one."""
     def usable(h: str) -> bool:
-        return h in sup and screened.get(h, {}).get("flops", 0.0) > 0 and math.isfinite(latency(h))
+        return (math.isfinite(sup.get(h, {}).get("accuracy", math.nan))
+                and screened.get(h, {}).get("flops", 0.0) > 0 and math.isfinite(latency(h)))
 
-    trained = {h: m["accuracy"] for h, m in store.done(name, "train").items()
+    trained = {h: m["accuracy"] for h, m in store.done(d.name, "train").items()
                if math.isfinite(m.get("accuracy", math.nan)) and usable(h)}
-    todo = [h for h in todo if usable(h)]
+    todo = [(h, spec) for h, spec in todo if usable(h)]
     if len(trained) < GUIDE_AFTER or not todo:
         return None
-    hashes = list(trained) + todo
     specs = []
-    for h in hashes:
+    for h in trained:
         arch = store.architecture(h)
         if arch is None:
             return None
         specs.append(arch["spec"])
-    x = hybrid_features(specs, [sup[h] for h in hashes], [screened[h]["flops"] for h in hashes])
+    hashes = list(trained) + [h for h, _ in todo]
+    specs += [spec for _, spec in todo]
+    x = hybrid_features(specs, [sup[h]["accuracy"] for h in hashes], [screened[h]["flops"] for h in hashes])
     lat = np.array([latency(h) for h in hashes], dtype=float)
     n = len(trained)
     ref_lat = float(np.percentile(lat, REF_QUANTILES[1]))
