@@ -186,10 +186,14 @@ class Asha:
         rung = self.rungs.get(epoch)
         if rung is None or key in rung:
             return False
-        done = sorted(rung.values(), reverse=True)
+        stop = bool(rung) and self.below(rung, key, accuracy)
         rung[key] = accuracy
-        if not done:
-            return False
+        return stop
+
+    def below(self, before: dict[str, float], key: str, accuracy: float) -> bool:
+        """True: ``key``'s ``accuracy`` falls below the top ``1/eta`` of ``before``, what the rung
+        recorded until it came."""
+        done = sorted(before.values(), reverse=True)
         # the (1 - 1/eta) quantile of what the rung recorded before (linear interpolation)
         q = (1 - 1 / self.eta) * (len(done) - 1)
         lo, hi = math.floor(q), math.ceil(q)
