@@ -464,6 +464,8 @@ def search(
     stages: str | None = _opt(None, "--stages", "Budget shares, e.g. screen=0.15,supernet=0.35,latency=0.1,train=0.4."),
     frame: str = _opt("auto", "--frame", "Space: auto, tiny, small or a frame JSON file."),
     train_epochs: int = _opt(4, "--train-epochs", "Epochs of the short training."),
+    early_stop: str = _opt("none", "--early-stop", "The train stage's early stopping: none, or asha (stops weak "
+                                                   "trainings after 1, 2, 4... epochs)."),
     data_limit: int | None = _opt(None, "--data-limit", "Use this many training images (at least 20)."),
     supernet: str | None = _opt(None, "--supernet", "A trained supernet to use instead of training one."),
     parzc: str | None = _opt(None, "--parzc", "A saved ParZC predictor to screen with."),

@@ -187,6 +187,8 @@ SEARCH_BAD: list[Any] = [
     pytest.param(["--gpus-per-trial", "2"], "gpus-per-trial.*supernet-workers", id="gpus-per-trial-2"),
     pytest.param(["--gpus-per-trial", "0.5", "--target", "cpu"], "gpus-per-trial.*cpu", id="gpus-per-trial-on-cpu"),
     pytest.param(["--train-epochs", "0"], "epochs", id="train-epochs-0"),
+    pytest.param(["--early-stop", "sometimes"], "--early-stop must be one of none, asha, got 'sometimes'",
+                 id="early-stop-unknown"),
     pytest.param(["--max-params", "0"], "max-params", id="max-params-0"),
     pytest.param(["--max-params", "lots"], "lots", id="max-params-lots"),
     pytest.param(["--max-params", "10"], "max-params", id="max-params-below-smallest-arch"),

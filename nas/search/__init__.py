@@ -5,8 +5,9 @@ The objects (see README, "The search as objects"):
 - :class:`~nas.search.strategy.Strategy` (registry: :func:`register_strategy`): a sampler and an
   ordered list of stages. Built in (``nas/search/strategies.py``): ``staged`` (screen with
   zero-cost proxies, train and rank with a weight-sharing supernet, measure latency, train the
-  best with ASHA, then refill rounds), and the baselines ``nsga2``, ``random`` and ``rea``
-  (``nas/search/rea.py``), which train every sampled candidate briefly and measure it.
+  best (stopped early by ASHA only with ``--early-stop asha``), then refill rounds), and the
+  baselines ``nsga2``, ``random`` and ``rea`` (``nas/search/rea.py``), which train every sampled
+  candidate briefly and measure it.
 - :class:`~nas.search.stages.Stage`: name, budget share, candidates, requests, gate.
 - :class:`~nas.search.plan.Plan`: walks the stages; the executor asks it for requests
   (``workers.ray_pool`` on Ray workers, ``workers.local`` in this process).

@@ -601,11 +601,11 @@ def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict
     sampling = Sampling(d, store, frame, strategy, sampled)
     d.calibrate(frame, data)  # the cost model's unit, before any trial runs
     plan = Plan(d, store, frame, strategy, sampling, eval_cfg)
+    uses_asha = cfg.early_stop == "asha" and any(isinstance(s, Train) for s in planned)
     if executor == "local":
         from workers.local import run_local
 
-        run_local(plan, data, max_failures=cfg.max_failures,
-                  asha_max_t=cfg.train_epochs if any(isinstance(s, Train) for s in planned) else None)
+        run_local(plan, data, max_failures=cfg.max_failures, asha_max_t=cfg.train_epochs if uses_asha else None)
     else:
         import ray
 
@@ -621,7 +621,6 @@ def _run(d: Driver, store: Store, name: str, executor: str = "ray") -> list[dict
             check_gpu_pool(cfg, ray.cluster_resources().get("GPU", 0.0),
                            f"the Ray cluster at {cfg.address}" if cfg.address else "this machine")
         resources = trial_resources(cfg)
-        uses_asha = any(isinstance(s, Train) for s in planned)
         run_trials(plan, data_ref=ray.put(data), workers=cfg.workers, resources=resources,
                    asha_max_t=cfg.train_epochs if uses_asha else None, max_failures=cfg.max_failures)
     if d.lost is not None:  # never "completed" for results that could not be kept

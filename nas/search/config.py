@@ -24,6 +24,9 @@ OBJECTIVES = {"accuracy": ("accuracy", "max"), "latency": ("latency_ms", "min"),
 DEFAULT_SHARES = {"screen": 0.15, "supernet": 0.35, "latency": 0.1, "train": 0.4}
 PRECISION_CHOICES = ("any", "fp32", "bf16", "fp16", "int8", "fp8")
 TARGETS = ("auto", "cpu", "cuda")
+#: early stopping of the staged search's train stage: none, or ASHA (Li et al. 2020). none since session
+#: 13: on HybridBench's learning curves an early epoch hardly predicts the last (bench/hybridbench_asha.py)
+EARLY_STOP = ("none", "asha")
 MAX_WORKERS = 1024
 MAX_TRAIN_EPOCHS = 1000
 MAX_SEED = 2**32 - 1
@@ -100,6 +103,7 @@ class SearchConfig:
     address: str | None = None
     seed: int = 0
     train_epochs: int = 4
+    early_stop: str = "none"  # the train stage's early stopping: none or asha
     supernet_epochs: int | None = None  # None: as many as the supernet's budget share allows
     max_supernet_epochs: int = 30
     score: str = "nwot"
@@ -157,7 +161,8 @@ class SearchConfig:
         from nas.search.strategy import strategy_names  # the registry (a new strategy is one file)
 
         for flag, value, choices in (("--target", self.target, TARGETS), ("--precision", self.precision,
-                                     PRECISION_CHOICES), ("--strategy", self.strategy, strategy_names())):
+                                     PRECISION_CHOICES), ("--strategy", self.strategy, strategy_names()),
+                                    ("--early-stop", self.early_stop, EARLY_STOP)):
             if value not in choices:
                 yield f"{flag} must be one of {', '.join(choices)}, got {_clip(value)}"
         bounds: list[tuple[str, Any, int, int]] = [
@@ -227,10 +232,12 @@ class SearchConfig:
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
         """A stored config; its target is concrete (``prepare_study`` stores the resolved one; a
         config stored without a target predates ``auto`` and meant the CPU; ``auto`` stored by a
-        caller that skipped ``prepare_study`` is resolved here)."""
+        caller that skipped ``prepare_study`` is resolved here). One stored without ``early_stop``
+        predates the choice and ran ASHA, so a resumed study goes on as it began."""
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
         values["target"] = resolve_target(values.get("target", "cpu"))
+        values.setdefault("early_stop", "asha")
         return cls(**values)
 
     @classmethod

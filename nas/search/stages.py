@@ -290,8 +290,9 @@ class Latency(_Listed):
 
 
 class Train(_Listed):
-    """Short training from scratch of the final candidates; ASHA stops the weak ones between
-    epochs when more than two train."""
+    """Short training from scratch of the final candidates. With ``--early-stop asha``, ASHA stops
+    the weak ones between epochs when more than two train; the default trains each to the end
+    (on HybridBench an early epoch's accuracy hardly predicts the last: bench/hybridbench_asha.py)."""
 
     name = share = "train"
     stages = ("train",)
@@ -301,5 +302,5 @@ class Train(_Listed):
 
     def open(self, plan: Plan) -> bool:
         ok = super().open(plan)
-        self.asha = ok and len(self.todo) > 2
+        self.asha = ok and plan.d.cfg.early_stop == "asha" and len(self.todo) > 2
         return ok

@@ -1,10 +1,11 @@
 """The built-in strategies: ``staged`` (the default), and the baselines ``nsga2`` and ``random``.
 
 - ``staged``: screen (NSGA-II, Deb et al. 2002, or TPE for one objective) -> supernet training and
-  ranking (BigNAS) -> careful latency -> short training with ASHA; then, while budget is left,
-  rounds of latency + training of the next candidates (from 32 trainings on, picked by a GP of
-  the trained accuracies: :func:`nas.search.guided.refill_order`), and when those run out, a
-  round that screens more (its share of what is left), ranks, measures and trains them.
+  ranking (BigNAS) -> careful latency -> short training (stopped early by ASHA only with
+  ``--early-stop asha``); then, while budget is left, rounds of latency + training of the next
+  candidates (from 32 trainings on, picked by a GP of the trained accuracies:
+  :func:`nas.search.guided.refill_order`), and when those run out, a round that screens more (its
+  share of what is left), ranks, measures and trains them.
   On a tabular benchmark (``--benchmark``): screen, then predictor-guided training
   (:mod:`nas.search.guided`), with more screening when the screened candidates run out.
 - ``nsga2`` / ``random``: every sampled candidate is trained briefly and measured.
