@@ -26,6 +26,12 @@ finished ones on 10,000. Scores, per budget:
 - the best delivered accuracy's shortfall against the pool's best.
 Differences against ``none`` (no early stopping) are paired by seed, with standard errors.
 
+``--short-runs`` (default ``bench/data/hybridbench_c10_v1_e5_runs.jsonl``, when it exists) asks
+the other way to spend less per candidate: the same recipe with fewer epochs and its own
+schedule. It prints how well those runs rank seed 1's 10-epoch accuracy on the rows they cover,
+against seed 0's 10-epoch run (the noise ceiling), with the paired bootstrap standard error; and
+beside them the same epoch of seed 0's 10-epoch curve and the ``--variant`` supernet.
+
 Policies:
 - ``none``: every training runs to the end (the search's default since session 13);
 - ``g<grace>e<eta>``: the search's scheduler with that grace and eta (``g1e2`` is the search's
@@ -56,13 +62,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from hybridbench import runs_file  # noqa: E402
-from hybridbench_ranking import DEFAULT_SUPERNETS, DEFAULT_TABLE, read_table  # noqa: E402
+from hybridbench_ranking import DEFAULT_SUPERNETS, DEFAULT_TABLE, paired_difference, read_table  # noqa: E402
 
 from nas.search._driver import _nd_order  # noqa: E402
 from predictors.metrics import hypervolume  # noqa: E402
 from workers.request import Asha  # noqa: E402
 
 DEFAULT_POLICIES = "none,g1e2,g2e2,g3e2,g4e2,g5e2,g3e3,p1e2,p3e2"
+DEFAULT_SHORT = ROOT / "bench" / "data" / "hybridbench_c10_v1_e5_runs.jsonl"
 
 
 class ParetoAsha(Asha):
@@ -148,6 +155,30 @@ def score(delivered: dict[int, float], pool: list[int], final: np.ndarray, lat: 
     return hv / whole, float(final[pool].max()) - best
 
 
+def short_runs(path: Path, rows: list[dict[str, Any]], curves: np.ndarray, sup: np.ndarray,
+               resamples: int = 2000) -> dict[str, Any]:
+    """How trainings of fewer epochs (``path``: runs of one shorter recipe, seed 0) rank seed 1's
+    10-epoch accuracy, beside seed 0's 10-epoch run, its curve at the same epoch and the supernet."""
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_hash = {r["hash"]: r for r in runs if r["seed"] == 0}
+    idx = [i for i, r in enumerate(rows) if r["hash"] in by_hash and "test_acc_s1" in r]
+    if len(idx) < 3:
+        raise ValueError(f"{path} covers {len(idx)} rows with a second seed; at least 3 are needed")
+    epochs = {int(by_hash[rows[i]["hash"]]["recipe"]["epochs"]) for i in idx}
+    if len(epochs) != 1 or not 1 <= next(iter(epochs)) <= curves.shape[1]:
+        raise ValueError(f"{path} must hold runs of one recipe of 1-{curves.shape[1]} epochs, has {sorted(epochs)}")
+    e = next(iter(epochs))
+    short = np.array([by_hash[rows[i]["hash"]]["test_acc"] for i in idx], dtype=float)
+    full = np.array([rows[i]["test_acc_s0"] for i in idx], dtype=float)
+    truth = np.array([rows[i]["test_acc_s1"] for i in idx], dtype=float)
+    diff, se = paired_difference(short, full, truth, resamples, seed=0)
+    return {"rows": len(idx), "epochs": e, "tau_short": float(kendalltau(short, truth)[0]),
+            "tau_full": float(kendalltau(full, truth)[0]), "diff": [diff, se],
+            "tau_curve_same_epoch": float(kendalltau(curves[idx, e - 1], truth)[0]),
+            "tau_supernet": float(kendalltau(sup[idx], truth)[0]),
+            "seconds_short": float(sum(by_hash[rows[i]["hash"]]["train_seconds"] for i in idx))}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table", default=str(DEFAULT_TABLE))
@@ -160,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="budgets as shares of the cost of training the whole pool, comma-separated")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--short-runs", default=str(DEFAULT_SHORT) if DEFAULT_SHORT.is_file() else None,
+                    help="runs of a shorter recipe (seed 0) to compare with the 10-epoch ones")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
     table = Path(args.table)
@@ -183,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--budgets must be shares in (0, 1], got {args.budgets}")
     if not len(rows) >= args.pool >= 2:
         ap.error(f"--pool must be between 2 and the table's {len(rows)} rows, got {args.pool}")
+    if args.seeds < 2:
+        ap.error(f"--seeds must be at least 2 (the paired standard errors need two), got {args.seeds}")
     if args.workers < 1:
         ap.error(f"--workers must be at least 1, got {args.workers}")
     supernets = json.loads(Path(args.supernets).read_text())
@@ -201,6 +236,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     res: dict[str, Any] = {"pool": args.pool, "seeds": args.seeds, "workers": args.workers, "order": args.order,
                            "variant": args.variant, "epochs": epochs, "tau_epoch_final": taus, "budgets": {}}
+    if args.short_runs:
+        try:
+            sh = short_runs(Path(args.short_runs), rows, curves, sup)
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--short-runs {args.short_runs}: {e}")
+        res["short_runs"] = sh
+        print(f"Trainings of {sh['epochs']} epochs ({sh['rows']} rows, seed 0, {Path(args.short_runs).name}) "
+              f"rank seed 1's "
+              f"{epochs}-epoch accuracy at tau {sh['tau_short']:.3f}, against {sh['tau_full']:.3f} for seed 0's "
+              f"{epochs}-epoch run (paired {sh['diff'][0]:+.3f}, se {sh['diff'][1]:.3f}); epoch {sh['epochs']} of "
+              f"that run {sh['tau_curve_same_epoch']:.3f}; supernet {args.variant} {sh['tau_supernet']:.3f}")
     for b in budgets:
         per: dict[str, list[tuple[float, float, float, int, int]]] = {p: [] for p in policies}
         for seed in range(args.seeds):

@@ -156,6 +156,7 @@ def test_replay_on_the_committed_curves(tmp_path: Path) -> None:
     (["--policies", "none,asha"], "is not none, g<grace>e<eta> or p<grace>e<eta>"),
     (["--budgets", "0"], "--budgets must be shares in (0, 1]"),
     (["--pool", "1"], "--pool must be between 2"),
+    (["--seeds", "1"], "--seeds must be at least 2"),
     (["--variant", "nope"], "no supernet 'nope'"),
 ])
 def test_replay_bad_input_is_one_line_exit_2(args: list[str], message: str, capsys: Any) -> None:
@@ -163,3 +164,28 @@ def test_replay_bad_input_is_one_line_exit_2(args: list[str], message: str, caps
         replay_bench.main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.strip().splitlines()[-1].count(message) == 1
+
+
+def test_short_runs_against_the_committed_table(tmp_path: Path) -> None:
+    """The 5-epoch runs cover the 40 rows with a second seed; seed 0's 10-epoch tau against seed 1
+    is the table's noise ceiling (as hybridbench_ranking computes it); the short runs rank worse."""
+    from hybridbench_ranking import noise_ceiling, read_table
+
+    res = replay_bench.main(["--policies", "none", "--budgets", "0.1", "--seeds", "2"])
+    sh = res["short_runs"]
+    rows = read_table(replay_bench.DEFAULT_TABLE)
+    assert sh["rows"] == 40 and sh["epochs"] == 5
+    assert sh["tau_full"] == pytest.approx(noise_ceiling(rows)[0], abs=1e-12)
+    assert sh["diff"][0] == pytest.approx(sh["tau_short"] - sh["tau_full"], abs=1e-12)
+    assert sh["tau_short"] < sh["tau_full"] and sh["diff"][1] > 0
+    # a file that mixes recipes is refused, exit 2, one line
+    lines = replay_bench.DEFAULT_SHORT.read_text().splitlines()
+    import json
+
+    mixed = [json.loads(line) for line in lines[:6]]
+    mixed[0]["recipe"]["epochs"] = 3
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    with pytest.raises(SystemExit) as e:
+        replay_bench.main(["--short-runs", str(bad), "--seeds", "2"])
+    assert e.value.code == 2
