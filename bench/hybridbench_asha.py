@@ -55,17 +55,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import kendalltau
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from hybridbench import runs_file  # noqa: E402
+from hybridbench_guided import pool_reference  # noqa: E402
 from hybridbench_ranking import DEFAULT_SUPERNETS, DEFAULT_TABLE, paired_difference, read_table  # noqa: E402
 
 from nas.search._driver import _nd_order  # noqa: E402
-from predictors.metrics import hypervolume  # noqa: E402
+from predictors.metrics import hypervolume, kendall_tau  # noqa: E402
 from workers.request import Asha  # noqa: E402
 
 DEFAULT_POLICIES = "none,g1e2,g2e2,g3e2,g4e2,g5e2,g3e3,p1e2,p3e2"
@@ -144,10 +144,11 @@ def replay(order: list[int], curves: np.ndarray, lat: np.ndarray, epoch_s: np.nd
     return delivered, spent, stopped
 
 
-def score(delivered: dict[int, float], pool: list[int], final: np.ndarray, lat: np.ndarray) -> tuple[float, float]:
-    """(hypervolume share of the delivered front, best delivered accuracy's shortfall to the pool's best)."""
-    ref = [float(np.median(final[pool])), float(np.percentile(lat[pool], 90))]
-    whole = hypervolume(np.c_[final[pool], lat[pool]], ref, [False, True])
+def score(delivered: dict[int, float], pool: list[int], final: np.ndarray, lat: np.ndarray,
+          reference: tuple[list[float], float]) -> tuple[float, float]:
+    """(hypervolume share of the delivered front, best delivered accuracy's shortfall to the pool's
+    best); ``reference``: the pool's :func:`hybridbench_guided.pool_reference`."""
+    ref, whole = reference
     rows = sorted(delivered)
     pts = np.c_[[delivered[r] for r in rows], lat[rows]] if rows else np.zeros((0, 2))
     hv = hypervolume(pts, ref, [False, True]) if rows else 0.0
@@ -172,10 +173,10 @@ def short_runs(path: Path, rows: list[dict[str, Any]], curves: np.ndarray, sup: 
     full = np.array([rows[i]["test_acc_s0"] for i in idx], dtype=float)
     truth = np.array([rows[i]["test_acc_s1"] for i in idx], dtype=float)
     diff, se = paired_difference(short, full, truth, resamples, seed=0)
-    return {"rows": len(idx), "epochs": e, "tau_short": float(kendalltau(short, truth)[0]),
-            "tau_full": float(kendalltau(full, truth)[0]), "diff": [diff, se],
-            "tau_curve_same_epoch": float(kendalltau(curves[idx, e - 1], truth)[0]),
-            "tau_supernet": float(kendalltau(sup[idx], truth)[0]),
+    return {"rows": len(idx), "epochs": e, "tau_short": kendall_tau(short, truth),
+            "tau_full": kendall_tau(full, truth), "diff": [diff, se],
+            "tau_curve_same_epoch": kendall_tau(curves[idx, e - 1], truth),
+            "tau_supernet": kendall_tau(sup[idx], truth),
             "seconds_short": float(sum(by_hash[rows[i]["hash"]]["train_seconds"] for i in idx))}
 
 
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lat = np.array([r["lat_cpu_b1_ms"] for r in rows], dtype=float)
     epoch_s = np.array([r["train_seconds_s0"] for r in rows], dtype=float) / epochs
     full = np.array([r["test_acc_s0"] for r in rows], dtype=float)
-    taus = [float(kendalltau(curves[:, k], full)[0]) for k in range(epochs)]
+    taus = [kendall_tau(curves[:, k], full) for k in range(epochs)]
     print(f"Kendall tau of each epoch's accuracy (2,000 test images) with the final one (10,000), "
           f"{len(rows)} trainings: " + ", ".join(f"{k + 1}: {t:.2f}" for k, t in enumerate(taus)))
 
@@ -257,9 +258,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 order = [pool[i] for i in rng.permutation(len(pool))]
             cost = b * float(epoch_s[pool].sum()) * epochs
+            reference = pool_reference(final, lat, pool)  # one pool, every policy
             for name, pol in policies.items():
                 got, spent, stopped = replay(order, curves, lat, epoch_s, cost, pol, args.workers)
-                hv, short = score(got, pool, final, lat)
+                hv, short = score(got, pool, final, lat, reference)
                 per[name].append((hv, short, spent / cost, len(got), stopped))
         out: dict[str, Any] = {}
         ref = per["none"]

@@ -49,13 +49,19 @@ FIRST = FIRST_TRAIN  # the planned pass's training: the top of the supernet's or
 POLICIES = ("supernet", "guided", "control")
 
 
+def pool_reference(acc: np.ndarray, lat: np.ndarray, pool: list[int]) -> tuple[list[float], float]:
+    """The reference point the replays score a pool by (its median accuracy, 90th-percentile
+    latency: the region a user wants) and the hypervolume of the whole pool's front above it."""
+    ref = [float(np.median(acc[pool])), float(np.percentile(lat[pool], 90))]
+    return ref, hypervolume(np.c_[acc[pool], lat[pool]], ref, [False, True])
+
+
 def replay(pool: list[int], policy: str, sup: np.ndarray, acc: np.ndarray, lat: np.ndarray, x: np.ndarray,
            budget: int, guide_after: int = GUIDE_AFTER) -> dict[int, tuple[float, float]]:
     """Train ``pool``'s rows as ``policy`` picks them, FIRST then rounds of REFILL, up to ``budget``;
     per round (trained count): (hypervolume share, share of the true front trained)."""
     order = _nd_order([(i, [sup[i], lat[i]]) for i in pool], [False, True])
-    ref = [float(np.median(acc[pool])), float(np.percentile(lat[pool], 90))]
-    whole = hypervolume(np.c_[acc[pool], lat[pool]], ref, [False, True])
+    ref, whole = pool_reference(acc, lat, pool)
     true_front = {pool[i] for i in pareto_front(np.c_[acc[pool], lat[pool]], minimize=[False, True])}
     trained = list(order[:FIRST])
     out: dict[int, tuple[float, float]] = {}

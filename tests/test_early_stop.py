@@ -4,6 +4,7 @@ old studies resumed as they began, and bench/hybridbench_asha.py's replay on the
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -139,8 +140,6 @@ def test_replay_on_the_committed_curves(tmp_path: Path) -> None:
     out = tmp_path / "asha.json"
     res = replay_bench.main(["--policies", "none,g1e2,p3e2", "--budgets", "0.2", "--seeds", "3",
                              "--json", str(out)])
-    import json
-
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert len(res["tau_epoch_final"]) == 10 and all(-1 <= t <= 1 for t in res["tau_epoch_final"])
     cell = res["budgets"]["0.2"]
@@ -180,8 +179,6 @@ def test_short_runs_against_the_committed_table(tmp_path: Path) -> None:
     assert sh["tau_short"] < sh["tau_full"] and sh["diff"][1] > 0
     # a file that mixes recipes is refused, exit 2, one line
     lines = replay_bench.DEFAULT_SHORT.read_text().splitlines()
-    import json
-
     mixed = [json.loads(line) for line in lines[:6]]
     mixed[0]["recipe"]["epochs"] = 3
     bad = tmp_path / "mixed.jsonl"
